@@ -1,0 +1,118 @@
+"""Prompt files and the grouped prompt sampler.
+
+A prompt file is plain text (one prompt per line; blank lines and lines starting with ``#`` are skipped)
+or JSON lines (one object per line with a ``"prompt"`` string; every other key is per-prompt metadata
+handed to the reward). ``shapes:train`` and ``shapes:eval`` name the Shapes world's shipped sets.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHIPPED = {"shapes:train": "train.jsonl", "shapes:eval": "eval.jsonl"}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt and its metadata (e.g. ``category``)."""
+
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_prompt_path(source: str) -> Path:
+    """A file path, or the path of a shipped set named ``shapes:train`` / ``shapes:eval``."""
+    if source in SHIPPED:
+        return Path(str(resources.files("rewardflow.shapes") / "data" / SHIPPED[source]))
+    if source.startswith("shapes:"):
+        raise ValueError(f"prompt set {source!r} is unknown; shipped sets are {', '.join(SHIPPED)}")
+    return Path(source)
+
+
+def load_prompts(source: str) -> list[PromptRecord]:
+    """Read a prompt file (.txt or .jsonl) or a shipped set.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds no prompt, or a line is malformed (the message names file and line).
+    """
+    path = resolve_prompt_path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    records: list[PromptRecord] = []
+    jsonl = path.suffix == ".jsonl"
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or (not jsonl and line.startswith("#")):
+            continue
+        if not jsonl:
+            records.append(PromptRecord(line))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise ValueError(f"{path}:{lineno}: each line must be an object with a non-empty 'prompt' string")
+        records.append(PromptRecord(obj["prompt"].strip(), {k: v for k, v in obj.items() if k != "prompt"}))
+    if not records:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return records
+
+
+def check_prompts(records: list[PromptRecord], source: str, parse: Any) -> None:
+    """Run ``parse`` on every prompt, re-raising its error with the prompt's position in ``source``."""
+    for i, rec in enumerate(records, start=1):
+        try:
+            parse(rec.prompt)
+        except ValueError as err:
+            raise ValueError(f"{source}: prompt {i}: {err}") from err
+
+
+class GroupedPromptSampler:
+    """Draws ``prompts_per_iter`` prompts per iteration and repeats each ``group_size`` times.
+
+    The draw for iteration ``k`` depends only on (seed, k), so every rank builds the same global batch and a
+    resumed run sees the same prompts. Each rank takes a contiguous slice of the ``P * G`` rows; a group may
+    span ranks (advantages are computed after gathering rewards).
+    """
+
+    def __init__(
+        self,
+        records: list[PromptRecord],
+        prompts_per_iter: int,
+        group_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if prompts_per_iter < 1 or group_size < 1:
+            raise ValueError(f"prompts_per_iter ({prompts_per_iter}) and group_size ({group_size}) must be >= 1")
+        if (prompts_per_iter * group_size) % world_size:
+            raise ValueError(
+                f"prompts_per_iter x group_size = {prompts_per_iter * group_size} "
+                f"must be a multiple of world_size {world_size}"
+            )
+        self.records, self.p, self.g = records, prompts_per_iter, group_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def global_batch(self, iteration: int) -> tuple[list[PromptRecord], np.ndarray]:
+        """All ``P * G`` rows of an iteration and their group ids (0..P-1), groups contiguous."""
+        rng = np.random.default_rng([self.seed, iteration])
+        n = len(self.records)
+        picks = rng.choice(n, size=self.p, replace=n < self.p)
+        rows = [self.records[int(i)] for i in picks for _ in range(self.g)]
+        return rows, np.repeat(np.arange(self.p), self.g)
+
+    def batch(self, iteration: int) -> tuple[list[PromptRecord], np.ndarray]:
+        """This rank's rows of an iteration and their (global) group ids."""
+        rows, groups = self.global_batch(iteration)
+        per = len(rows) // self.world_size
+        sl = slice(self.rank * per, (self.rank + 1) * per)
+        return rows[sl], groups[sl]

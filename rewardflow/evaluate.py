@@ -1,0 +1,113 @@
+"""Fixed-seed evaluation on the Shapes world: per-category strict and clean accuracy, histograms, grids.
+
+``overall`` is the mean of the category accuracies (GenEval's convention), ``clean_overall`` the same for
+clean passes (strict and nothing unrequested). The histograms of detected colours and shapes, the blob count
+and the mean number of detections per image make reward hacking (extra objects, colour collapse) visible.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rewardflow.data.prompts import PromptRecord, check_prompts, load_prompts
+from rewardflow.models.protocol import FlowPolicy
+from rewardflow.sampling.rollout import rollout
+from rewardflow.sampling.schedules import sd3_schedule
+from rewardflow.shapes.grammar import CATEGORIES, COLORS, SHAPES, parse_prompt
+from rewardflow.shapes.judge import Verdict, judge_images
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings: deterministic Euler ODE sampling with fixed initial noise."""
+
+    prompts: str = "shapes:eval"
+    samples_per_prompt: int = 4
+    num_steps: int = 40
+    shift: float = 3.0
+    guidance_scale: float = 4.5
+    seed: int = 20261122
+    batch_size: int = 120
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_prompt", "num_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@torch.no_grad()
+def generate(
+    policy: FlowPolicy, prompts: list[str], cfg: EvalConfig, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ODE samples [N, 3, H, W] in [0, 1] for ``prompts``.
+
+    The initial noise is drawn once from ``cfg.seed`` (or given), so results do not depend on the batch size.
+    """
+    if noise is None:
+        noise = policy.noise(len(prompts), torch.Generator(device="cpu").manual_seed(cfg.seed))
+    sigmas = sd3_schedule(cfg.num_steps, cfg.shift)
+    zeros = torch.zeros(cfg.num_steps)
+    images = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        cond = policy.encode_prompts(prompts[start : start + cfg.batch_size])
+        traj = rollout(
+            policy, cond, sigmas, zeros, guidance_scale=cfg.guidance_scale, x_init=noise[start : start + len(cond)]
+        )
+        images.append(policy.decode(traj.final).cpu())
+    return torch.cat(images)
+
+
+def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_prompt: int) -> dict[str, Any]:
+    """The evaluation report (JSON-ready) from one verdict per image, images grouped by prompt record."""
+    by_cat: dict[str, list[Verdict]] = {}
+    held: dict[bool, list[Verdict]] = {True: [], False: []}
+    for i, v in enumerate(verdicts):
+        rec = records[i // samples_per_prompt]
+        by_cat.setdefault(rec.metadata.get("category") or parse_prompt(rec.prompt).category, []).append(v)
+        held[bool(rec.metadata.get("held_out", False))].append(v)
+    cats = [c for c in CATEGORIES if c in by_cat]
+    strict = {c: float(np.mean([v.strict for v in by_cat[c]])) for c in cats}
+    clean = {c: float(np.mean([v.clean for v in by_cat[c]])) for c in cats}
+    detections = [d for v in verdicts for d in v.detections]
+    colors = Counter(d.color for d in detections if d.is_object)
+    shapes = Counter(d.shape for d in detections if d.is_object)
+    return {
+        "overall": float(np.mean(list(strict.values()))),
+        "categories": strict,
+        "clean_overall": float(np.mean(list(clean.values()))),
+        "clean_categories": clean,
+        "num_prompts": len(records),
+        "samples_per_prompt": samples_per_prompt,
+        "mean_score": float(np.mean([v.score for v in verdicts])),
+        "held_out_strict": float(np.mean([v.strict for v in held[True]])) if held[True] else None,
+        "seen_strict": float(np.mean([v.strict for v in held[False]])) if held[False] else None,
+        "detections_per_image": {c: float(np.mean([len(v.detections) for v in by_cat[c]])) for c in cats},
+        "histogram": {
+            "colors": {c: colors.get(c, 0) for c in COLORS},
+            "shapes": {s: shapes.get(s, 0) for s in SHAPES},
+            "blobs": sum(1 for d in detections if not d.is_object),
+        },
+    }
+
+
+def evaluate(policy: FlowPolicy, cfg: EvalConfig) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample ``samples_per_prompt`` images per prompt, judge them; returns (report, images)."""
+    records = load_prompts(cfg.prompts)
+    check_prompts(records, cfg.prompts, parse_prompt)
+    prompts = [r.prompt for r in records for _ in range(cfg.samples_per_prompt)]
+    images = generate(policy, prompts, cfg)
+    verdicts = judge_images([parse_prompt(p) for p in prompts], images.numpy())
+    report = summarize(records, verdicts, cfg.samples_per_prompt)
+    report["settings"] = {
+        "num_steps": cfg.num_steps,
+        "shift": cfg.shift,
+        "guidance_scale": cfg.guidance_scale,
+        "seed": cfg.seed,
+        "prompts": cfg.prompts,
+    }
+    return report, images

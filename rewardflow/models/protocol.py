@@ -1,0 +1,79 @@
+"""The one protocol every model sits behind, and the conditioning it passes around."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts of one batch.
+
+    Attributes:
+        prompts: the prompt strings, one per row.
+        tensors: the model's conditioning tensors, each with the batch as its first dimension.
+        null_tensors: the same for the unconditional (CFG) branch, or empty when the model has none.
+    """
+
+    prompts: list[str]
+    tensors: dict[str, torch.Tensor]
+    null_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def index(self, rows: torch.Tensor | slice) -> Conditioning:
+        """The rows ``rows`` (an index tensor or a slice) of this batch."""
+        picked = list(range(len(self.prompts)))[rows] if isinstance(rows, slice) else rows.tolist()
+        return Conditioning(
+            prompts=[self.prompts[i] for i in picked],
+            tensors={k: v[rows] for k, v in self.tensors.items()},
+            null_tensors={k: v[rows] for k, v in self.null_tensors.items()},
+        )
+
+
+@runtime_checkable
+class FlowPolicy(Protocol):
+    """A rectified-flow image generator as the algorithms see it.
+
+    ``x`` is the model's latent (pixels for the tiny DiT). ``sigma`` follows the library's convention
+    (1 = noise, 0 = data); adapters convert to their model's timestep. Velocities come back in float32.
+    """
+
+    module: nn.Module
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts (validating them) for :meth:`velocity`."""
+        ...
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """``v(x, sigma)`` [B, ...] in float32; ``guidance_scale != 1`` applies classifier-free guidance."""
+        ...
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial noise ``x`` at sigma = 1, shape [batch, ...]."""
+        ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] from clean latents."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (LoRA weights, or all weights for a full fine-tune)."""
+        ...
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Within this context, :meth:`velocity` is the frozen reference policy (adapters off / frozen copy)."""
+        ...
+
+    def named_trainable_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Name and tensor of every trainable weight (for EMA, checkpoints and the old policy)."""
+        ...

@@ -1,0 +1,191 @@
+"""The training loop: build, roll out, reward, update, log, evaluate, save. Read it top to bottom."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewardflow
+from rewardflow.algorithms import grpo
+from rewardflow.algorithms.advantages import group_advantages, zero_std_fraction
+from rewardflow.config import TrainConfig, from_yaml, to_yaml
+from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
+from rewardflow.evaluate import evaluate
+from rewardflow.models.tiny_dit import TinyDiTPolicy, load_policy
+from rewardflow.rewards import build_reward
+from rewardflow.shapes.grammar import parse_prompt
+from rewardflow.utils.checkpoint import load_state, load_trainable, save_state_atomic, save_trainable
+from rewardflow.utils.ema import EMA, warmup_decay
+from rewardflow.utils.logging import append_jsonl, git_commit, plot_curves, read_jsonl, save_grid, setup_file_logging
+
+log = logging.getLogger(__name__)
+STATE = "checkpoints/state.pt"
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    """Create the run folder; refuse to overwrite another run's files unless resuming it."""
+    run = Path(cfg.run_dir)
+    if resume:
+        if not (run / STATE).exists():
+            raise FileNotFoundError(f"cannot resume: {run / STATE} does not exist")
+        saved = from_yaml((run / "config.yaml").read_text())
+        if dataclasses.replace(saved, iterations=cfg.iterations) != cfg:
+            raise ValueError(
+                f"cannot resume {run}: its config.yaml differs from this run's configuration "
+                "(only --iterations may change on resume)"
+            )
+        (run / "config.yaml").write_text(to_yaml(cfg))
+        return run
+    if run.exists() and any(run.iterdir()):
+        raise FileExistsError(f"run folder {run} is not empty; pick another --run-dir or pass --resume")
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "samples").mkdir(exist_ok=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    meta = {"rewardflow_version": rewardflow.__version__, "git_commit": git_commit(), "torch": torch.__version__}
+    (run / "meta.json").write_text(json.dumps(meta, indent=2))
+    return run
+
+
+def build_policy(cfg: TrainConfig) -> TinyDiTPolicy:
+    m = cfg.model
+    return load_policy(m.checkpoint, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, autocast=m.autocast)
+
+
+def run_eval(policy: TinyDiTPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int) -> dict[str, Any]:
+    """Evaluate the EMA weights; write ``eval/iter_XXXXX.json`` and a sample grid."""
+    t0 = time.time()
+    with ema.swapped():
+        report, images = evaluate(policy, cfg.eval)
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / f"iter_{iteration:05d}.json").write_text(json.dumps(report, indent=2))
+    per = cfg.eval.samples_per_prompt
+    save_grid(images[:: per * 3][:48], run / "samples" / f"eval_{iteration:05d}.png")
+    log.info(
+        "eval at iteration %d: strict %.3f clean %.3f (%.0fs)",
+        iteration,
+        report["overall"],
+        report["clean_overall"],
+        time.time() - t0,
+    )
+    return {"iteration": iteration, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}}
+
+
+def save(policy: TinyDiTPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int) -> None:
+    """EMA weights for use (``checkpoints/iter_XXXXX.safetensors``) and a resume state."""
+    with ema.swapped():
+        save_trainable(
+            list(policy.named_trainable_state()),
+            run / "checkpoints" / f"iter_{iteration:05d}.safetensors",
+            iteration=str(iteration),
+            weights="ema",
+        )
+    state = {
+        "iteration": iteration,
+        "trainable": {n: p.detach().clone() for n, p in policy.named_trainable_state()},
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict(),
+    }
+    save_state_atomic(state, run / STATE)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) training as configured; returns the run folder."""
+    records = load_prompts(cfg.train_prompts)
+    check_prompts(records, cfg.train_prompts, parse_prompt)
+    run = prepare_run_dir(cfg, resume)
+    handler = setup_file_logging(run / "train.log")
+    try:
+        return _train(cfg, run, records, resume)
+    finally:
+        logging.getLogger("rewardflow").removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: TrainConfig, run: Path, records: list, resume: bool) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    policy = build_policy(cfg)
+    params = policy.trainable_parameters()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    ema = EMA(params, warmup_decay(cfg.ema_decay), every=cfg.ema_every)
+    reward_fn = build_reward(cfg.reward)
+    sampler = GroupedPromptSampler(records, cfg.prompts_per_iter, cfg.group_size, cfg.seed)
+    metrics_path = run / "metrics.jsonl"
+    start = 0
+    if resume:
+        state = load_state(run / STATE)
+        own = dict(policy.named_trainable_state())
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                own[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = int(state["iteration"])
+        log.info("resuming %s at iteration %d", run, start)
+    log.info("%s; %d trainable parameters", cfg.summary(), sum(p.numel() for p in params))
+    if start == 0:
+        append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, 0))
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train", dynamic_ncols=True)
+    for it in bar:
+        t0 = time.time()
+        # One generator per iteration, seeded by (seed, iteration): a resumed run draws the same noise.
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, it]).generate_state(1)[0]))
+        rows, groups = sampler.batch(it)
+        cond = policy.encode_prompts([r.prompt for r in rows])
+        batch = grpo.collect(policy, cond, cfg.grpo, gen)
+        t_rollout = time.time() - t0
+        images = policy.decode(batch.xs[:, -1])
+        reward = reward_fn(images, cond.prompts, [r.metadata for r in rows])
+        group_ids = torch.from_numpy(groups)
+        adv = group_advantages(reward.scores, group_ids, global_std=cfg.grpo.global_std, clip=cfg.grpo.adv_clip_max)
+        t1 = time.time()
+        update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo)
+        for _ in range(cfg.grpo.optimizer_steps):
+            ema.step()
+        record = {
+            "iteration": it + 1,
+            "reward": reward.scores.mean().item(),
+            "reward_std": reward.scores.std().item(),
+            **{k: v.mean().item() for k, v in reward.details.items()},
+            "zero_std_groups": zero_std_fraction(reward.scores, group_ids),
+            **update,
+            "time_rollout": t_rollout,
+            "time_train": time.time() - t1,
+            "time_iteration": time.time() - t0,
+        }
+        append_jsonl(metrics_path, record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{update['kl']:.2e}", clip=f"{update['clip_frac']:.2f}")
+        done = it + 1
+        if done == 1 or done % cfg.save_every == 0:
+            save_grid(images[:64], run / "samples" / f"train_{done:05d}.png")
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations:
+            append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, done))
+        if done % cfg.save_every == 0 or done == cfg.iterations:
+            save(policy, optimizer, ema, run, done)
+            plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
+    plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
+    return run
+
+
+def load_trained_policy(run_dir: str | Path) -> tuple[TinyDiTPolicy, TrainConfig]:
+    """The policy of a run folder with its latest EMA checkpoint loaded, and the run's config."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
+    cfg = from_yaml((run / "config.yaml").read_text())
+    ckpts = sorted((run / "checkpoints").glob("iter_*.safetensors"))
+    if not ckpts:
+        raise FileNotFoundError(f"run folder {run} has no checkpoints/iter_*.safetensors yet")
+    policy = build_policy(cfg)
+    load_trainable(list(policy.named_trainable_state()), ckpts[-1])
+    return policy, cfg

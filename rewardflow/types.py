@@ -1,0 +1,54 @@
+"""Dataclasses passed between the sampler, the algorithms, the rewards and the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    """One sampler step from ``sigma`` to ``sigma_next``.
+
+    Attributes:
+        x_next: the next latent [B, ...] (sampled, or the one given to be scored).
+        mean: the transition mean [B, ...] (float32; depends on the model through ``v``).
+        std: the transition standard deviation, [B] broadcastable as [B, 1, ...] (0 for a deterministic step).
+        log_prob: log-density of ``x_next`` under the transition, one value per sample [B] (float32); 0 where
+            the step is deterministic.
+    """
+
+    x_next: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor
+
+
+@dataclass
+class Trajectory:
+    """A sampling run over a schedule.
+
+    Attributes:
+        xs: latents [B, T+1, ...]; ``xs[:, 0]`` is the initial noise, ``xs[:, -1]`` the clean sample.
+        log_probs: per-step log-probabilities [B, T] (0 for deterministic steps).
+        sigmas: the schedule [T+1], decreasing from 1 to 0.
+        noise_levels: the SDE noise level of each step [T] (0 = ODE step).
+    """
+
+    xs: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    noise_levels: torch.Tensor
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.xs[:, -1]
+
+
+@dataclass
+class RewardOutput:
+    """Scores of a batch: ``scores`` [B] float32, plus per-image details (e.g. pass/fail flags) by name."""
+
+    scores: torch.Tensor
+    details: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,101 @@
+"""Checkpoint files: safetensors written atomically, read with errors that say what is wrong."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A crash mid-write leaves the previous file intact: nothing already saved is lost.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_safetensors_checked(path: str | Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file and its metadata, checking its ``format`` entry.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable (truncated, corrupt, not safetensors) or of another format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({err})") from err
+    found = meta.get("format")
+    if found != expected_format:
+        raise ValueError(f"checkpoint {path} has format {found!r}, expected {expected_format!r}")
+    return tensors, meta
+
+
+POLICY_FORMAT = "rewardflow-policy"
+
+
+def save_trainable(named: list[tuple[str, torch.Tensor]], path: str | Path, **metadata: str) -> None:
+    """Save the trainable weights (LoRA adapters, or every weight of a full fine-tune) of a policy."""
+    save_safetensors_atomic(
+        {n: t.detach().float().cpu() for n, t in named}, path, {"format": POLICY_FORMAT, **metadata}
+    )
+
+
+def load_trainable(named: list[tuple[str, torch.Tensor]], path: str | Path) -> dict[str, str]:
+    """Copy saved trainable weights into a policy built the same way; returns the file's metadata.
+
+    Raises:
+        ValueError: names or shapes differ from the policy's (e.g. LoRA rank or model size mismatch).
+    """
+    tensors, meta = load_safetensors_checked(path, POLICY_FORMAT)
+    own = dict(named)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit this policy: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(was it trained with another model or LoRA setting?)"
+        )
+    for name, param in own.items():
+        if param.shape != tensors[name].shape:
+            raise ValueError(
+                f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}, policy has {tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(tensors[name].to(param.dtype))
+    return meta
+
+
+def save_state_atomic(state: dict, path: str | Path) -> None:
+    """``torch.save`` a resume state (tensors and plain Python values only) through a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> dict:
+    """Read a resume state with ``weights_only=True`` (no arbitrary objects are unpickled)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"resume state {path} is unreadable ({err})") from err

@@ -1,0 +1,81 @@
+"""Run-folder bookkeeping: metrics lines, package version and git commit, plots and image grids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def git_commit() -> str:
+    """The commit of the source tree this package runs from, or "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def setup_file_logging(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("rewardflow").addHandler(handler)
+    return handler
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 3) -> None:
+    """Save images [N, 3, H, W] in [0, 1] as one PNG grid, upscaled ``scale`` times (nearest)."""
+    imgs = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, h, w, _ = imgs.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
+    """Reward per iteration and evaluation accuracies (strict, clean) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if "reward" in m]
+    evals = [m for m in metrics if "eval/overall" in m]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        ax[0].plot([m["iteration"] for m in train], [m["reward"] for m in train], lw=1, label="reward (mean)")
+        ax[0].plot([m["iteration"] for m in train], [m["strict"] for m in train], lw=1, label="strict (rollouts)")
+    ax[0].set_xlabel("iteration")
+    ax[0].legend()
+    if evals:
+        its = [m["iteration"] for m in evals]
+        ax[1].plot(its, [m["eval/overall"] for m in evals], "o-", label="eval strict")
+        ax[1].plot(its, [m["eval/clean_overall"] for m in evals], "s-", label="eval clean")
+    ax[1].set_xlabel("iteration")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_config() -> TinyDiTConfig:
+    return TinyDiTConfig(dim=32, depth=2, heads=2, text_depth=1)
+
+
+def make_policy(config: TinyDiTConfig, seed: int = 0, reference: bool = True) -> TinyDiTPolicy:
+    """A random tiny DiT whose output layers are randomised too (zero-init would make v constant)."""
+    torch.manual_seed(seed)
+    model = TinyDiT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modulation" in name or "final_linear" in name:
+                p.normal_(0, 0.05)
+    ref = None
+    if reference:
+        ref = TinyDiT(config)
+        ref.load_state_dict(model.state_dict())
+        ref.requires_grad_(False)
+    return TinyDiTPolicy(model, reference=ref)
+
+
+@pytest.fixture
+def tiny_policy(tiny_config: TinyDiTConfig) -> TinyDiTPolicy:
+    return make_policy(tiny_config)

@@ -1,0 +1,141 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardflow.cli import main
+from rewardflow.config import from_yaml
+from rewardflow.models.tiny_dit import save_tiny_dit
+from rewardflow.presets import PRESETS, get_preset
+from rewardflow.utils.checkpoint import load_state
+from tests.conftest import make_policy
+
+EVAL_PROMPTS = "a circle\na red square\ntwo triangles\na circle left of a square\na circle and a square\n"
+
+
+@pytest.fixture
+def tiny_run_args(tmp_path, tiny_config):
+    ckpt = tmp_path / "tiny.safetensors"
+    save_tiny_dit(make_policy(tiny_config).module, ckpt)
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text(EVAL_PROMPTS)
+    return [
+        "--model.checkpoint", str(ckpt),
+        "--eval.prompts", str(prompts),
+        "--eval.num-steps", "2",
+        "--eval.samples-per-prompt", "2",
+    ]  # fmt: skip
+
+
+def test_presets_are_complete_and_consistent():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert cfg.rows_per_iter % cfg.grpo.micro_batch == 0
+    cpu = get_preset("shapes_grpo_cpu")
+    assert cpu.grpo.noise_level == 0.7 and cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.04
+
+
+def test_presets_command_lists_presets(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)
+
+
+def test_unknown_preset_command_and_field(capsys, tmp_path):
+    assert main(["train", "nope"]) == 2
+    assert "available presets" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    with pytest.raises(SystemExit):
+        main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "r"), "--grpo.nonsense", "1"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_writes_a_complete_run_folder_and_resumes_exactly(tmp_path, tiny_run_args):
+    full = tmp_path / "full"
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(full), *tiny_run_args]) == 0
+    for rel in ("config.yaml", "meta.json", "metrics.jsonl", "reward_curve.png", "train.log",
+                "checkpoints/iter_00002.safetensors", "samples/train_00001.png", "eval/iter_00000.json"):  # fmt: skip
+        assert (full / rel).exists(), rel
+    cfg = from_yaml((full / "config.yaml").read_text())
+    assert cfg.iterations == 2 and cfg.eval.num_steps == 2
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if "reward" in m]
+    assert [m["iteration"] for m in train_rows] == [1, 2]
+    assert {"reward", "kl", "clip_frac", "strict", "clean", "grad_norm"} <= set(train_rows[0])
+    report = json.loads((full / "eval" / "iter_00002.json").read_text())
+    assert set(report["categories"]) == {"single_object", "colors", "counting", "position", "two_object"}
+
+    # The same run interrupted after one iteration and resumed ends with identical weights.
+    part = tmp_path / "part"
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(part), "--iterations", "1", *tiny_run_args]) == 0
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(part), "--resume", *tiny_run_args]) == 0
+    a, b = load_state(full / "checkpoints/state.pt"), load_state(part / "checkpoints/state.pt")
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+
+    # A finished run folder is never overwritten; resuming with another configuration is refused.
+    before = (full / "metrics.jsonl").read_text()
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(full), *tiny_run_args]) == 2
+    assert (
+        main(["train", "shapes_grpo_smoke", "--run-dir", str(full), "--resume", "--optim.lr", "1", *tiny_run_args])
+        == 2
+    )
+    assert (full / "metrics.jsonl").read_text() == before
+
+
+def test_eval_command_writes_the_report(tmp_path, tiny_run_args, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--iterations", "1", *tiny_run_args]) == 0
+    out = tmp_path / "e.json"
+    assert main(["eval", "--run-dir", str(run), "--out", str(out), "--grid", str(tmp_path / "g.png")]) == 0
+    report = json.loads(out.read_text())
+    assert {"overall", "categories", "clean_overall", "num_prompts", "samples_per_prompt"} <= set(report)
+    assert report["num_prompts"] == 5 and report["samples_per_prompt"] == 2
+    assert 0.0 <= report["overall"] <= 1.0
+    ckpt = tiny_run_args[1]
+    prompts = tiny_run_args[3]
+    assert main(["eval", "--checkpoint", ckpt, "--prompts", prompts, "--num-steps", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["samples_per_prompt"] == 4
+
+
+def test_eval_bad_inputs(tmp_path, capsys):
+    assert main(["eval"]) == 2
+    assert "exactly one" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a circle\na green dragon\n")
+    assert main(["eval", "--base", "--prompts", str(bad), "--num-steps", "2"]) == 2
+    assert "'dragon'" in capsys.readouterr().err
+    assert main(["eval", "--base", "--prompts", str(tmp_path / "missing.txt")]) == 2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["eval", "--base", "--prompts", str(empty)]) == 2
+    corrupt = tmp_path / "c.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    assert main(["eval", "--checkpoint", str(corrupt)]) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(tmp_path)]) == 2
+
+
+def test_bad_training_prompt_file_fails_before_creating_the_run(tmp_path, tiny_run_args):
+    bad = tmp_path / "train.txt"
+    bad.write_text("a circle\nthe cat\n")
+    run = tmp_path / "run"
+    assert (
+        main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--train-prompts", str(bad), *tiny_run_args]) == 2
+    )
+    assert not run.exists()
+
+
+def test_resume_needs_a_state(tmp_path, tiny_run_args):
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "none"), "--resume", *tiny_run_args]) == 2
+
+
+def test_mismatched_run_checkpoint_is_reported(tmp_path, tiny_run_args, tiny_config):
+    run = tmp_path / "run"
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--iterations", "1", *tiny_run_args]) == 0
+    # Replace the run's model by a different architecture: loading its checkpoint must fail clearly.
+    other = Path(tiny_run_args[1])
+    from rewardflow.models.tiny_dit import TinyDiTConfig
+
+    save_tiny_dit(make_policy(TinyDiTConfig(dim=16, depth=1, heads=2, text_depth=1)).module, other)
+    assert main(["eval", "--run-dir", str(run)]) == 2

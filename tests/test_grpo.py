@@ -1,0 +1,147 @@
+import copy
+
+import pytest
+import torch
+
+from rewardflow.algorithms import grpo
+from rewardflow.algorithms.grpo import GRPOConfig, clipped_policy_loss
+from rewardflow.models.lora import add_lora
+from rewardflow.models.tiny_dit import TinyDiTPolicy
+from tests.conftest import make_policy
+
+PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square and a white circle"]
+
+
+def test_clipped_loss_hand_computed():
+    log_prob = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5]))
+    old = torch.zeros(5)
+    adv = torch.tensor([2.0, 1.0, 1.0, -1.0, -1.0])
+    eps = 0.2
+    loss, info = clipped_policy_loss(log_prob, old, adv, eps)
+    # per row max(-A r, -A clip(r)):
+    # r=1,A=2: -2 ; r=1.5,A=1: max(-1.5,-1.2)=-1.2 ; r=0.5,A=1: max(-0.5,-0.8)=-0.5
+    # r=1.5,A=-1: max(1.5,1.2)=1.5 ; r=0.5,A=-1: max(0.5,0.8)=0.8
+    assert loss.item() == pytest.approx((-2 - 1.2 - 0.5 + 1.5 + 0.8) / 5, abs=1e-6)
+    assert info["clipped"].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_clipped_loss_gradient_vanishes_outside_the_band():
+    log_prob = torch.log(torch.tensor([1.5, 1.05])).requires_grad_(True)
+    loss, _ = clipped_policy_loss(log_prob, torch.zeros(2), torch.tensor([1.0, 1.0]), 0.2)
+    loss.backward()
+    assert log_prob.grad[0] == 0.0  # ratio 1.5 > 1.2 with positive advantage: clipped, no gradient
+    assert log_prob.grad[1] == pytest.approx(-1.05 / 2, rel=1e-5)
+
+
+def _batch(policy, cfg, n_per_prompt=2, seed=0):
+    cond = policy.encode_prompts([p for p in PROMPTS for _ in range(n_per_prompt)])
+    return grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_on_policy_ratio_is_exactly_one(tiny_config, guidance):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=guidance)
+    batch = _batch(policy, cfg)
+    for start in range(0, 8, 4):
+        rows = slice(start, start + 4)
+        for j in batch.trained_steps:
+            log_prob, kl = grpo.step_terms(policy, batch, rows, j, cfg, need_reference=True)
+            assert torch.equal(log_prob, batch.log_probs[rows, j])  # bitwise: exp(0) == 1
+            assert torch.equal(kl, torch.zeros(4))  # reference == policy before any update
+
+
+def test_on_policy_ratio_is_exactly_one_under_bf16_autocast(tiny_config):
+    policy = make_policy(tiny_config)
+    policy.autocast = True
+    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1)
+    batch = _batch(policy, cfg)
+    log_prob, _ = grpo.step_terms(policy, batch, slice(0, 4), 0, cfg, need_reference=False)
+    assert torch.equal(log_prob, batch.log_probs[0:4, 0])
+
+
+def test_train_step_with_one_optimizer_step_sees_ratio_one(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1)
+    batch = _batch(policy, cfg)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
+    before = copy.deepcopy(policy.module.state_dict())
+    metrics = grpo.train_step(policy, opt, batch, torch.randn(8), cfg)
+    assert metrics["ratio_dev"] == 0.0 and metrics["clip_frac"] == 0.0 and metrics["kl"] == 0.0
+    changed = any(not torch.equal(before[k], v) for k, v in policy.module.state_dict().items())
+    assert changed
+
+
+def test_second_optimizer_step_is_off_policy(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=2, kl_beta=0.04)
+    batch = _batch(policy, cfg)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    metrics = grpo.train_step(policy, opt, batch, torch.randn(8), cfg)
+    assert metrics["ratio_dev"] > 0 and metrics["kl"] > 0
+
+
+def test_last_step_is_deterministic_and_untrained(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=5, micro_batch=8)
+    batch = _batch(policy, cfg)
+    assert batch.trained_steps == [0, 1, 2, 3]
+    assert torch.equal(batch.log_probs[:, -1], torch.zeros(8))
+
+
+def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
+    """Splitting 8 rows into 2 micro-batches of 4 gives the gradient of one batch of 8."""
+    grads = []
+    for micro in (8, 4):
+        policy = make_policy(tiny_config)
+        cfg = GRPOConfig(num_steps=3, micro_batch=micro, optimizer_steps=1, kl_beta=0.04)
+        batch = _batch(policy, GRPOConfig(num_steps=3, micro_batch=8), seed=3)
+        adv = torch.linspace(-1, 1, 8)
+        opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+        orig_step = opt.step
+        captured = {}
+
+        def capture(*a, captured=captured, policy=policy, orig_step=orig_step, **k):
+            captured["g"] = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+            return orig_step(*a, **k)
+
+        opt.step = capture
+        grpo.train_step(policy, opt, batch, adv, cfg)
+        grads.append(captured["g"])
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_lora_training_leaves_base_weights_frozen(tiny_config):
+    policy = make_policy(tiny_config, reference=False)
+    add_lora(policy.module, rank=2, alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"])
+    policy = TinyDiTPolicy(policy.module)
+    base = {k: v.clone() for k, v in policy.module.state_dict().items() if "lora_" not in k}
+    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=2, kl_beta=0.1)
+    batch = _batch(policy, cfg)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    metrics = grpo.train_step(policy, opt, batch, torch.randn(8), cfg)
+    after = policy.module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())
+    assert all("lora_" in n for n, _ in policy.named_trainable_state())
+    assert metrics["kl"] > 0  # adapters moved away from the reference (= adapters off)
+
+
+def test_full_finetune_reference_copy_stays_frozen(tiny_config):
+    policy = make_policy(tiny_config)
+    ref_before = copy.deepcopy(policy._reference.state_dict())
+    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=2)
+    grpo.train_step(
+        policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), _batch(policy, cfg), torch.randn(8), cfg
+    )
+    assert all(torch.equal(v, policy._reference.state_dict()[k]) for k, v in ref_before.items())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_steps"):
+        GRPOConfig(num_steps=1)
+    with pytest.raises(ValueError, match="kl_form"):
+        GRPOConfig(kl_form="exact")
+    with pytest.raises(ValueError, match="micro_batch"):
+        GRPOConfig(micro_batch=3).check_batch(8)
+    with pytest.raises(ValueError, match="optimizer_steps"):
+        GRPOConfig(micro_batch=4, optimizer_steps=3).check_batch(8)

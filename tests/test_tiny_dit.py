@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from rewardflow.models.lora import adapters_disabled, add_lora
+from rewardflow.models.protocol import FlowPolicy
+from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, load_policy, load_tiny_dit, save_tiny_dit
+from rewardflow.shapes.grammar import PromptError
+from tests.conftest import make_policy
+
+
+def test_default_architecture_size_and_tokens():
+    model = TinyDiT(TinyDiTConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 <= n <= 5_000_000
+    assert model.grid**2 == 64
+    v = model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.zeros(2, 12, dtype=torch.long))
+    assert v.shape == (2, 3, 32, 32)
+
+
+def test_policy_satisfies_protocol(tiny_policy):
+    assert isinstance(tiny_policy, FlowPolicy)
+    cond = tiny_policy.encode_prompts(["a red circle", "three squares"])
+    x = tiny_policy.noise(2, torch.Generator().manual_seed(0))
+    assert tiny_policy.velocity(x, 0.5, cond).dtype == torch.float32
+    assert tiny_policy.decode(x).min() >= 0 and tiny_policy.decode(x).max() <= 1
+
+
+def test_cfg_is_the_guided_combination(tiny_policy):
+    cond = tiny_policy.encode_prompts(["a red circle", "three squares"])
+    x = torch.randn(2, 3, 32, 32)
+    v_c = tiny_policy.velocity(x, 0.5, cond, 1.0)
+    null = type(cond)(cond.prompts, cond.null_tensors, cond.null_tensors)
+    v_u = tiny_policy.velocity(x, 0.5, null, 1.0)
+    assert torch.allclose(tiny_policy.velocity(x, 0.5, cond, 4.5), v_u + 4.5 * (v_c - v_u), atol=1e-5)
+
+
+def test_tokenizer_rejects_words_outside_the_vocabulary(tiny_policy):
+    with pytest.raises(PromptError, match="'dog'"):
+        tiny_policy.encode_prompts(["a dog"])
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_config):
+    policy = make_policy(tiny_config)
+    save_tiny_dit(policy.module, tmp_path / "m.safetensors", step="7")
+    loaded = load_tiny_dit(tmp_path / "m.safetensors")
+    assert loaded.config == tiny_config
+    for (k, a), (_, b) in zip(policy.module.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_corrupt_missing_and_mismatched_checkpoints(tmp_path, tiny_config):
+    with pytest.raises(FileNotFoundError):
+        load_tiny_dit(tmp_path / "nope.safetensors")
+    good = tmp_path / "m.safetensors"
+    save_tiny_dit(make_policy(tiny_config).module, good)
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_tiny_dit(truncated)
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_tiny_dit(garbage)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(good))
+    tensors.pop("final_linear.bias")
+    mismatched = tmp_path / "x.safetensors"
+    save_file(tensors, str(mismatched), metadata={"format": "rewardflow-tiny-dit", "config": tiny_config.to_json()})
+    with pytest.raises(ValueError, match="does not match its own config"):
+        load_tiny_dit(mismatched)
+    save_file(tensors, str(mismatched), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="format"):
+        load_tiny_dit(mismatched)
+
+
+def test_lora_starts_as_identity_and_can_be_disabled(tiny_config):
+    policy = make_policy(tiny_config, reference=False)
+    cond = policy.encode_prompts(["a circle"])
+    x = torch.randn(1, 3, 32, 32)
+    before = policy.velocity(x, 0.3, cond)
+    add_lora(policy.module, rank=2, alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"])
+    lora_policy = TinyDiTPolicy(policy.module)
+    assert torch.allclose(lora_policy.velocity(x, 0.3, cond), before, atol=1e-6)
+    with torch.no_grad():
+        for n, p in policy.module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    assert not torch.allclose(lora_policy.velocity(x, 0.3, cond), before, atol=1e-4)
+    with lora_policy.reference():
+        assert torch.allclose(lora_policy.velocity(x, 0.3, cond), before, atol=1e-6)
+    with pytest.raises(ValueError, match="no LoRA"):
+        with adapters_disabled(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_shipped_base_checkpoint_loads():
+    policy = load_policy("base")
+    assert 1_000_000 <= sum(p.numel() for p in policy.module.parameters()) <= 5_000_000
+    from rewardflow.models.tiny_dit import resolve_checkpoint
+
+    assert resolve_checkpoint("base").stat().st_size <= 20 * 1024 * 1024
