@@ -74,7 +74,13 @@ def report(preset: str, run: Path, wall: float, kl: float) -> tuple[str, dict]:
     train_rows = [m for m in metrics if "reward" in m]
     train_seconds = sum(m["time_iteration"] for m in train_rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    hist = ["| | " + " | ".join(before["histogram"]["colors"]) + " | " + " | ".join(before["histogram"]["shapes"]) + " | blobs |"]
+    hist = [
+        "| | "
+        + " | ".join(before["histogram"]["colors"])
+        + " | "
+        + " | ".join(before["histogram"]["shapes"])
+        + " | blobs |"
+    ]
     hist.append("|---" * (2 + len(before["histogram"]["colors"]) + len(before["histogram"]["shapes"])) + "|")
     for name, rep in (("base", before), ("tuned", after)):
         h = rep["histogram"]

@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) training as configured; returns the run folder."""
     records = load_prompts(cfg.train_prompts)
     check_prompts(records, cfg.train_prompts, parse_prompt)
+    check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)  # fail before creating the run
     run = prepare_run_dir(cfg, resume)
     handler = setup_file_logging(run / "train.log")
     try:

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from rewardflow.data.prompts import PromptRecord
+from rewardflow.evaluate import summarize
+from rewardflow.rewards.shapes import ShapesJudgeReward
+from rewardflow.shapes.judge import Detection, Verdict
+from rewardflow.shapes.render import PlacedObject, draw
+from rewardflow.utils.ema import EMA, warmup_decay
+
+
+def test_ema_schedule_update_and_swap():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], warmup_decay(0.9), every=2)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.step()  # call 1 of 2: no update yet
+    assert torch.equal(ema.shadow[0], torch.zeros(3))
+    ema.step()  # first update: decay (1 + 0) / (10 + 0) = 0.1
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.9))
+    with ema.swapped():
+        assert torch.allclose(p, torch.full((3,), 0.9))
+    assert torch.equal(p.detach(), torch.ones(3))
+    assert warmup_decay(0.9)(1000) == 0.9
+    state = ema.state_dict()
+    other = EMA([torch.nn.Parameter(torch.zeros(3))], warmup_decay(0.9))
+    other.load_state_dict(state)
+    assert torch.equal(other.shadow[0], ema.shadow[0]) and other.updates == 1
+    with pytest.raises(ValueError, match="shape"):
+        EMA([torch.nn.Parameter(torch.zeros(4))], warmup_decay(0.9)).load_state_dict(state)
+
+
+def _v(strict, clean, n_det=1, shape="circle", color="red"):
+    det = Detection(shape, color, 10.0, 10.0, 50.0, 0.01)
+    return Verdict(strict, clean, float(strict), 0, tuple([det] * n_det))
+
+
+def test_summary_is_mean_of_category_accuracies():
+    recs = [
+        PromptRecord("a circle", {"category": "single_object"}),
+        PromptRecord("two circles", {"category": "counting", "held_out": True}),
+        PromptRecord("three circles", {"category": "counting"}),
+    ]
+    verdicts = [
+        _v(True, True),
+        _v(True, False),
+        _v(False, False),
+        _v(False, False),
+        _v(True, True, 2),
+        _v(True, False),
+    ]
+    rep = summarize(recs, verdicts, samples_per_prompt=2)
+    assert rep["categories"] == {"single_object": 1.0, "counting": 0.5}
+    assert rep["overall"] == pytest.approx(0.75)
+    assert rep["clean_categories"] == {"single_object": 0.5, "counting": 0.25}
+    assert rep["held_out_strict"] == 0.0 and rep["seen_strict"] == 1.0
+    assert rep["histogram"]["colors"]["red"] == 7 and rep["histogram"]["shapes"]["circle"] == 7
+    assert rep["detections_per_image"]["counting"] == pytest.approx(1.25)
+
+
+def test_shapes_reward_penalises_extra_objects():
+    rng = np.random.default_rng(0)
+    one = draw([PlacedObject("circle", "red", 16, 16, 9)], rng)
+    three = draw([PlacedObject("circle", "red", 8, 8, 8), PlacedObject("square", "blue", 24, 8, 8),
+                  PlacedObject("triangle", "white", 16, 24, 8)], rng)  # fmt: skip
+    images = torch.from_numpy(np.stack([one, three])).permute(0, 3, 1, 2).float() / 255
+    out = ShapesJudgeReward(0.25)(images, ["a red circle", "a red circle"], [{}, {}])
+    assert out.details["strict"].tolist() == [1.0, 1.0]
+    assert out.details["clean"].tolist() == [1.0, 0.0]
+    assert out.scores.tolist() == pytest.approx([1.0, 0.5])
+    plain = ShapesJudgeReward(0.0)(images, ["a red circle", "a red circle"], [{}, {}])
+    assert plain.scores.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="extra_object_penalty"):
+        ShapesJudgeReward(-1.0)
