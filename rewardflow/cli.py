@@ -114,6 +114,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "pretrain": _cmd_pretrain, "
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rewardflow`` console script; returns the exit status (2 on bad input)."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):

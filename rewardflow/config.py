@@ -103,6 +103,7 @@ class TrainConfig:
 
 
 def to_yaml(cfg: Any) -> str:
+    """A config dataclass as YAML (the run folder's ``config.yaml``)."""
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 

@@ -22,6 +22,9 @@ def shapes_grpo_cpu() -> TrainConfig:
         prompts_per_iter=16,
         group_size=8,
         save_every=20,
+        # Flow-GRPO folds the EMA in every 8 optimizer steps over thousands of steps; a run of ~100 steps
+        # needs every step, or the evaluated weights lag far behind the trained ones.
+        ema_every=1,
         model=ModelConfig(checkpoint="base", lora_rank=0, autocast=True),
         optim=OptimConfig(lr=5e-5),
         grpo=GRPOConfig(micro_batch=32, optimizer_steps=2),

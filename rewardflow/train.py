@@ -20,7 +20,7 @@ from rewardflow.config import TrainConfig, from_yaml, to_yaml
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
 from rewardflow.evaluate import evaluate
 from rewardflow.models.tiny_dit import TinyDiTPolicy, load_policy
-from rewardflow.rewards import build_reward
+from rewardflow.rewards import RewardFn, build_reward
 from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.utils.checkpoint import load_state, load_trainable, save_state_atomic, save_trainable
 from rewardflow.utils.ema import EMA, warmup_decay
@@ -30,31 +30,46 @@ log = logging.getLogger(__name__)
 STATE = "checkpoints/state.pt"
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    """Create the run folder; refuse to overwrite another run's files unless resuming it."""
+def config_differences(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted names of the fields whose values differ between two configs."""
+
+    def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(obj, dict):
+            return {k2: v2 for k, v in obj.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+        return {prefix.rstrip("."): obj}
+
+    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    """Validate the run folder without writing: fresh runs need an empty folder, resumes a matching config."""
     run = Path(cfg.run_dir)
-    if resume:
-        if not (run / STATE).exists():
-            raise FileNotFoundError(f"cannot resume: {run / STATE} does not exist")
-        saved = from_yaml((run / "config.yaml").read_text())
-        if dataclasses.replace(saved, iterations=cfg.iterations) != cfg:
-            raise ValueError(
-                f"cannot resume {run}: its config.yaml differs from this run's configuration "
-                "(only --iterations may change on resume)"
-            )
-        (run / "config.yaml").write_text(to_yaml(cfg))
+    if not resume:
+        if run.exists() and any(run.iterdir()):
+            raise FileExistsError(f"run folder {run} is not empty; pick another --run-dir or pass --resume")
         return run
-    if run.exists() and any(run.iterdir()):
-        raise FileExistsError(f"run folder {run} is not empty; pick another --run-dir or pass --resume")
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run / "samples").mkdir(exist_ok=True)
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    meta = {"rewardflow_version": rewardflow.__version__, "git_commit": git_commit(), "torch": torch.__version__}
-    (run / "meta.json").write_text(json.dumps(meta, indent=2))
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"cannot resume: {run / 'config.yaml'} does not exist")
+    differ = config_differences(from_yaml((run / "config.yaml").read_text()), cfg, ignore=("iterations",))
+    if differ:
+        raise ValueError(f"cannot resume {run}: these fields differ from its config.yaml: {', '.join(differ)}")
     return run
 
 
+def write_run_header(cfg: TrainConfig, run: Path, resume: bool) -> None:
+    """The resolved config, the folders, and (for a new run) the package version and git commit."""
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "samples").mkdir(exist_ok=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    if resume and (run / "meta.json").exists():
+        return
+    meta = {"rewardflow_version": rewardflow.__version__, "git_commit": git_commit(), "torch": torch.__version__}
+    (run / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
 def build_policy(cfg: TrainConfig) -> TinyDiTPolicy:
+    """The policy a run trains, as its ``model`` section describes."""
     m = cfg.model
     return load_policy(m.checkpoint, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, autocast=m.autocast)
 
@@ -97,20 +112,15 @@ def save(policy: TinyDiTPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run (or resume) training as configured; returns the run folder."""
+    """Run (or resume) training as configured; returns the run folder.
+
+    Everything that can fail on bad input (prompt files, checkpoint, resume state, run folder) is checked
+    before the first file is written, so a failed start leaves the folder as it was.
+    """
     records = load_prompts(cfg.train_prompts)
     check_prompts(records, cfg.train_prompts, parse_prompt)
-    check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)  # fail before creating the run
-    run = prepare_run_dir(cfg, resume)
-    handler = setup_file_logging(run / "train.log")
-    try:
-        return _train(cfg, run, records, resume)
-    finally:
-        logging.getLogger("rewardflow").removeHandler(handler)
-        handler.close()
-
-
-def _train(cfg: TrainConfig, run: Path, records: list, resume: bool) -> Path:
+    check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)
+    run = check_run_dir(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -120,19 +130,46 @@ def _train(cfg: TrainConfig, run: Path, records: list, resume: bool) -> Path:
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     ema = EMA(params, warmup_decay(cfg.ema_decay), every=cfg.ema_every)
     reward_fn = build_reward(cfg.reward)
-    sampler = GroupedPromptSampler(records, cfg.prompts_per_iter, cfg.group_size, cfg.seed)
-    metrics_path = run / "metrics.jsonl"
     start = 0
-    if resume:
+    if resume and (run / STATE).exists():
         state = load_state(run / STATE)
         own = dict(policy.named_trainable_state())
+        if set(state["trainable"]) != set(own):
+            raise ValueError(f"resume state {run / STATE} does not hold this policy's trainable weights")
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 own[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = int(state["iteration"])
+    write_run_header(cfg, run, resume)
+    metrics_path = run / "metrics.jsonl"
+    if resume:
+        # Iterations after the last save are replayed: drop their old records.
+        kept = [m for m in read_jsonl(metrics_path) if m["iteration"] <= start] if start else []
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         log.info("resuming %s at iteration %d", run, start)
+    handler = setup_file_logging(run / "train.log")
+    try:
+        sampler = GroupedPromptSampler(records, cfg.prompts_per_iter, cfg.group_size, cfg.seed)
+        return _loop(cfg, run, policy, optimizer, ema, reward_fn, sampler, start)
+    finally:
+        logging.getLogger("rewardflow").removeHandler(handler)
+        handler.close()
+
+
+def _loop(
+    cfg: TrainConfig,
+    run: Path,
+    policy: TinyDiTPolicy,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA,
+    reward_fn: RewardFn,
+    sampler: GroupedPromptSampler,
+    start: int,
+) -> Path:
+    params = policy.trainable_parameters()
+    metrics_path = run / "metrics.jsonl"
     log.info("%s; %d trainable parameters", cfg.summary(), sum(p.numel() for p in params))
     if start == 0:
         append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, 0))
@@ -150,9 +187,7 @@ def _train(cfg: TrainConfig, run: Path, records: list, resume: bool) -> Path:
         group_ids = torch.from_numpy(groups)
         adv = group_advantages(reward.scores, group_ids, global_std=cfg.grpo.global_std, clip=cfg.grpo.adv_clip_max)
         t1 = time.time()
-        update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo)
-        for _ in range(cfg.grpo.optimizer_steps):
-            ema.step()
+        update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, after_optimizer_step=ema.step)
         record = {
             "iteration": it + 1,
             "reward": reward.scores.mean().item(),

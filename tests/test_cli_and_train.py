@@ -48,6 +48,7 @@ def test_unknown_preset_command_and_field(capsys, tmp_path):
     assert main(["frobnicate"]) == 2
     with pytest.raises(SystemExit):
         main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "r"), "--grpo.nonsense", "1"])
+    assert "grpo.nonsense" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
@@ -72,6 +73,10 @@ def test_train_writes_a_complete_run_folder_and_resumes_exactly(tmp_path, tiny_r
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(part), "--resume", *tiny_run_args]) == 0
     a, b = load_state(full / "checkpoints/state.pt"), load_state(part / "checkpoints/state.pt")
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]))
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in resumed if "reward" in m] == [1, 2]  # no duplicated training rows
+    assert [m["reward"] for m in resumed if "reward" in m] == [m["reward"] for m in train_rows]
 
     # A finished run folder is never overwritten; resuming with another configuration is refused.
     before = (full / "metrics.jsonl").read_text()
@@ -126,8 +131,30 @@ def test_bad_training_prompt_file_fails_before_creating_the_run(tmp_path, tiny_r
     assert not run.exists()
 
 
-def test_resume_needs_a_state(tmp_path, tiny_run_args):
+def test_resume_needs_a_run_and_a_readable_state(tmp_path, tiny_run_args, capsys):
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "none"), "--resume", *tiny_run_args]) == 2
+    run = tmp_path / "run"
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--iterations", "1", *tiny_run_args]) == 0
+    state = run / "checkpoints" / "state.pt"
+    state.write_bytes(b"garbage" * 10)
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--resume", *tiny_run_args]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == before
+    differ = ["--resume", "--optim.lr", "0.5", "--group-size", "8", *tiny_run_args]
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), *differ]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "group_size" in err
+
+
+def test_bad_checkpoint_fails_before_the_run_folder_is_created(tmp_path, tiny_run_args, capsys):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a checkpoint")
+    run = tmp_path / "run"
+    args = [*tiny_run_args[2:], "--model.checkpoint", str(corrupt)]
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), *args]) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    assert not run.exists()
 
 
 def test_mismatched_run_checkpoint_is_reported(tmp_path, tiny_run_args, tiny_config):

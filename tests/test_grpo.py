@@ -51,13 +51,15 @@ def test_on_policy_ratio_is_exactly_one(tiny_config, guidance):
             assert torch.equal(kl, torch.zeros(4))  # reference == policy before any update
 
 
-def test_on_policy_ratio_is_exactly_one_under_bf16_autocast(tiny_config):
+def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(tiny_config):
     policy = make_policy(tiny_config)
     policy.autocast = True
-    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=4.5)
     batch = _batch(policy, cfg)
-    log_prob, _ = grpo.step_terms(policy, batch, slice(0, 4), 0, cfg, need_reference=False)
-    assert torch.equal(log_prob, batch.log_probs[0:4, 0])
+    for start in (0, 4):
+        for j in batch.trained_steps:
+            log_prob, _ = grpo.step_terms(policy, batch, slice(start, start + 4), j, cfg, need_reference=False)
+            assert torch.equal(log_prob, batch.log_probs[start : start + 4, j])
 
 
 def test_train_step_with_one_optimizer_step_sees_ratio_one(tiny_config):
@@ -90,11 +92,14 @@ def test_last_step_is_deterministic_and_untrained(tiny_config):
 
 
 def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
-    """Splitting 8 rows into 2 micro-batches of 4 gives the gradient of one batch of 8."""
+    """Splitting 8 rows into 2 micro-batches of 4 gives the gradient of one batch of 8 (policy and KL terms)."""
     grads = []
     for micro in (8, 4):
         policy = make_policy(tiny_config)
-        cfg = GRPOConfig(num_steps=3, micro_batch=micro, optimizer_steps=1, kl_beta=0.04)
+        with torch.no_grad():  # move the policy off the reference so that the KL term has a gradient
+            for p in policy.trainable_parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        cfg = GRPOConfig(num_steps=3, micro_batch=micro, optimizer_steps=1, kl_beta=0.5, grad_clip=float("inf"))
         batch = _batch(policy, GRPOConfig(num_steps=3, micro_batch=8), seed=3)
         adv = torch.linspace(-1, 1, 8)
         opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
@@ -108,7 +113,20 @@ def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
         opt.step = capture
         grpo.train_step(policy, opt, batch, adv, cfg)
         grads.append(captured["g"])
+    assert grads[0].norm() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_after_optimizer_step_runs_after_each_step(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=3, micro_batch=2, optimizer_steps=4)
+    batch = _batch(policy, cfg)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
+    seen = []
+    first = next(iter(policy.trainable_parameters()))
+    grpo.train_step(policy, opt, batch, torch.randn(8), cfg, after_optimizer_step=lambda: seen.append(first.clone()))
+    assert len(seen) == 4
+    assert not torch.equal(seen[0], seen[1])  # called between optimizer steps, not all at the end
 
 
 def test_lora_training_leaves_base_weights_frozen(tiny_config):
@@ -139,6 +157,8 @@ def test_full_finetune_reference_copy_stays_frozen(tiny_config):
 def test_config_validation():
     with pytest.raises(ValueError, match="num_steps"):
         GRPOConfig(num_steps=1)
+    with pytest.raises(ValueError, match="noise_level"):
+        GRPOConfig(noise_level=0.0)
     with pytest.raises(ValueError, match="kl_form"):
         GRPOConfig(kl_form="exact")
     with pytest.raises(ValueError, match="micro_batch"):

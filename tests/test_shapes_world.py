@@ -96,6 +96,8 @@ def test_judge_semantics_counting_colour_position_and_clean():
     assert not J.judge(parse_prompt("a square right of a triangle"), pair).strict
     assert not J.judge(parse_prompt("a square above a triangle"), pair).strict
     assert J.judge(parse_prompt("a green square and a white triangle"), pair).clean
+    one_red = J.detect(draw([PlacedObject("circle", "red", 16, 16, 9)], rng))
+    assert not J.judge(parse_prompt("a circle and a red circle"), one_red).strict  # one object, two phrases
     assert not J.judge(parse_prompt("a white square and a green triangle"), pair).strict
 
 

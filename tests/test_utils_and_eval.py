@@ -17,10 +17,10 @@ def test_ema_schedule_update_and_swap():
         p.fill_(1.0)
     ema.step()  # call 1 of 2: no update yet
     assert torch.equal(ema.shadow[0], torch.zeros(3))
-    ema.step()  # first update: decay (1 + 0) / (10 + 0) = 0.1
-    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.9))
+    ema.step()  # optimizer step k = 1: decay (1 + 1) / (10 + 1), as in Flow-GRPO (k counts optimizer steps)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 9 / 11))
     with ema.swapped():
-        assert torch.allclose(p, torch.full((3,), 0.9))
+        assert torch.allclose(p, torch.full((3,), 9 / 11))
     assert torch.equal(p.detach(), torch.ones(3))
     assert warmup_decay(0.9)(1000) == 0.9
     state = ema.state_dict()

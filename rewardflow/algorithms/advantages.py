@@ -31,16 +31,16 @@ def group_advantages(
     r = rewards.float()
     if r.ndim != 1 or group_ids.shape != r.shape:
         raise ValueError(f"rewards {tuple(r.shape)} and group_ids {tuple(group_ids.shape)} must both be [N]")
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(group_ids.to(r.device), return_inverse=True, return_counts=True)
     n_groups = counts.numel()
-    sums = torch.zeros(n_groups).index_add_(0, inverse, r)
+    sums = torch.zeros(n_groups, device=r.device).index_add_(0, inverse, r)
     means = sums / counts
     centred = r - means[inverse]
     if global_std:
-        std = r.std(unbiased=unbiased) if r.numel() > 1 else torch.tensor(0.0)
+        std = r.std(unbiased=unbiased) if r.numel() > 1 else torch.zeros((), device=r.device)
         std_rows = std.expand_as(r)
     else:
-        sq = torch.zeros(n_groups).index_add_(0, inverse, centred**2)
+        sq = torch.zeros(n_groups, device=r.device).index_add_(0, inverse, centred**2)
         denom = (counts - 1).clamp(min=1) if unbiased else counts
         std_rows = torch.sqrt(sq / denom)[inverse]
     # A group with identical rewards has centred == 0: its advantage is 0 even when std + eps == 0.

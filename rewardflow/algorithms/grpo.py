@@ -24,6 +24,7 @@ Differences from the paper / official code, on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,7 +63,9 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.num_steps < 2:
             raise ValueError(f"grpo.num_steps must be >= 2 (the last step is never trained), got {self.num_steps}")
-        for name in ("noise_level", "clip_range", "adv_clip_max", "kl_beta"):
+        if self.noise_level <= 0:
+            raise ValueError(f"grpo.noise_level must be > 0 (0 makes every step an ODE step), got {self.noise_level}")
+        for name in ("clip_range", "adv_clip_max", "kl_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
@@ -175,12 +178,18 @@ def step_terms(
 
 
 def train_step(
-    policy: FlowPolicy, optimizer: torch.optim.Optimizer, batch: GRPOBatch, advantages: torch.Tensor, cfg: GRPOConfig
+    policy: FlowPolicy,
+    optimizer: torch.optim.Optimizer,
+    batch: GRPOBatch,
+    advantages: torch.Tensor,
+    cfg: GRPOConfig,
+    after_optimizer_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One iteration's update: every micro-batch, every trained step, in a fixed order.
 
     The loss of each (micro-batch, step) is divided by the number of terms accumulated per optimizer step,
-    so each optimizer step sees the mean over its share of rows and steps.
+    so each optimizer step sees the mean over its share of rows and steps. ``after_optimizer_step`` runs
+    after every ``optimizer.step()`` (the loop folds its EMA in there).
     """
     n = batch.xs.shape[0]
     cfg.check_batch(n)
@@ -207,6 +216,8 @@ def train_step(
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_optimizer_step is not None:
+                after_optimizer_step()
     terms = len(chunks) * len(steps)
     metrics = {k: v / terms for k, v in sums.items()}
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)

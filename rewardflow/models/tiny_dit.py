@@ -104,6 +104,8 @@ def _pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention (PyTorch's fused scaled-dot-product kernel)."""
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
@@ -118,6 +120,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Two-layer feed-forward block with tanh-approximated GELU."""
+
     def __init__(self, dim: int, ratio: float) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, int(dim * ratio))
@@ -128,6 +132,8 @@ class Mlp(nn.Module):
 
 
 class TextBlock(nn.Module):
+    """Pre-LN transformer block of the prompt encoder."""
+
     def __init__(self, dim: int, heads: int, ratio: float) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
@@ -227,9 +233,14 @@ def load_tiny_dit(path: str | Path) -> TinyDiT:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable tiny-DiT checkpoint, or its tensors do not fit its config.
     """
-    from rewardflow.utils.checkpoint import load_safetensors_checked
+    from rewardflow.utils.checkpoint import POLICY_FORMAT, load_safetensors_checked
 
-    state, meta = load_safetensors_checked(path, expected_format="rewardflow-tiny-dit")
+    try:
+        state, meta = load_safetensors_checked(path, expected_format="rewardflow-tiny-dit")
+    except ValueError as err:
+        if f"format {POLICY_FORMAT!r}" in str(err):
+            raise ValueError(f"{err}; it is a training-run checkpoint: evaluate it with --run-dir") from err
+        raise
     if "config" not in meta:
         raise ValueError(f"checkpoint {path} has no 'config' entry in its metadata; was it written by save_tiny_dit?")
     model = TinyDiT(TinyDiTConfig.from_json(meta["config"]))
@@ -287,7 +298,9 @@ class TinyDiTPolicy:
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.module.config
-        return torch.randn(batch, c.channels, c.image_size, c.image_size, generator=generator, device=self.device)
+        gen_device = generator.device if generator is not None else self.device
+        shape = (batch, c.channels, c.image_size, c.image_size)
+        return torch.randn(shape, generator=generator, device=gen_device).to(self.device)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rewardflow.rewards.protocol import RewardFn
@@ -10,11 +11,13 @@ from rewardflow.rewards.shapes import ShapesJudgeReward
 if TYPE_CHECKING:
     from rewardflow.config import RewardConfig
 
-REWARDS: dict[str, type] = {"shapes-judge": ShapesJudgeReward}
+REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
+    "shapes-judge": lambda cfg: ShapesJudgeReward(extra_object_penalty=cfg.extra_object_penalty),
+}
 
 
 def build_reward(cfg: RewardConfig) -> RewardFn:
-    """Instantiate the configured reward."""
+    """Instantiate the configured reward from the registry."""
     if cfg.name not in REWARDS:
         raise ValueError(f"reward.name {cfg.name!r} is unknown; registered rewards: {', '.join(REWARDS)}")
-    return ShapesJudgeReward(extra_object_penalty=cfg.extra_object_penalty)
+    return REWARDS[cfg.name](cfg)

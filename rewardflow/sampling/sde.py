@@ -47,12 +47,10 @@ def gaussian_log_prob(
     return per_elem.mean(dim=dims) if reduction == "mean" else per_elem.sum(dim=dims)
 
 
-def flow_grpo_g(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float | torch.Tensor) -> torch.Tensor:
+def flow_grpo_g(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
     """Diffusion coefficient ``a * sqrt(sigma / (1 - sigma~))`` with ``sigma~ = sigma_next`` where sigma == 1."""
     denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
-    return torch.as_tensor(noise_level, dtype=torch.float32, device=sigma.device) * torch.sqrt(
-        sigma / (1.0 - denom_sigma)
-    )
+    return float(noise_level) * torch.sqrt(sigma / (1.0 - denom_sigma))
 
 
 def sde_step(
@@ -60,7 +58,7 @@ def sde_step(
     v: torch.Tensor,
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
-    noise_level: float | torch.Tensor,
+    noise_level: float,
     *,
     x_next: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -85,7 +83,9 @@ def sde_step(
     mean = x32 * (1 - g**2 * dt / (2 * s)) - dt * v32 * (1 + g**2 * (1 - s) / (2 * s))
     std = (g * torch.sqrt(dt)).view(-1)
     if x_next is None:
-        xi = torch.randn(x32.shape, generator=generator, device=x.device, dtype=torch.float32)
+        # Draw on the generator's device (a CPU generator can drive a GPU run), then move.
+        gen_device = generator.device if generator is not None else x.device
+        xi = torch.randn(x32.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)
         x_next = (mean + std.view_as(g) * xi).detach()
     x_next = x_next.float()
     return StepOutput(x_next=x_next, mean=mean, std=std, log_prob=gaussian_log_prob(x_next, mean, std, reduction))

@@ -195,12 +195,15 @@ def judge(spec: PromptSpec, detections: list[Detection]) -> Verdict:
         scores.append(
             _phrase_score(phrase.count, phrase.exact, len(matched), len(same_shape), phrase.color is not None)
         )
-    if spec.relation is not None:
-        related = any(
-            a is not b and relation_holds(spec.relation, a.box, b.box) for a in matches[0] for b in matches[1]
-        )
-        passed &= related
-        scores.append(1.0 if related else 0.0)
+    if len(spec.objects) == 2:
+        # Two phrases need two distinct objects ("a circle and a red circle" is not one red circle), and
+        # for position prompts a pair that stands in the relation.
+        pairs = [(a, b) for a in matches[0] for b in matches[1] if a is not b]
+        passed &= bool(pairs)
+        if spec.relation is not None:
+            related = any(relation_holds(spec.relation, a.box, b.box) for a, b in pairs)
+            passed &= related
+            scores.append(1.0 if related else 0.0)
     extra = max(0, len(detections) - spec.expected_objects)
     return Verdict(
         strict=bool(passed),

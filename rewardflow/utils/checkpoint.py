@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 from safetensors import SafetensorError
@@ -96,6 +97,9 @@ def save_state_atomic(state: dict, path: str | Path) -> None:
 def load_state(path: str | Path) -> dict:
     """Read a resume state with ``weights_only=True`` (no arbitrary objects are unpickled)."""
     try:
-        return torch.load(path, weights_only=True)
-    except (RuntimeError, OSError, EOFError) as err:
-        raise ValueError(f"resume state {path} is unreadable ({err})") from err
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, KeyError, UnpicklingError) as err:
+        raise ValueError(f"resume state {path} is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"resume state {path} is not a mapping")
+    return state

@@ -10,12 +10,16 @@ from torch import nn
 
 
 def warmup_decay(max_decay: float) -> Callable[[int], float]:
-    """Flow-GRPO's EMA schedule: ``min((1 + k) / (10 + k), max_decay)`` after ``k`` updates."""
+    """Flow-GRPO's EMA schedule: ``min((1 + k) / (10 + k), max_decay)`` at optimizer step ``k``."""
     return lambda k: min((1.0 + k) / (10.0 + k), max_decay)
 
 
 class EMA:
-    """EMA of ``params``; ``update`` every ``every`` calls of :meth:`step`; ``swapped()`` evaluates with it."""
+    """EMA of ``params``, folded in every ``every`` optimizer steps; ``swapped()`` evaluates with it.
+
+    Call :meth:`step` right after each ``optimizer.step()``. The decay is a function of the number of
+    optimizer steps so far (as in Flow-GRPO), not of the number of EMA updates.
+    """
 
     def __init__(self, params: list[nn.Parameter], decay: Callable[[int], float], every: int = 1) -> None:
         self.params = list(params)
@@ -31,7 +35,7 @@ class EMA:
         self.calls += 1
         if self.calls % self.every:
             return
-        d = self.decay(self.updates)
+        d = self.decay(self.calls - 1)
         for s, p in zip(self.shadow, self.params):
             s.mul_(d).add_(p.detach().float(), alpha=1.0 - d)
         self.updates += 1

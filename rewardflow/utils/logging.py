@@ -14,11 +14,13 @@ from PIL import Image
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON record as a line."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All records of a JSON-lines file (none if it does not exist)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -36,6 +38,7 @@ def git_commit() -> str:
 
 
 def setup_file_logging(path: Path) -> logging.Handler:
+    """Also write the package's log records to ``path``; returns the handler to remove afterwards."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("rewardflow").addHandler(handler)
