@@ -51,6 +51,7 @@ class RewardConfig:
 
     name: Literal["shapes-judge"] = "shapes-judge"
     extra_object_penalty: float = 0.25
+    strict_bonus: float = 0.0
 
 
 @dataclass
@@ -62,6 +63,9 @@ class TrainConfig:
     iterations: int = 60
     seed: int = 0
     train_prompts: str = "shapes:train"
+    balance_prompts_by: str = ""
+    """Metadata key whose values are drawn equally often (``"category"`` for the Shapes sets); empty draws
+    every training prompt with equal probability."""
     prompts_per_iter: int = 16
     group_size: int = 8
     ema_decay: float = 0.9
@@ -98,7 +102,7 @@ class TrainConfig:
         return (
             f"{self.rows_per_iter} images/iteration ({self.prompts_per_iter} prompts x {self.group_size}), "
             f"{micro} micro-batches of {g.micro_batch}, {g.optimizer_steps} optimizer steps/iteration, "
-            f"{g.num_steps - 1} trained steps of {g.num_steps}"
+            f"{g.steps_per_micro_batch} of {g.num_steps - 1} SDE steps trained per micro-batch ({g.num_steps} steps)"
         )
 
 

@@ -119,6 +119,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """
     records = load_prompts(cfg.train_prompts)
     check_prompts(records, cfg.train_prompts, parse_prompt)
+    sampler = GroupedPromptSampler(
+        records, cfg.prompts_per_iter, cfg.group_size, cfg.seed, balance_by=cfg.balance_prompts_by
+    )
     check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)
     run = check_run_dir(cfg, resume)
     if cfg.threads:
@@ -151,7 +154,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("resuming %s at iteration %d", run, start)
     handler = setup_file_logging(run / "train.log")
     try:
-        sampler = GroupedPromptSampler(records, cfg.prompts_per_iter, cfg.group_size, cfg.seed)
         return _loop(cfg, run, policy, optimizer, ema, reward_fn, sampler, start)
     finally:
         logging.getLogger("rewardflow").removeHandler(handler)
@@ -187,7 +189,7 @@ def _loop(
         group_ids = torch.from_numpy(groups)
         adv = group_advantages(reward.scores, group_ids, global_std=cfg.grpo.global_std, clip=cfg.grpo.adv_clip_max)
         t1 = time.time()
-        update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, after_optimizer_step=ema.step)
+        update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, after_optimizer_step=ema.step, generator=gen)
         record = {
             "iteration": it + 1,
             "reward": reward.scores.mean().item(),

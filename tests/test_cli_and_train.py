@@ -8,6 +8,7 @@ from rewardflow.cli import main
 from rewardflow.config import from_yaml
 from rewardflow.models.tiny_dit import save_tiny_dit
 from rewardflow.presets import PRESETS, get_preset
+from rewardflow.train import config_differences
 from rewardflow.utils.checkpoint import load_state
 from tests.conftest import make_policy
 
@@ -33,7 +34,10 @@ def test_presets_are_complete_and_consistent():
         cfg = get_preset(name)
         assert cfg.rows_per_iter % cfg.grpo.micro_batch == 0
     cpu = get_preset("shapes_grpo_cpu")
-    assert cpu.grpo.noise_level == 0.7 and cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.04
+    assert cpu.grpo.noise_level == 0.7 and cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.0
+    # The long preset is the demo run continued: only length and evaluation cadence differ.
+    long = get_preset("shapes_grpo")
+    assert set(config_differences(cpu, long, ignore=("iterations",))) <= {"run_dir", "eval_every"}
 
 
 def test_presets_command_lists_presets(capsys):
@@ -128,6 +132,16 @@ def test_bad_training_prompt_file_fails_before_creating_the_run(tmp_path, tiny_r
     assert (
         main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--train-prompts", str(bad), *tiny_run_args]) == 2
     )
+    assert not run.exists()
+
+
+def test_balancing_a_plain_text_prompt_file_fails_before_creating_the_run(tmp_path, tiny_run_args, capsys):
+    plain = tmp_path / "train.txt"
+    plain.write_text("a circle\ntwo squares\n")
+    run = tmp_path / "run"
+    args = ["--train-prompts", str(plain), "--balance-prompts-by", "category", *tiny_run_args]
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), *args]) == 2
+    assert "balance_prompts_by='category'" in capsys.readouterr().err
     assert not run.exists()
 
 

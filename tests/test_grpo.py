@@ -129,6 +129,66 @@ def test_after_optimizer_step_runs_after_each_step(tiny_config):
     assert not torch.equal(seen[0], seen[1])  # called between optimizer steps, not all at the end
 
 
+def test_timestep_fraction_trains_a_random_subset_per_micro_batch(tiny_config, monkeypatch):
+    """k of the SDE steps per micro-batch, in time order, drawn from the generator; the loss is still a mean."""
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=9, micro_batch=2, optimizer_steps=1, timestep_fraction=0.4)
+    assert cfg.steps_per_micro_batch == 3  # round(0.4 * 8)
+    batch = _batch(policy, cfg)
+    calls = []
+    real = grpo.step_terms
+
+    def spy(policy, batch, rows, j, cfg, need_reference):
+        calls.append((rows.start, j))
+        return real(policy, batch, rows, j, cfg, need_reference)
+
+    monkeypatch.setattr(grpo, "step_terms", spy)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+
+    def run(seed):
+        calls.clear()
+        grpo.train_step(policy, opt, batch, torch.randn(8), cfg, generator=torch.Generator().manual_seed(seed))
+        return list(calls)
+
+    first = run(0)
+    per_chunk = {start: [j for s, j in first if s == start] for start in (0, 2, 4, 6)}
+    assert all(len(js) == 3 and js == sorted(js) and set(js) <= set(range(8)) for js in per_chunk.values())
+    assert len({tuple(js) for js in per_chunk.values()}) > 1  # drawn per micro-batch
+    assert run(0) == first and run(1) != first  # reproducible from the generator
+
+    # A fraction that keeps every step is the full update, with the same gradient.
+    full = GRPOConfig(num_steps=9, micro_batch=2, optimizer_steps=1)
+    assert GRPOConfig(num_steps=9, timestep_fraction=0.99).steps_per_micro_batch == full.steps_per_micro_batch == 8
+    assert GRPOConfig(num_steps=9, timestep_fraction=0.01).steps_per_micro_batch == 1
+
+
+def test_timestep_fraction_loss_is_the_mean_over_drawn_terms(tiny_config):
+    """Training one drawn step gives that step's own gradient (normalised by 1 term, not by all 8)."""
+    grads = []
+    for fraction in (1 / 8, 1.0):
+        policy = make_policy(tiny_config)
+        cfg = GRPOConfig(num_steps=9, micro_batch=8, optimizer_steps=1, timestep_fraction=fraction, grad_clip=1e9)
+        batch = _batch(policy, cfg, seed=5)
+        gen = torch.Generator().manual_seed(0)
+        j = int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])
+        if fraction == 1.0:  # the same single step, trained alone
+            batch.noise_levels = torch.zeros_like(batch.noise_levels)
+            batch.noise_levels[j] = cfg.noise_level
+        opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+        orig = opt.step
+        got = {}
+
+        def capture(*a, got=got, policy=policy, orig=orig, **k):
+            got["g"] = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+            return orig(*a, **k)
+
+        opt.step = capture
+        grpo.train_step(policy, opt, batch, torch.linspace(-1, 1, 8), cfg, generator=gen)
+        grads.append(got["g"])
+    assert grads[0].norm() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
 def test_lora_training_leaves_base_weights_frozen(tiny_config):
     policy = make_policy(tiny_config, reference=False)
     add_lora(policy.module, rank=2, alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"])
@@ -159,6 +219,8 @@ def test_config_validation():
         GRPOConfig(num_steps=1)
     with pytest.raises(ValueError, match="noise_level"):
         GRPOConfig(noise_level=0.0)
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        GRPOConfig(timestep_fraction=0.0)
     with pytest.raises(ValueError, match="kl_form"):
         GRPOConfig(kl_form="exact")
     with pytest.raises(ValueError, match="micro_batch"):

@@ -57,3 +57,17 @@ def test_grouped_sampler_is_deterministic_and_rank_aware():
     assert [r.prompt for r in r0 + r1] == [r.prompt for r in rows]
     with pytest.raises(ValueError, match="world_size"):
         GroupedPromptSampler(recs, 3, 3, seed=1, world_size=2)
+
+
+def test_grouped_sampler_balances_a_metadata_key():
+    """9 prompts of category a and 1 of b: balanced by category, b is drawn about half the time."""
+    recs = [PromptRecord(f"a{i}", {"category": "a"}) for i in range(9)] + [PromptRecord("b0", {"category": "b"})]
+    plain = GroupedPromptSampler(recs, prompts_per_iter=1, group_size=1, seed=0)
+    balanced = GroupedPromptSampler(recs, prompts_per_iter=1, group_size=1, seed=0, balance_by="category")
+    share = {s: sum(x.batch(k)[0][0].prompt == "b0" for k in range(2000)) / 2000 for s, x in
+             (("plain", plain), ("balanced", balanced))}  # fmt: skip
+    assert abs(share["plain"] - 0.1) < 0.03 and abs(share["balanced"] - 0.5) < 0.04
+    rows = balanced.batch(0)[0]
+    assert rows == balanced.batch(0)[0]  # still a function of (seed, iteration)
+    with pytest.raises(ValueError, match=r"balance_prompts_by='category'.*prompt 1 .*'category'"):
+        GroupedPromptSampler([PromptRecord("x")], 1, 1, seed=0, balance_by="category")

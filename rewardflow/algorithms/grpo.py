@@ -59,6 +59,10 @@ class GRPOConfig:
     optimizer_steps: int = 2
     """Optimizer steps per iteration (the rows are split into this many accumulation groups, in order)."""
     grad_clip: float = 1.0
+    timestep_fraction: float = 1.0
+    """Fraction of the SDE steps trained, drawn at random for each micro-batch (at least one step). Steps of
+    one trajectory share its advantage, so training fewer steps of more trajectories buys more independent
+    signal per unit of compute (Flow-GRPO's and DanceGRPO's ``timestep_fraction``; they draw per sample)."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 2:
@@ -70,6 +74,8 @@ class GRPOConfig:
                 raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError("grpo.micro_batch and grpo.optimizer_steps must be >= 1")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.kl_form not in ("code", "paper"):
             raise ValueError(f"grpo.kl_form must be 'code' or 'paper', got {self.kl_form!r}")
 
@@ -82,6 +88,11 @@ class GRPOConfig:
                 f"{rows // self.micro_batch} micro-batches per iteration do not split into "
                 f"grpo.optimizer_steps={self.optimizer_steps} equal accumulation groups"
             )
+
+    @property
+    def steps_per_micro_batch(self) -> int:
+        """How many of the ``num_steps - 1`` SDE steps each micro-batch trains."""
+        return max(1, round(self.timestep_fraction * (self.num_steps - 1)))
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -184,29 +195,38 @@ def train_step(
     advantages: torch.Tensor,
     cfg: GRPOConfig,
     after_optimizer_step: Callable[[], None] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One iteration's update: every micro-batch, every trained step, in a fixed order.
+    """One iteration's update: every micro-batch, its trained steps in time order.
 
-    The loss of each (micro-batch, step) is divided by the number of terms accumulated per optimizer step,
-    so each optimizer step sees the mean over its share of rows and steps. ``after_optimizer_step`` runs
-    after every ``optimizer.step()`` (the loop folds its EMA in there).
+    Each micro-batch trains all SDE steps, or with ``cfg.timestep_fraction < 1`` a random subset of
+    ``cfg.steps_per_micro_batch`` of them drawn from ``generator``. The loss of each (micro-batch, step) is
+    divided by the number of terms accumulated per optimizer step, so each optimizer step sees the mean over
+    its share of rows and steps. ``after_optimizer_step`` runs after every ``optimizer.step()`` (the loop
+    folds its EMA in there).
     """
     n = batch.xs.shape[0]
     cfg.check_batch(n)
-    steps = batch.trained_steps
+    all_steps = batch.trained_steps
+    k = min(cfg.steps_per_micro_batch, len(all_steps))
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n, cfg.micro_batch)]
     per_opt = len(chunks) // cfg.optimizer_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_dev": 0.0}
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
+    terms = 0
     for c, rows in enumerate(chunks):
         adv = advantages[rows].float()
+        steps = all_steps
+        if k < len(all_steps):
+            steps = [all_steps[i] for i in sorted(torch.randperm(len(all_steps), generator=generator)[:k].tolist())]
         for j in steps:
             log_prob, kl = step_terms(policy, batch, rows, j, cfg, need_reference=cfg.kl_beta > 0)
             pg, info = clipped_policy_loss(log_prob, batch.log_probs[rows, j], adv, cfg.clip_range)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
-            (loss / (per_opt * len(steps))).backward()
+            (loss / (per_opt * k)).backward()
+            terms += 1
             sums["policy_loss"] += pg.item()
             sums["kl"] += kl.mean().item() if kl is not None else 0.0
             sums["clip_frac"] += info["clipped"].mean().item()
@@ -218,7 +238,6 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
             if after_optimizer_step is not None:
                 after_optimizer_step()
-    terms = len(chunks) * len(steps)
     metrics = {k: v / terms for k, v in sums.items()}
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics

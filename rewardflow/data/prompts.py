@@ -81,6 +81,9 @@ class GroupedPromptSampler:
     The draw for iteration ``k`` depends only on (seed, k), so every rank builds the same global batch and a
     resumed run sees the same prompts. Each rank takes a contiguous slice of the ``P * G`` rows; a group may
     span ranks (advantages are computed after gathering rewards).
+
+    ``balance_by`` names a metadata key (e.g. ``"category"``): every value of it is then drawn equally often
+    in expectation, whatever its share of the file; empty draws every prompt with equal probability.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class GroupedPromptSampler:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        balance_by: str = "",
     ) -> None:
         if prompts_per_iter < 1 or group_size < 1:
             raise ValueError(f"prompts_per_iter ({prompts_per_iter}) and group_size ({group_size}) must be >= 1")
@@ -101,12 +105,23 @@ class GroupedPromptSampler:
             )
         self.records, self.p, self.g = records, prompts_per_iter, group_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.weights = None
+        if balance_by:
+            missing = [i for i, r in enumerate(records, start=1) if balance_by not in r.metadata]
+            if missing:
+                raise ValueError(
+                    f"balance_prompts_by={balance_by!r}, but prompt {missing[0]} (and {len(missing) - 1} more) "
+                    f"has no {balance_by!r} metadata; use a JSON-lines prompt file with that key, or leave it empty"
+                )
+            values = [str(r.metadata[balance_by]) for r in records]
+            counts = {v: values.count(v) for v in set(values)}
+            self.weights = np.array([1.0 / (len(counts) * counts[v]) for v in values])
 
     def global_batch(self, iteration: int) -> tuple[list[PromptRecord], np.ndarray]:
         """All ``P * G`` rows of an iteration and their group ids (0..P-1), groups contiguous."""
         rng = np.random.default_rng([self.seed, iteration])
         n = len(self.records)
-        picks = rng.choice(n, size=self.p, replace=n < self.p)
+        picks = rng.choice(n, size=self.p, replace=n < self.p, p=self.weights)
         rows = [self.records[int(i)] for i in picks for _ in range(self.g)]
         return rows, np.repeat(np.arange(self.p), self.g)
 
