@@ -22,7 +22,7 @@ def shapes_grpo_cpu() -> TrainConfig:
     """
     return TrainConfig(
         run_dir="runs/shapes_grpo_cpu",
-        iterations=90,
+        iterations=60,
         prompts_per_iter=16,
         group_size=8,
         balance_prompts_by="category",
@@ -40,14 +40,14 @@ def shapes_grpo_cpu() -> TrainConfig:
 def shapes_grpo() -> TrainConfig:
     """The longer Flow-GRPO run: ``shapes_grpo_cpu`` for 3x the iterations (about an hour on 2 CPU cores).
 
-    Only the length and the evaluation cadence differ, so its first 90 iterations are those of
+    Only the length and the evaluation cadence differ, so its first 60 iterations are those of
     ``shapes_grpo_cpu`` (the same prompts and noise), and ``rewardflow train shapes_grpo_cpu --resume
-    --iterations 270`` on a finished demo run continues into the same training.
+    --iterations 180`` on a finished demo run continues into the same training.
     """
     cfg = shapes_grpo_cpu()
     cfg.run_dir = "runs/shapes_grpo"
-    cfg.iterations = 270
-    cfg.eval_every = 90
+    cfg.iterations = 180
+    cfg.eval_every = 60
     return cfg
 
 
