@@ -51,7 +51,6 @@ class RewardConfig:
 
     name: Literal["shapes-judge"] = "shapes-judge"
     extra_object_penalty: float = 0.25
-    strict_bonus: float = 0.0
 
 
 @dataclass

@@ -71,11 +71,9 @@ def test_shapes_reward_penalises_extra_objects():
     assert out.scores.tolist() == pytest.approx([1.0, 0.5])
     plain = ShapesJudgeReward(0.0)(images, ["a red circle", "a red circle"], [{}, {}])
     assert plain.scores.tolist() == [1.0, 1.0]
-    # "two circles" fails strictly on one circle (partial credit 0.5); the bonus pays only strict passes.
-    bonus = ShapesJudgeReward(0.25, strict_bonus=1.0)(images, ["a red circle", "two circles"], [{}, {}])
-    assert bonus.details["strict"].tolist() == [1.0, 0.0]
-    assert bonus.scores.tolist() == pytest.approx([2.0, 0.5 - 0.25 * 1])  # 3 detections, 2 requested
+    # "two circles" fails strictly on one circle: partial credit 0.5, minus 0.25 for 3 detections of 2 asked.
+    two = ShapesJudgeReward(0.25)(images, ["a red circle", "two circles"], [{}, {}])
+    assert two.details["strict"].tolist() == [1.0, 0.0]
+    assert two.scores.tolist() == pytest.approx([1.0, 0.5 - 0.25 * 1])
     with pytest.raises(ValueError, match="extra_object_penalty"):
         ShapesJudgeReward(-1.0)
-    with pytest.raises(ValueError, match="strict_bonus"):
-        ShapesJudgeReward(0.25, strict_bonus=-1.0)

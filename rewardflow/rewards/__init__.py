@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from rewardflow.config import RewardConfig
 
 REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
-    "shapes-judge": lambda cfg: ShapesJudgeReward(cfg.extra_object_penalty, cfg.strict_bonus),
+    "shapes-judge": lambda cfg: ShapesJudgeReward(cfg.extra_object_penalty),
 }
 
 

@@ -17,21 +17,17 @@ class ShapesJudgeReward:
     GenEval's semantics never penalise objects the prompt did not ask for, and a tuned model learns to
     scatter extra shapes (the prototype's single-object prompts went from 0.9 to ~2 detections per image).
     ``extra_object_penalty`` per extra detection (blobs included) removes that incentive; 0 gives the
-    plain GenEval-style partial credit. ``strict_bonus`` is added when the image passes strictly (the
-    evaluation metric); partial credit alone also pays for halfway answers. The score can fall below 0.
+    plain GenEval-style partial credit. The score can fall below 0.
 
     Details: ``partial`` (judge score in [0, 1]), ``strict`` and ``clean`` (0/1), ``extra`` (count).
     """
 
     name = "shapes-judge"
 
-    def __init__(self, extra_object_penalty: float = 0.25, strict_bonus: float = 0.0) -> None:
-        if extra_object_penalty < 0 or strict_bonus < 0:
-            raise ValueError(
-                f"reward.extra_object_penalty and reward.strict_bonus must be >= 0, got "
-                f"{extra_object_penalty} and {strict_bonus}"
-            )
-        self.extra_object_penalty, self.strict_bonus = extra_object_penalty, strict_bonus
+    def __init__(self, extra_object_penalty: float = 0.25) -> None:
+        if extra_object_penalty < 0:
+            raise ValueError(f"reward.extra_object_penalty must be >= 0, got {extra_object_penalty}")
+        self.extra_object_penalty = extra_object_penalty
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         specs = [parse_prompt(p) for p in prompts]
@@ -40,7 +36,7 @@ class ShapesJudgeReward:
         extra = torch.tensor([v.extra for v in verdicts], dtype=torch.float32)
         strict = torch.tensor([v.strict for v in verdicts], dtype=torch.float32)
         return RewardOutput(
-            scores=partial + self.strict_bonus * strict - self.extra_object_penalty * extra,
+            scores=partial - self.extra_object_penalty * extra,
             details={
                 "partial": partial,
                 "strict": strict,
