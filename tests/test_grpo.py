@@ -91,6 +91,21 @@ def test_last_step_is_deterministic_and_untrained(tiny_config):
     assert torch.equal(batch.log_probs[:, -1], torch.zeros(8))
 
 
+def update_gradient(policy, batch, adv, cfg, generator=None) -> torch.Tensor:
+    """The flat gradient that ``train_step`` hands to its (single) optimizer step."""
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+    seen, step = [], opt.step
+
+    def capture(*args, **kwargs):
+        seen.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None]))
+        return step(*args, **kwargs)
+
+    opt.step = capture
+    grpo.train_step(policy, opt, batch, adv, cfg, generator=generator)
+    assert len(seen) == 1
+    return seen[0]
+
+
 def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
     """Splitting 8 rows into 2 micro-batches of 4 gives the gradient of one batch of 8 (policy and KL terms)."""
     grads = []
@@ -101,18 +116,7 @@ def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
                 p.add_(0.01 * torch.randn_like(p))
         cfg = GRPOConfig(num_steps=3, micro_batch=micro, optimizer_steps=1, kl_beta=0.5, grad_clip=float("inf"))
         batch = _batch(policy, GRPOConfig(num_steps=3, micro_batch=8), seed=3)
-        adv = torch.linspace(-1, 1, 8)
-        opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
-        orig_step = opt.step
-        captured = {}
-
-        def capture(*a, captured=captured, policy=policy, orig_step=orig_step, **k):
-            captured["g"] = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
-            return orig_step(*a, **k)
-
-        opt.step = capture
-        grpo.train_step(policy, opt, batch, adv, cfg)
-        grads.append(captured["g"])
+        grads.append(update_gradient(policy, batch, torch.linspace(-1, 1, 8), cfg))
     assert grads[0].norm() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
@@ -174,17 +178,7 @@ def test_timestep_fraction_loss_is_the_mean_over_drawn_terms(tiny_config):
         if fraction == 1.0:  # the same single step, trained alone
             batch.noise_levels = torch.zeros_like(batch.noise_levels)
             batch.noise_levels[j] = cfg.noise_level
-        opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
-        orig = opt.step
-        got = {}
-
-        def capture(*a, got=got, policy=policy, orig=orig, **k):
-            got["g"] = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
-            return orig(*a, **k)
-
-        opt.step = capture
-        grpo.train_step(policy, opt, batch, torch.linspace(-1, 1, 8), cfg, generator=gen)
-        grads.append(got["g"])
+        grads.append(update_gradient(policy, batch, torch.linspace(-1, 1, 8), cfg, generator=gen))
     assert grads[0].norm() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
 
