@@ -20,6 +20,8 @@ Differences from the paper / official code, on purpose:
 - Samples with zero advantage are kept (the official code drops them and re-pads); they still feed the KL.
 - The KL form (code: no ``dt``, mean over elements; paper: exact Gaussian KL) is the named option
   ``kl_form``, default "code" as in the official configs' beta values.
+- ``timestep_fraction < 1`` draws the trained steps per micro-batch (one subset for its rows), not per
+  sample, so that a micro-batch stays one batched forward per step.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def train_step(
     n = batch.xs.shape[0]
     cfg.check_batch(n)
     all_steps = batch.trained_steps
-    k = min(cfg.steps_per_micro_batch, len(all_steps))
+    n_steps = min(cfg.steps_per_micro_batch, len(all_steps))
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n, cfg.micro_batch)]
     per_opt = len(chunks) // cfg.optimizer_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -219,13 +221,14 @@ def train_step(
     for c, rows in enumerate(chunks):
         adv = advantages[rows].float()
         steps = all_steps
-        if k < len(all_steps):
-            steps = [all_steps[i] for i in sorted(torch.randperm(len(all_steps), generator=generator)[:k].tolist())]
+        if n_steps < len(all_steps):
+            drawn = torch.randperm(len(all_steps), generator=generator)[:n_steps]
+            steps = [all_steps[i] for i in sorted(drawn.tolist())]
         for j in steps:
             log_prob, kl = step_terms(policy, batch, rows, j, cfg, need_reference=cfg.kl_beta > 0)
             pg, info = clipped_policy_loss(log_prob, batch.log_probs[rows, j], adv, cfg.clip_range)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
-            (loss / (per_opt * k)).backward()
+            (loss / (per_opt * n_steps)).backward()
             terms += 1
             sums["policy_loss"] += pg.item()
             sums["kl"] += kl.mean().item() if kl is not None else 0.0

@@ -34,12 +34,11 @@ class ShapesJudgeReward:
         verdicts = judge_images(specs, images.detach().float().cpu().numpy())
         partial = torch.tensor([v.score for v in verdicts], dtype=torch.float32)
         extra = torch.tensor([v.extra for v in verdicts], dtype=torch.float32)
-        strict = torch.tensor([v.strict for v in verdicts], dtype=torch.float32)
         return RewardOutput(
             scores=partial - self.extra_object_penalty * extra,
             details={
                 "partial": partial,
-                "strict": strict,
+                "strict": torch.tensor([v.strict for v in verdicts], dtype=torch.float32),
                 "clean": torch.tensor([v.clean for v in verdicts], dtype=torch.float32),
                 "extra": extra,
             },
