@@ -35,9 +35,15 @@ def test_presets_are_complete_and_consistent():
         assert cfg.rows_per_iter % cfg.grpo.micro_batch == 0
     cpu = get_preset("shapes_grpo_cpu")
     assert cpu.grpo.noise_level == 0.7 and cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.0
-    # The long preset is the demo run continued: only length and evaluation cadence differ.
+    # The long preset is the demo with the paper's KL anchor (without it, long runs collapsed).
     long = get_preset("shapes_grpo")
-    assert set(config_differences(cpu, long, ignore=("iterations",))) <= {"run_dir", "eval_every"}
+    assert set(config_differences(cpu, long, ignore=("iterations",))) == {
+        "run_dir",
+        "eval_every",
+        "grpo.kl_beta",
+        "grpo.optimizer_steps",
+    }
+    assert long.grpo.kl_beta == 0.04 and long.grpo.optimizer_steps == 2
 
 
 def test_presets_command_lists_presets(capsys):
