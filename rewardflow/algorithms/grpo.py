@@ -217,7 +217,6 @@ def train_step(
     sums: dict[str, float] = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_dev": 0.0}
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
-    terms = 0
     for c, rows in enumerate(chunks):
         adv = advantages[rows].float()
         steps = all_steps
@@ -229,7 +228,6 @@ def train_step(
             pg, info = clipped_policy_loss(log_prob, batch.log_probs[rows, j], adv, cfg.clip_range)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
             (loss / (per_opt * n_steps)).backward()
-            terms += 1
             sums["policy_loss"] += pg.item()
             sums["kl"] += kl.mean().item() if kl is not None else 0.0
             sums["clip_frac"] += info["clipped"].mean().item()
@@ -241,6 +239,7 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
             if after_optimizer_step is not None:
                 after_optimizer_step()
+    terms = len(chunks) * n_steps
     metrics = {k: v / terms for k, v in sums.items()}
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics

@@ -8,6 +8,7 @@ handed to the reward). ``shapes:train`` and ``shapes:eval`` name the Shapes worl
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -114,7 +115,7 @@ class GroupedPromptSampler:
                     f"has no {balance_by!r} metadata; use a JSON-lines prompt file with that key, or leave it empty"
                 )
             values = [str(r.metadata[balance_by]) for r in records]
-            counts = {v: values.count(v) for v in set(values)}
+            counts = Counter(values)
             self.weights = np.array([1.0 / (len(counts) * counts[v]) for v in values])
 
     def global_batch(self, iteration: int) -> tuple[list[PromptRecord], np.ndarray]:
