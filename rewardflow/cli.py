@@ -41,6 +41,8 @@ class EvalArgs:
     seed: int | None = None
     grid: str | None = None
     """Optional PNG path for a grid of the samples."""
+    device: str | None = None
+    """Where to sample: "cpu", "cuda", "cuda:N" or "auto" (default: the run's model.device, else "cpu")."""
 
 
 def _cmd_train(argv: list[str]) -> None:
@@ -64,6 +66,7 @@ def _cmd_train(argv: list[str]) -> None:
 def _cmd_eval(argv: list[str]) -> None:
     import dataclasses
 
+    from rewardflow.config import ModelConfig
     from rewardflow.evaluate import EvalConfig, evaluate
     from rewardflow.models.tiny_dit import load_policy
     from rewardflow.utils.logging import save_grid
@@ -76,10 +79,11 @@ def _cmd_eval(argv: list[str]) -> None:
     if args.run_dir:
         from rewardflow.train import load_trained_policy
 
-        policy, cfg = load_trained_policy(args.run_dir)
+        policy, cfg = load_trained_policy(args.run_dir, device=args.device)
         base_eval = cfg.eval
     else:
-        policy = load_policy(args.checkpoint or "base", autocast=True)
+        device = ModelConfig(device=args.device or "cpu").resolved_device()
+        policy = load_policy(args.checkpoint or "base", autocast=True, device=device)
     overrides = {k: getattr(args, k) for k in ("prompts", "samples_per_prompt", "num_steps", "guidance_scale", "seed")}
     eval_cfg = dataclasses.replace(base_eval, **{k: v for k, v in overrides.items() if v is not None})
     report, images = evaluate(policy, eval_cfg)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from rewardflow.algorithms.grpo import GRPOConfig
@@ -24,10 +25,28 @@ class ModelConfig:
     """LoRA scale numerator; 0 means 2 * rank."""
     autocast: bool = True
     """bfloat16 autocast for the network's forward (step math stays float32)."""
+    device: str = "cpu"
+    """Where the network runs: "cpu", "cuda", "cuda:N", or "auto" (CUDA when available). Sampling noise is
+    drawn on the CPU either way, so a seed gives the same noise on every device."""
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                allowed = "'cpu', 'cuda', 'cuda:N' or 'auto'"
+                raise ValueError(f"model.device must be {allowed}, got {self.device!r}") from err
+
+    def resolved_device(self) -> torch.device:
+        """The torch device of ``device``; raises ValueError when CUDA is asked for and absent."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"model.device is {self.device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
+        return dev
 
 
 @dataclass

@@ -71,7 +71,9 @@ def write_run_header(cfg: TrainConfig, run: Path, resume: bool) -> None:
 def build_policy(cfg: TrainConfig) -> TinyDiTPolicy:
     """The policy a run trains, as its ``model`` section describes."""
     m = cfg.model
-    return load_policy(m.checkpoint, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, autocast=m.autocast)
+    return load_policy(
+        m.checkpoint, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, autocast=m.autocast, device=m.resolved_device()
+    )
 
 
 def run_eval(policy: TinyDiTPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int) -> dict[str, Any]:
@@ -188,6 +190,7 @@ def _loop(
         reward = reward_fn(images, cond.prompts, [r.metadata for r in rows])
         group_ids = torch.from_numpy(groups)
         adv = group_advantages(reward.scores, group_ids, global_std=cfg.grpo.global_std, clip=cfg.grpo.adv_clip_max)
+        adv = adv.to(policy.device)
         t1 = time.time()
         update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, after_optimizer_step=ema.step, generator=gen)
         record = {
@@ -215,8 +218,11 @@ def _loop(
     return run
 
 
-def load_trained_policy(run_dir: str | Path) -> tuple[TinyDiTPolicy, TrainConfig]:
-    """The policy of a run folder with its latest EMA checkpoint loaded, and the run's config."""
+def load_trained_policy(run_dir: str | Path, device: str | None = None) -> tuple[TinyDiTPolicy, TrainConfig]:
+    """The policy of a run folder with its latest EMA checkpoint loaded, and the run's config.
+
+    ``device`` overrides the run's ``model.device`` (a run trained on a GPU can be evaluated on a CPU).
+    """
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
@@ -224,6 +230,8 @@ def load_trained_policy(run_dir: str | Path) -> tuple[TinyDiTPolicy, TrainConfig
     ckpts = sorted((run / "checkpoints").glob("iter_*.safetensors"))
     if not ckpts:
         raise FileNotFoundError(f"run folder {run} has no checkpoints/iter_*.safetensors yet")
+    if device is not None:
+        cfg.model = dataclasses.replace(cfg.model, device=device)  # re-checks the value
     policy = build_policy(cfg)
     load_trainable(list(policy.named_trainable_state()), ckpts[-1])
     return policy, cfg

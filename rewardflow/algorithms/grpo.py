@@ -214,7 +214,9 @@ def train_step(
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n, cfg.micro_batch)]
     per_opt = len(chunks) // cfg.optimizer_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    sums: dict[str, float] = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_dev": 0.0}
+    # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
+    names = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_dev")
+    sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
     for c, rows in enumerate(chunks):
@@ -228,18 +230,18 @@ def train_step(
             pg, info = clipped_policy_loss(log_prob, batch.log_probs[rows, j], adv, cfg.clip_range)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
             (loss / (per_opt * n_steps)).backward()
-            sums["policy_loss"] += pg.item()
-            sums["kl"] += kl.mean().item() if kl is not None else 0.0
-            sums["clip_frac"] += info["clipped"].mean().item()
-            sums["approx_kl"] += info["approx_kl"].item()
-            sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max().item()
+            sums["policy_loss"] += pg.detach()
+            sums["kl"] += kl.detach().mean() if kl is not None else 0.0
+            sums["clip_frac"] += info["clipped"].mean()
+            sums["approx_kl"] += info["approx_kl"]
+            sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
         if (c + 1) % per_opt == 0:
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if after_optimizer_step is not None:
                 after_optimizer_step()
     terms = len(chunks) * n_steps
-    metrics = {k: v / terms for k, v in sums.items()}
-    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics = {k: float(v) / terms for k, v in sums.items()}
+    metrics["grad_norm"] = float(sum(grad_norms)) / len(grad_norms)
     return metrics

@@ -92,7 +92,7 @@ class ShapesTokenizer:
 
 def _sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
     args = positions.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -340,18 +340,22 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 
 
 def load_policy(
-    checkpoint: str = BASE_CHECKPOINT, lora_rank: int = 0, lora_alpha: float = 0.0, autocast: bool = False
+    checkpoint: str = BASE_CHECKPOINT,
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    autocast: bool = False,
+    device: str | torch.device = "cpu",
 ) -> TinyDiTPolicy:
-    """The tiny-DiT policy from a checkpoint, ready to fine-tune.
+    """The tiny-DiT policy from a checkpoint on ``device``, ready to fine-tune.
 
     ``lora_rank > 0`` injects LoRA adapters (alpha defaults to 2 * rank) and the reference policy is the
     model with adapters off; ``lora_rank == 0`` trains every weight against a frozen reference copy.
     """
-    model = load_tiny_dit(resolve_checkpoint(checkpoint))
+    model = load_tiny_dit(resolve_checkpoint(checkpoint)).to(device)
     if lora_rank > 0:
         from rewardflow.models.lora import add_lora
 
         add_lora(model, lora_rank, lora_alpha or 2.0 * lora_rank, list(LORA_TARGETS))
         return TinyDiTPolicy(model, reference=None, autocast=autocast)
-    reference = load_tiny_dit(resolve_checkpoint(checkpoint)).requires_grad_(False).eval()
+    reference = load_tiny_dit(resolve_checkpoint(checkpoint)).requires_grad_(False).eval().to(device)
     return TinyDiTPolicy(model, reference=reference, autocast=autocast)

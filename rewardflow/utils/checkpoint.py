@@ -95,9 +95,9 @@ def save_state_atomic(state: dict, path: str | Path) -> None:
 
 
 def load_state(path: str | Path) -> dict:
-    """Read a resume state with ``weights_only=True`` (no arbitrary objects are unpickled)."""
+    """Read a resume state onto the CPU with ``weights_only=True`` (no arbitrary objects are unpickled)."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, KeyError, UnpicklingError) as err:
         raise ValueError(f"resume state {path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):

@@ -47,7 +47,7 @@ def setup_file_logging(path: Path) -> logging.Handler:
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 3) -> None:
     """Save images [N, 3, H, W] in [0, 1] as one PNG grid, upscaled ``scale`` times (nearest)."""
-    imgs = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    imgs = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     n, h, w, _ = imgs.shape
     rows = (n + nrow - 1) // nrow
     grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, 3), 255, dtype=np.uint8)
