@@ -1,4 +1,4 @@
-"""Hyperparameter sweep: several variants of a training preset side by side, as parallel processes.
+"""Hyperparameter sweep: several variants of a training preset (any algorithm) side by side, in parallel.
 
 Each variant is the preset with dotted overrides; every variant trains into its own run folder with
 frequent evaluations until its iterations are done or the time budget runs out (then it is stopped and
@@ -75,11 +75,12 @@ def collect(run: Path) -> dict[str, Any]:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [m for m in rows if "reward" in m]
     seconds = [m["time_iteration"] for m in train_rows]
+    last = train_rows[-1] if train_rows else {}
     return {
         "evals": evals,
         "iterations": len(train_rows),
         "sec_per_iteration": sum(seconds) / len(seconds) if seconds else None,
-        "clip_frac": sum(m["clip_frac"] for m in train_rows) / len(train_rows) if train_rows else None,
+        "clip_frac": sum(m["clip_frac"] for m in train_rows) / len(train_rows) if "clip_frac" in last else None,
     }
 
 

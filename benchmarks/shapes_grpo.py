@@ -1,4 +1,4 @@
-"""Quality benchmark: a Shapes Flow-GRPO preset, before and after, strict and clean, with hacking monitors.
+"""Quality benchmark: a Shapes preset (any algorithm), before and after, strict and clean, with hacking monitors.
 
 Runs ``rewardflow train PRESET`` into a fresh run folder (the run evaluates the base at iteration 0 and the
 EMA weights at the end), then measures the KL of the tuned policy to the base along its own SDE rollouts
@@ -11,6 +11,7 @@ shape histograms and detections per image, plus the raw numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,10 +30,14 @@ from rewardflow.train import load_trained_policy, train
 
 @torch.no_grad()
 def kl_to_base(run_dir: Path, seed: int = 0) -> float:
-    """Mean code-form KL per trained step between the tuned policy (EMA weights) and the base."""
+    """Mean code-form KL per trained step between the tuned policy (EMA weights) and the base.
+
+    Measured along Flow-GRPO SDE rollouts of the tuned policy at the evaluation's CFG scale, for every
+    algorithm (for DiffusionNFT, which never uses this SDE, it is a distance between the two models).
+    """
     policy, cfg = load_trained_policy(run_dir)
     prompts = [r.prompt for r in load_prompts(cfg.eval.prompts)]
-    gcfg = cfg.grpo
+    gcfg = dataclasses.replace(cfg.grpo, guidance_scale=cfg.eval.guidance_scale)
     n = len(prompts)
     cond = policy.encode_prompts(prompts)
     batch = grpo.collect(policy, cond, gcfg, torch.Generator().manual_seed(seed))

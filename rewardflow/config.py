@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from rewardflow.algorithms.grpo import GRPOConfig
+from rewardflow.algorithms.nft import NFTConfig
 from rewardflow.evaluate import EvalConfig
 
 
@@ -77,7 +78,8 @@ class TrainConfig:
     """A complete training run. Derived batch sizes are properties, checked at construction."""
 
     run_dir: str = "runs/shapes_grpo_cpu"
-    algorithm: Literal["grpo"] = "grpo"
+    algorithm: Literal["grpo", "nft"] = "grpo"
+    """Flow-GRPO (``grpo`` section) or DiffusionNFT (``nft`` section)."""
     iterations: int = 60
     seed: int = 0
     train_prompts: str = "shapes:train"
@@ -99,6 +101,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -107,7 +110,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {self.group_size}")
-        self.grpo.check_batch(self.rows_per_iter)
+        if self.algorithm not in ("grpo", "nft"):
+            raise ValueError(f"algorithm must be 'grpo' or 'nft', got {self.algorithm!r}")
+        self.algo.check_batch(self.rows_per_iter)
+
+    @property
+    def algo(self) -> GRPOConfig | NFTConfig:
+        """The settings of the chosen algorithm."""
+        return self.grpo if self.algorithm == "grpo" else self.nft
 
     @property
     def rows_per_iter(self) -> int:
@@ -115,13 +125,15 @@ class TrainConfig:
         return self.prompts_per_iter * self.group_size
 
     def summary(self) -> str:
-        g = self.grpo
-        micro = self.rows_per_iter // g.micro_batch
-        return (
-            f"{self.rows_per_iter} images/iteration ({self.prompts_per_iter} prompts x {self.group_size}), "
-            f"{micro} micro-batches of {g.micro_batch}, {g.optimizer_steps} optimizer steps/iteration, "
-            f"{g.steps_per_micro_batch} of {g.num_steps - 1} SDE steps trained per micro-batch ({g.num_steps} steps)"
+        a = self.algo
+        head = (
+            f"{self.algorithm}: {self.rows_per_iter} images/iteration ({self.prompts_per_iter} prompts x "
+            f"{self.group_size}), {self.rows_per_iter // a.micro_batch} micro-batches of {a.micro_batch}, "
+            f"{a.optimizer_steps} optimizer steps/iteration, "
         )
+        if isinstance(a, GRPOConfig):
+            return head + f"{a.steps_per_micro_batch} of {a.num_steps - 1} SDE steps trained per micro-batch"
+        return head + f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"
 
 
 def to_yaml(cfg: Any) -> str:

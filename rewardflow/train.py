@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import rewardflow
-from rewardflow.algorithms import grpo
+from rewardflow.algorithms import grpo, nft
 from rewardflow.algorithms.advantages import group_advantages, zero_std_fraction
 from rewardflow.config import TrainConfig, from_yaml, to_yaml
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
@@ -95,7 +95,9 @@ def run_eval(policy: TinyDiTPolicy, ema: EMA, cfg: TrainConfig, run: Path, itera
     return {"iteration": iteration, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}}
 
 
-def save(policy: TinyDiTPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int) -> None:
+def save(
+    cfg: TrainConfig, policy: TinyDiTPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int
+) -> None:
     """EMA weights for use (``checkpoints/iter_XXXXX.safetensors``) and a resume state."""
     with ema.swapped():
         save_trainable(
@@ -110,6 +112,8 @@ def save(policy: TinyDiTPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run:
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict(),
     }
+    if cfg.algorithm == "nft":
+        state["old"] = {n: t.detach().clone() for n, t in policy.named_old_state()}
     save_state_atomic(state, run / STATE)
 
 
@@ -134,6 +138,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     ema = EMA(params, warmup_decay(cfg.ema_decay), every=cfg.ema_every)
+    if cfg.algorithm == "nft":
+        policy.init_old()
     reward_fn = build_reward(cfg.reward)
     start = 0
     if resume and (run / STATE).exists():
@@ -147,6 +153,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = int(state["iteration"])
+        if cfg.algorithm == "nft":
+            with torch.no_grad():
+                for name, tensor in policy.named_old_state():
+                    tensor.copy_(state["old"][name])
     write_run_header(cfg, run, resume)
     metrics_path = run / "metrics.jsonl"
     if resume:
@@ -184,15 +194,27 @@ def _loop(
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, it]).generate_state(1)[0]))
         rows, groups = sampler.batch(it)
         cond = policy.encode_prompts([r.prompt for r in rows])
-        batch = grpo.collect(policy, cond, cfg.grpo, gen)
+        if cfg.algorithm == "grpo":
+            batch = grpo.collect(policy, cond, cfg.grpo, gen)
+            final = batch.xs[:, -1]
+        else:
+            nft_batch = nft.collect(policy, cond, cfg.nft, gen)
+            final = nft_batch.x0
         t_rollout = time.time() - t0
-        images = policy.decode(batch.xs[:, -1])
+        images = policy.decode(final)
         reward = reward_fn(images, cond.prompts, [r.metadata for r in rows])
         group_ids = torch.from_numpy(groups)
-        adv = group_advantages(reward.scores, group_ids, global_std=cfg.grpo.global_std, clip=cfg.grpo.adv_clip_max)
+        adv = group_advantages(reward.scores, group_ids, global_std=cfg.algo.global_std, clip=cfg.algo.adv_clip_max)
         adv = adv.to(policy.device)
         t1 = time.time()
-        update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, after_optimizer_step=ema.step, generator=gen)
+        if cfg.algorithm == "grpo":
+            update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, ema.step, generator=gen)
+        else:
+            r = nft.optimality_probability(adv, cfg.nft.adv_clip_max, cfg.nft.adv_mode)
+            update = nft.train_step(policy, optimizer, nft_batch, r, cfg.nft, ema.step, generator=gen)
+            # After the iteration's updates, the old policy moves towards the trained one.
+            update["old_eta"] = nft.old_decay((it + 1) * cfg.nft.optimizer_steps, cfg.nft)
+            policy.soft_update_old(update["old_eta"])
         record = {
             "iteration": it + 1,
             "reward": reward.scores.mean().item(),
@@ -205,14 +227,21 @@ def _loop(
             "time_iteration": time.time() - t0,
         }
         append_jsonl(metrics_path, record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{update['kl']:.2e}", clip=f"{update['clip_frac']:.2f}")
+        if cfg.algorithm == "grpo":
+            bar.set_postfix(
+                reward=f"{record['reward']:.3f}", kl=f"{update['kl']:.2e}", clip=f"{update['clip_frac']:.2f}"
+            )
+        else:
+            bar.set_postfix(
+                reward=f"{record['reward']:.3f}", ref=f"{update['ref_loss']:.2e}", eta=f"{update['old_eta']:.3f}"
+            )
         done = it + 1
         if done == 1 or done % cfg.save_every == 0:
             save_grid(images[:64], run / "samples" / f"train_{done:05d}.png")
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations:
             append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, done))
         if done % cfg.save_every == 0 or done == cfg.iterations:
-            save(policy, optimizer, ema, run, done)
+            save(cfg, policy, optimizer, ema, run, done)
             plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
     plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
     return run

@@ -77,3 +77,21 @@ class FlowPolicy(Protocol):
     def named_trainable_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Name and tensor of every trainable weight (for EMA, checkpoints and the old policy)."""
         ...
+
+    # The old (rollout) policy of DiffusionNFT: a lagging copy of the trainable weights.
+
+    def init_old(self) -> None:
+        """Create the old policy equal to the current one."""
+        ...
+
+    def old(self) -> AbstractContextManager[None]:
+        """Within this context, :meth:`velocity` is the old policy."""
+        ...
+
+    def named_old_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The old policy's trainable weights, named as in :meth:`named_trainable_state`."""
+        ...
+
+    def soft_update_old(self, eta: float) -> None:
+        """``theta_old <- eta theta_old + (1 - eta) theta``."""
+        ...

@@ -14,6 +14,7 @@ Design (all sizes from :class:`TinyDiTConfig`):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -267,6 +268,8 @@ class TinyDiTPolicy:
         self.tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
         self._reference = reference
         self._in_reference = False
+        self._old: TinyDiT | None = None
+        self._in_old = False
         self.autocast = autocast
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -278,6 +281,10 @@ class TinyDiTPolicy:
         return next(self.module.parameters()).device
 
     def _net(self) -> nn.Module:
+        if self._in_old:
+            if self._old is None:
+                raise RuntimeError("no old policy: call init_old() first")
+            return self._old
         return self._reference if self._in_reference and self._reference is not None else self.module
 
     def velocity(
@@ -310,6 +317,35 @@ class TinyDiTPolicy:
 
     def named_trainable_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+
+    def init_old(self) -> None:
+        """Create the old (rollout) policy as a frozen copy of the current network, adapters included.
+
+        A copy is cheap for the tiny DiT; the diffusers adapters keep the old policy as a second adapter.
+        """
+        self._old = copy.deepcopy(self.module).requires_grad_(False).eval()
+
+    @contextmanager
+    def old(self) -> Iterator[None]:
+        """Within the context, :meth:`velocity` is the old policy (see :meth:`init_old`)."""
+        self._in_old = True
+        try:
+            yield
+        finally:
+            self._in_old = False
+
+    def named_old_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The old policy's copies of the trainable weights, by the same names as :meth:`named_trainable_state`."""
+        if self._old is None:
+            raise RuntimeError("no old policy: call init_old() first")
+        old = dict(self._old.named_parameters())
+        return ((n, old[n]) for n, _ in self.named_trainable_state())
+
+    @torch.no_grad()
+    def soft_update_old(self, eta: float) -> None:
+        """``theta_old <- eta theta_old + (1 - eta) theta`` on the trainable weights (eta 0 copies theta)."""
+        for (_, old), (_, new) in zip(self.named_old_state(), self.named_trainable_state()):
+            old.mul_(eta).add_(new.detach(), alpha=1.0 - eta)
 
     @contextmanager
     def reference(self) -> Iterator[None]:

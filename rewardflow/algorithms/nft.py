@@ -1,0 +1,262 @@
+"""DiffusionNFT: likelihood-free online RL on the forward (noising) process.
+
+Paper: Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process", arXiv 2509.16117;
+official code NVlabs/DiffusionNFT (formulas checked in ../shared/reference/grpo-and-nft.md, section 4).
+
+An "old" policy samples clean images with any deterministic solver; only ``x0`` and the sigma grid are kept.
+Rewards become group-normalised advantages ``A`` (clipped to ``[-C, C]``) and then an optimality probability
+``r = clip(A / (2C) + 1/2, 0, 1)``. For sigmas ``t`` of the grid and fresh noise, ``x_t = (1-t) x0 + t eps``,
+and two implicit policies built from the trained velocity ``v`` are fitted by flow matching::
+
+    v+ = beta v + (1 - beta) v_old          v- = (1 + beta) v_old - beta v
+    L+- = mean_dims (x_t - t v+- - x0)^2 / sg(max(mean_dims |x_t - t v+- - x0|, 1e-5))   (adaptive weight)
+    L   = C mean_batch (r L+ + (1 - r) L-) / beta  +  lambda mean (v - v_ref)^2
+
+so that at the optimum ``v = v_old + (2 / beta) Delta``, the reward-guided direction. After every iteration
+``theta_old <- eta theta_old + (1 - eta) theta`` with ``eta = min(max(0, k - k0) * rate, eta_max)``, ``k`` the
+optimizer steps so far. No CFG anywhere by default: the guidance is learned into the model.
+
+Differences from the official code, on purpose:
+
+- The old policy of a tiny-DiT run is a frozen copy of the network (adapters included), not a second LoRA
+  adapter; the soft update touches only the trainable weights, as the official code's does.
+- The trained sigmas are drawn per image as in the official code (a random permutation of the grid, the first
+  ``int(T * timestep_fraction)``), from the loop's generator so a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rewardflow.models.protocol import Conditioning, FlowPolicy
+from rewardflow.sampling.ode import SOLVERS, solve_ode
+from rewardflow.sampling.schedules import sd3_schedule
+
+AdvMode = Literal["all", "positive_only", "negative_only", "one_only", "binary"]
+ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT settings (defaults: the paper's SD3.5 GenEval run, except where the tiny presets change them)."""
+
+    num_steps: int = 10
+    """Solver steps in rollouts."""
+    shift: float = 3.0
+    solver: str = "dpm2"
+    """Deterministic rollout solver: "euler", "heun" or "dpm2" (2nd-order multistep DPM-Solver++, the paper's)."""
+    guidance_scale: float = 1.0
+    """CFG scale in rollouts and training (1.0: CFG-free, the paper's setting)."""
+    beta: float = 1.0
+    """NFT's beta: how far the implicit policies sit from the old one (1.0 stable; 0.1 rises faster)."""
+    adv_clip_max: float = 5.0
+    """``C``: advantages are clipped to [-C, C], mapped to r = A / (2C) + 1/2, and the policy loss is scaled by C."""
+    global_std: bool = True
+    adv_mode: AdvMode = "all"
+    """How advantages enter r: all; positive_only / negative_only (the other sign set to 0); one_only
+    (A -> 1 if positive else 0); binary (A -> sign A)."""
+    ref_weight: float = 1e-4
+    """``lambda`` of the velocity penalty to the reference policy (0 skips the reference forward)."""
+    timestep_fraction: float = 0.99
+    """Per image, the first ``int(T * fraction)`` (at least 1) of a random permutation of its T grid sigmas."""
+    micro_batch: int = 32
+    optimizer_steps: int = 1
+    """Optimizer steps per iteration (the official GenEval config: 1)."""
+    grad_clip: float = 1.0
+    old_decay_start: int = 0
+    """``k0`` of the old-policy schedule ``eta = min(max(0, k - k0) * rate, eta_max)``."""
+    old_decay_rate: float = 0.001
+    old_decay_max: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"nft.num_steps must be >= 1, got {self.num_steps}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"nft.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.beta <= 0:
+            raise ValueError(f"nft.beta must be > 0, got {self.beta}")
+        if self.adv_clip_max <= 0:
+            raise ValueError(f"nft.adv_clip_max must be > 0, got {self.adv_clip_max}")
+        if self.adv_mode not in ADV_MODES:
+            raise ValueError(f"nft.adv_mode must be one of {', '.join(ADV_MODES)}, got {self.adv_mode!r}")
+        if self.ref_weight < 0 or self.old_decay_rate < 0 or self.old_decay_start < 0:
+            raise ValueError("nft.ref_weight, nft.old_decay_rate and nft.old_decay_start must be >= 0")
+        if not 0 <= self.old_decay_max < 1:
+            raise ValueError(
+                f"nft.old_decay_max must be in [0, 1) (1 would freeze the old policy), got {self.old_decay_max}"
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"nft.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.micro_batch < 1 or self.optimizer_steps < 1:
+            raise ValueError("nft.micro_batch and nft.optimizer_steps must be >= 1")
+
+    def check_batch(self, rows: int) -> None:
+        """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
+        if rows % self.micro_batch:
+            raise ValueError(f"rows per rank ({rows}) must be a multiple of nft.micro_batch ({self.micro_batch})")
+        if (rows // self.micro_batch) % self.optimizer_steps:
+            raise ValueError(
+                f"{rows // self.micro_batch} micro-batches per iteration do not split into "
+                f"nft.optimizer_steps={self.optimizer_steps} equal accumulation groups"
+            )
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return sd3_schedule(self.num_steps, self.shift)
+
+    @property
+    def sigmas_per_image(self) -> int:
+        return max(1, int(self.num_steps * self.timestep_fraction))
+
+
+def optimality_probability(advantages: torch.Tensor, clip_max: float, mode: AdvMode = "all") -> torch.Tensor:
+    """``r = clip(A / (2C) + 1/2, 0, 1)`` [B] after clipping A to [-C, C] and applying ``mode``."""
+    a = advantages.float().clamp(-clip_max, clip_max)
+    if mode == "positive_only":
+        a = a.clamp(min=0.0)
+    elif mode == "negative_only":
+        a = a.clamp(max=0.0)
+    elif mode == "one_only":
+        a = (a > 0).float()
+    elif mode == "binary":
+        a = torch.sign(a)
+    return (a / (2.0 * clip_max) + 0.5).clamp(0.0, 1.0)
+
+
+def old_decay(optimizer_steps: int, cfg: NFTConfig) -> float:
+    """The old policy's soft-update coefficient ``eta = min(max(0, k - k0) * rate, eta_max)``."""
+    return min(max(0, optimizer_steps - cfg.old_decay_start) * cfg.old_decay_rate, cfg.old_decay_max)
+
+
+def adaptive_x0_loss(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """``mean_dims (x0_pred - x0)^2 / sg(max(mean_dims |x0_pred - x0|, 1e-5))`` per sample [B].
+
+    The self-normalising weight is computed in float64 and detached, as in the official code.
+    """
+    err = x0_pred.float() - x0.float()
+    dims = tuple(range(1, err.ndim))
+    weight = err.detach().double().abs().mean(dim=dims).clamp(min=1e-5)
+    return (err**2).mean(dim=dims) / weight.float()
+
+
+def nft_policy_loss(
+    v: torch.Tensor,
+    v_old: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample NFT policy loss ``(r L+ + (1 - r) L-) / beta`` [B] and its two parts.
+
+    Args:
+        v: trained velocity at ``x_t`` [B, ...] (with gradient).
+        v_old: old policy's velocity at ``x_t`` [B, ...] (no gradient).
+        x_t: noised sample ``(1 - sigma) x0 + sigma eps`` [B, ...].
+        x0: the clean rollout sample [B, ...].
+        sigma: the noise level of each row [B].
+        r: optimality probability [B] in [0, 1].
+        beta: NFT's beta.
+    """
+    t = sigma.float().view(-1, *([1] * (x_t.ndim - 1)))
+    v, v_old = v.float(), v_old.float()
+    v_pos = beta * v + (1.0 - beta) * v_old
+    v_neg = (1.0 + beta) * v_old - beta * v
+    loss_pos = adaptive_x0_loss(x_t.float() - t * v_pos, x0)
+    loss_neg = adaptive_x0_loss(x_t.float() - t * v_neg, x0)
+    loss = (r * loss_pos + (1.0 - r) * loss_neg) / beta
+    return loss, {"loss_pos": loss_pos.detach(), "loss_neg": loss_neg.detach()}
+
+
+@dataclass
+class NFTBatch:
+    """What a rollout keeps: clean samples [N, ...], their conditioning, and the solver's sigma grid [T+1]."""
+
+    x0: torch.Tensor
+    cond: Conditioning
+    sigmas: torch.Tensor
+
+
+@torch.no_grad()
+def collect(
+    policy: FlowPolicy, cond: Conditioning, cfg: NFTConfig, generator: torch.Generator | None = None
+) -> NFTBatch:
+    """Sample every row of ``cond`` with the old policy and ``cfg.solver``, in chunks of ``cfg.micro_batch``."""
+    sigmas = cfg.sigmas
+    outs = []
+    with policy.old():
+        for start in range(0, len(cond), cfg.micro_batch):
+            chunk = cond.index(slice(start, start + cfg.micro_batch))
+            x = policy.noise(len(chunk), generator)
+            outs.append(
+                solve_ode(lambda x, s, c=chunk: policy.velocity(x, s, c, cfg.guidance_scale), x, sigmas, cfg.solver)
+            )
+    return NFTBatch(torch.cat(outs), cond, sigmas)
+
+
+def train_step(
+    policy: FlowPolicy,
+    optimizer: torch.optim.Optimizer,
+    batch: NFTBatch,
+    r: torch.Tensor,
+    cfg: NFTConfig,
+    after_optimizer_step: Callable[[], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One iteration's update over every micro-batch and ``cfg.sigmas_per_image`` grid sigmas per image.
+
+    Each (micro-batch, sigma slot) term is divided by the number of terms per optimizer step, so an optimizer
+    step sees the mean over its rows and slots. Noise and the sigma draws come from ``generator`` (CPU).
+    """
+    n = batch.x0.shape[0]
+    cfg.check_batch(n)
+    grid = batch.sigmas[:-1]  # the T sigmas the solver evaluated at (the final 0 is never trained)
+    slots = min(cfg.sigmas_per_image, len(grid))
+    chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n, cfg.micro_batch)]
+    per_opt = len(chunks) // cfg.optimizer_steps
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = ("policy_loss", "ref_loss", "loss_pos", "loss_neg")
+    sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
+    grad_norms = []
+    device = batch.x0.device
+    optimizer.zero_grad(set_to_none=True)
+    for c, rows in enumerate(chunks):
+        x0, rr, cond = batch.x0[rows], r[rows].to(device).float(), batch.cond.index(rows)
+        b = x0.shape[0]
+        order = torch.argsort(torch.rand(b, len(grid), generator=generator), dim=1)[:, :slots]
+        for j in range(slots):
+            sigma = grid[order[:, j]].to(device)
+            eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+            t = sigma.view(-1, *([1] * (x0.ndim - 1)))
+            x_t = (1.0 - t) * x0 + t * eps
+            v = policy.velocity(x_t, sigma, cond, cfg.guidance_scale)
+            with torch.no_grad(), policy.old():
+                v_old = policy.velocity(x_t, sigma, cond, cfg.guidance_scale)
+            per_sample, info = nft_policy_loss(v, v_old, x_t, x0, sigma, rr, cfg.beta)
+            loss = cfg.adv_clip_max * per_sample.mean()
+            sums["policy_loss"] += loss.detach()
+            if cfg.ref_weight > 0:
+                with torch.no_grad(), policy.reference():
+                    v_ref = policy.velocity(x_t, sigma, cond, cfg.guidance_scale)
+                ref_loss = ((v - v_ref) ** 2).mean()
+                loss = loss + cfg.ref_weight * ref_loss
+                sums["ref_loss"] += ref_loss.detach()
+            (loss / (per_opt * slots)).backward()
+            sums["loss_pos"] += info["loss_pos"].mean()
+            sums["loss_neg"] += info["loss_neg"].mean()
+        if (c + 1) % per_opt == 0:
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_optimizer_step is not None:
+                after_optimizer_step()
+    terms = len(chunks) * slots
+    metrics = {k: float(v) / terms for k, v in sums.items()}
+    metrics["grad_norm"] = float(sum(grad_norms)) / len(grad_norms)
+    metrics["r_mean"] = float(r.float().mean())
+    return metrics
