@@ -33,12 +33,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as err:
-                allowed = "'cpu', 'cuda', 'cuda:N' or 'auto'"
-                raise ValueError(f"model.device must be {allowed}, got {self.device!r}") from err
+        name, _, index = str(self.device).partition(":")
+        if name not in ("cpu", "cuda", "auto") or (index and (name != "cuda" or not index.isdigit())):
+            raise ValueError(f"model.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
 
     def resolved_device(self) -> torch.device:
         """The torch device of ``device``; raises ValueError when CUDA is asked for and absent."""
@@ -47,6 +44,9 @@ class ModelConfig:
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"model.device is {self.device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"model.device is {self.device!r} but torch sees {count} CUDA devices")
         return dev
 
 

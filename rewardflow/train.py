@@ -51,7 +51,9 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         return run
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"cannot resume: {run / 'config.yaml'} does not exist")
-    differ = config_differences(from_yaml((run / "config.yaml").read_text()), cfg, ignore=("iterations",))
+    # Where it runs and how long are not part of a run's identity: a GPU run may be resumed on a CPU and extended.
+    saved = from_yaml((run / "config.yaml").read_text())
+    differ = config_differences(saved, cfg, ignore=("iterations", "model.device", "threads"))
     if differ:
         raise ValueError(f"cannot resume {run}: these fields differ from its config.yaml: {', '.join(differ)}")
     return run
@@ -154,8 +156,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         ema.load_state_dict(state["ema"])
         start = int(state["iteration"])
         if cfg.algorithm == "nft":
+            old = dict(policy.named_old_state())
+            if set(state.get("old", {})) != set(old):
+                raise ValueError(f"resume state {run / STATE} does not hold this policy's old (rollout) weights")
             with torch.no_grad():
-                for name, tensor in policy.named_old_state():
+                for name, tensor in old.items():
                     tensor.copy_(state["old"][name])
     write_run_header(cfg, run, resume)
     metrics_path = run / "metrics.jsonl"
@@ -200,6 +205,8 @@ def _loop(
         else:
             nft_batch = nft.collect(policy, cond, cfg.nft, gen)
             final = nft_batch.x0
+        if final.device.type == "cuda":
+            torch.cuda.synchronize()  # the rollout's kernels are asynchronous: time them, not their launches
         t_rollout = time.time() - t0
         images = policy.decode(final)
         reward = reward_fn(images, cond.prompts, [r.metadata for r in rows])

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rewardflow.algorithms.nft import NFTConfig, old_decay
 from rewardflow.cli import main
 from rewardflow.config import from_yaml
 from rewardflow.models.tiny_dit import save_tiny_dit
@@ -32,12 +33,14 @@ def tiny_run_args(tmp_path, tiny_config):
 def test_presets_are_complete_and_consistent():
     for name in PRESETS:
         cfg = get_preset(name)
-        assert cfg.rows_per_iter % cfg.grpo.micro_batch == 0
+        assert cfg.rows_per_iter % cfg.algo.micro_batch == 0
     cpu = get_preset("shapes_grpo_cpu")
     assert cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.04 and cpu.grpo.optimizer_steps == 2
     # The long preset is the demo run longer (on a GPU when there is one), nothing else.
     long = get_preset("shapes_grpo")
     assert set(config_differences(cpu, long)) == {"run_dir", "iterations", "eval_every", "save_every", "model.device"}
+    nft = get_preset("shapes_nft_cpu")  # CFG-free in rollouts, training and evaluation
+    assert nft.algorithm == "nft" and nft.nft.guidance_scale == 1.0 and nft.eval.guidance_scale == 1.0
 
 
 def test_presets_command_lists_presets(capsys):
@@ -184,9 +187,10 @@ def test_mismatched_run_checkpoint_is_reported(tmp_path, tiny_run_args, tiny_con
 
 def test_bad_device_fails_before_the_run_folder_is_created(tmp_path, tiny_run_args, capsys):
     run = tmp_path / "run"
-    with pytest.raises(SystemExit):  # tyro reports the field's own check
-        main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--model.device", "gpu", *tiny_run_args])
-    assert "model.device" in capsys.readouterr().err
+    for bad in ("gpu", "mps", "cpu:1"):
+        with pytest.raises(SystemExit):  # tyro reports the field's own check
+            main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--model.device", bad, *tiny_run_args])
+        assert "model.device must be" in capsys.readouterr().err
     assert not run.exists()
     if not torch.cuda.is_available():
         args = ["--run-dir", str(run), "--model.device", "cuda", *tiny_run_args]
@@ -206,6 +210,8 @@ def test_nft_run_trains_and_resumes_exactly(tmp_path, tiny_run_args):
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     train_rows = [m for m in rows if "reward" in m]
     assert {"policy_loss", "ref_loss", "old_eta", "r_mean", "grad_norm"} <= set(train_rows[0])
+    # The old policy's schedule is driven by the optimizer steps so far: 2 per iteration here.
+    assert [m["old_eta"] for m in train_rows] == [old_decay(2, NFTConfig()), old_decay(4, NFTConfig())]
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(part), "--iterations", "1", *args]) == 0
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(part), "--resume", *args]) == 0
     a, b = load_state(full / "checkpoints/state.pt"), load_state(part / "checkpoints/state.pt")

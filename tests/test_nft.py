@@ -138,3 +138,50 @@ def test_train_step_moves_towards_high_reward_samples_and_keeps_old_fixed(tiny_c
     assert gap_after > gap_before
     assert metrics["ref_loss"] > 0 and metrics["r_mean"] == 0.5
     assert all(torch.equal(t, old[n]) for n, t in policy.named_old_state())  # only soft_update_old moves it
+
+
+def test_train_step_gradient_equals_the_hand_built_loss(tiny_config):
+    """The update of train_step is -lr x grad of C mean(policy loss) + lambda mean (v - v_ref)^2, averaged over
+    micro-batches, with the same noise and sigma draws (checks the C factor, the penalty and the normalisation)."""
+    torch.manual_seed(0)
+    policy = make_policy(tiny_config)
+    with torch.no_grad():  # move theta away from the reference so the penalty has a gradient
+        for _, p in policy.named_trainable_state():
+            p.add_(0.01 * torch.randn_like(p))
+    policy.init_old()
+    with torch.no_grad():  # and the old policy away from theta so v != v_old
+        for _, p in policy.named_old_state():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = NFTConfig(
+        num_steps=4, micro_batch=2, optimizer_steps=1, timestep_fraction=0.5, ref_weight=0.3, grad_clip=1e9
+    )
+    cond = policy.encode_prompts(["a red circle", "two squares", "a blue square", "a circle"])
+    batch = nft.collect(policy, cond, cfg, torch.Generator().manual_seed(0))
+    r = torch.tensor([0.9, 0.1, 0.6, 0.3])
+    twin = copy.deepcopy(policy)
+
+    # By hand: the same draws in the same order (per chunk: the sigma permutation, then one noise per slot).
+    gen = torch.Generator().manual_seed(7)
+    grid, total = batch.sigmas[:-1], 0.0
+    for rows in (slice(0, 2), slice(2, 4)):
+        x0, c = batch.x0[rows], batch.cond.index(rows)
+        order = torch.argsort(torch.rand(2, len(grid), generator=gen), dim=1)[:, : cfg.sigmas_per_image]
+        for j in range(cfg.sigmas_per_image):
+            sigma = grid[order[:, j]]
+            eps = torch.randn(x0.shape, generator=gen)
+            x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+            v = twin.velocity(x_t, sigma, c)
+            with torch.no_grad(), twin.old():
+                v_old = twin.velocity(x_t, sigma, c)
+            with torch.no_grad(), twin.reference():
+                v_ref = twin.velocity(x_t, sigma, c)
+            loss, _ = nft_policy_loss(v, v_old, x_t, x0, sigma, r[rows], cfg.beta)
+            total = total + cfg.adv_clip_max * loss.mean() + cfg.ref_weight * ((v - v_ref) ** 2).mean()
+    (total / (2 * cfg.sigmas_per_image)).backward()
+
+    sgd = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+    before = {n: p.detach().clone() for n, p in policy.named_trainable_state()}
+    nft.train_step(policy, sgd, batch, r, cfg, generator=torch.Generator().manual_seed(7))
+    grads = dict(twin.module.named_parameters())
+    for name, p in policy.named_trainable_state():
+        assert torch.allclose(before[name] - p.detach(), grads[name].grad, atol=1e-6, rtol=1e-4), name

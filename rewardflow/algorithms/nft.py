@@ -1,7 +1,7 @@
 """DiffusionNFT: likelihood-free online RL on the forward (noising) process.
 
 Paper: Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process", arXiv 2509.16117;
-official code NVlabs/DiffusionNFT (formulas checked in ../shared/reference/grpo-and-nft.md, section 4).
+official code NVlabs/DiffusionNFT (formulas checked against the team's reference notes on that code).
 
 An "old" policy samples clean images with any deterministic solver; only ``x0`` and the sigma grid are kept.
 Rewards become group-normalised advantages ``A`` (clipped to ``[-C, C]``) and then an optimality probability
@@ -93,6 +93,8 @@ class NFTConfig:
             raise ValueError(f"nft.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError("nft.micro_batch and nft.optimizer_steps must be >= 1")
+        if self.grad_clip <= 0 or self.shift <= 0 or self.guidance_scale < 1:
+            raise ValueError("nft.grad_clip and nft.shift must be > 0 and nft.guidance_scale >= 1")
 
     def check_batch(self, rows: int) -> None:
         """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
@@ -140,6 +142,7 @@ def adaptive_x0_loss(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     err = x0_pred.float() - x0.float()
     dims = tuple(range(1, err.ndim))
     weight = err.detach().double().abs().mean(dim=dims).clamp(min=1e-5)
+    # The official code divides in float64; dividing by the weight rounded to float32 changes the loss by < 1e-7.
     return (err**2).mean(dim=dims) / weight.float()
 
 
@@ -224,14 +227,16 @@ def train_step(
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
     device = batch.x0.device
+    # Draw on the generator's device (the loop's is a CPU generator, so a seed gives the same draws everywhere).
+    gen_device = generator.device if generator is not None else torch.device("cpu")
     optimizer.zero_grad(set_to_none=True)
     for c, rows in enumerate(chunks):
         x0, rr, cond = batch.x0[rows], r[rows].to(device).float(), batch.cond.index(rows)
         b = x0.shape[0]
-        order = torch.argsort(torch.rand(b, len(grid), generator=generator), dim=1)[:, :slots]
+        order = torch.argsort(torch.rand(b, len(grid), generator=generator, device=gen_device), dim=1)[:, :slots]
         for j in range(slots):
             sigma = grid[order[:, j]].to(device)
-            eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+            eps = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
             t = sigma.view(-1, *([1] * (x0.ndim - 1)))
             x_t = (1.0 - t) * x0 + t * eps
             v = policy.velocity(x_t, sigma, cond, cfg.guidance_scale)

@@ -5,7 +5,7 @@ frequent evaluations until its iterations are done or the time budget runs out (
 its evaluations so far are kept). The summary is a table of strict / clean overall accuracy per variant
 and evaluated iteration, written as Markdown and JSON.
 
-    python benchmarks/grpo_sweep.py shapes_grpo_cpu --minutes 7 --eval-every 10 --out sweep \\
+    python benchmarks/sweep.py shapes_grpo_cpu --minutes 7 --eval-every 10 --out sweep \\
         --variant base --variant clip1e3:grpo.clip_range=1e-3 \\
         --variant long:grpo.kl_beta=0.04,grpo.optimizer_steps=2 --set model.device=cuda
 
@@ -87,7 +87,9 @@ def collect(run: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset")
-    parser.add_argument("--variant", action="append", default=[], help="NAME or NAME:key=value,key=value")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="NAME or NAME:key=value,key=value (values without commas)"
+    )
     parser.add_argument("--set", action="append", default=[], help="override for every variant")
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget for all variants")
     parser.add_argument("--eval-every", type=int, default=10)
@@ -109,16 +111,20 @@ def main() -> None:
         return
 
     variants = [parse_variant(v) for v in args.variant] or [("base", [])]
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
     runs = Path(args.runs)
     for name, overrides in variants:  # fail before starting anything
         apply_overrides(get_preset(args.preset), [*common, *overrides])
         if (runs / name).exists():
             raise FileExistsError(f"{runs / name} exists (an earlier sweep?); pick another --runs folder")
     runs.mkdir(parents=True, exist_ok=True)
-    procs = {}
+    procs, logs = {}, []
     for spec in args.variant or ["base"]:
         name = parse_variant(spec)[0]
         log = (runs / f"{name}.log").open("w")
+        logs.append(log)
         cmd = [sys.executable, __file__, args.preset, "--child", spec, "--runs", args.runs]
         cmd += [f"--set={s}" for s in args.set] + ["--eval-every", str(args.eval_every)]
         cmd += ["--iterations", str(args.iterations)] if args.iterations else []
@@ -131,6 +137,8 @@ def main() -> None:
             p.terminate()
     for p in procs.values():
         p.wait()
+    for log in logs:
+        log.close()
     summary = {
         name: {"overrides": overrides, "exit_code": procs[name].returncode, **collect(runs / name)}
         for name, overrides in variants
