@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from rewardflow.algorithms.batching import check_split, mean_metrics, micro_batches, optimizer_step
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.rollout import rollout
 from rewardflow.sampling.schedules import sd3_schedule
@@ -83,13 +84,7 @@ class GRPOConfig:
 
     def check_batch(self, rows: int) -> None:
         """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
-        if rows % self.micro_batch:
-            raise ValueError(f"rows per rank ({rows}) must be a multiple of grpo.micro_batch ({self.micro_batch})")
-        if (rows // self.micro_batch) % self.optimizer_steps:
-            raise ValueError(
-                f"{rows // self.micro_batch} micro-batches per iteration do not split into "
-                f"grpo.optimizer_steps={self.optimizer_steps} equal accumulation groups"
-            )
+        check_split(rows, self.micro_batch, self.optimizer_steps, "grpo")
 
     @property
     def steps_per_micro_batch(self) -> int:
@@ -211,9 +206,7 @@ def train_step(
     cfg.check_batch(n)
     all_steps = batch.trained_steps
     n_steps = min(cfg.steps_per_micro_batch, len(all_steps))
-    chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n, cfg.micro_batch)]
-    per_opt = len(chunks) // cfg.optimizer_steps
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
     names = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_dev")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
@@ -236,12 +229,6 @@ def train_step(
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
         if (c + 1) % per_opt == 0:
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if after_optimizer_step is not None:
-                after_optimizer_step()
-    terms = len(chunks) * n_steps
-    metrics = {k: float(v) / terms for k, v in sums.items()}
-    metrics["grad_norm"] = float(sum(grad_norms)) / len(grad_norms)
+            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
+    metrics = mean_metrics(sums, len(chunks) * n_steps, grad_norms)
     return metrics

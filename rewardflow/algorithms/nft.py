@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from rewardflow.algorithms.batching import check_split, mean_metrics, micro_batches, optimizer_step
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.sampling.schedules import sd3_schedule
@@ -98,13 +99,7 @@ class NFTConfig:
 
     def check_batch(self, rows: int) -> None:
         """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
-        if rows % self.micro_batch:
-            raise ValueError(f"rows per rank ({rows}) must be a multiple of nft.micro_batch ({self.micro_batch})")
-        if (rows // self.micro_batch) % self.optimizer_steps:
-            raise ValueError(
-                f"{rows // self.micro_batch} micro-batches per iteration do not split into "
-                f"nft.optimizer_steps={self.optimizer_steps} equal accumulation groups"
-            )
+        check_split(rows, self.micro_batch, self.optimizer_steps, "nft")
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -220,9 +215,7 @@ def train_step(
     cfg.check_batch(n)
     grid = batch.sigmas[:-1]  # the T sigmas the solver evaluated at (the final 0 is never trained)
     slots = min(cfg.sigmas_per_image, len(grid))
-    chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n, cfg.micro_batch)]
-    per_opt = len(chunks) // cfg.optimizer_steps
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     names = ("policy_loss", "ref_loss", "loss_pos", "loss_neg")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
@@ -255,13 +248,7 @@ def train_step(
             sums["loss_pos"] += info["loss_pos"].mean()
             sums["loss_neg"] += info["loss_neg"].mean()
         if (c + 1) % per_opt == 0:
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if after_optimizer_step is not None:
-                after_optimizer_step()
-    terms = len(chunks) * slots
-    metrics = {k: float(v) / terms for k, v in sums.items()}
-    metrics["grad_norm"] = float(sum(grad_norms)) / len(grad_norms)
+            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
+    metrics = mean_metrics(sums, len(chunks) * slots, grad_norms)
     metrics["r_mean"] = float(r.float().mean())
     return metrics
