@@ -221,3 +221,35 @@ def test_config_validation():
         GRPOConfig(micro_batch=3).check_batch(8)
     with pytest.raises(ValueError, match="optimizer_steps"):
         GRPOConfig(micro_batch=4, optimizer_steps=3).check_batch(8)
+
+
+def test_fast_window_over_every_step_is_plain_flow_grpo(tiny_config):
+    policy = make_policy(tiny_config)
+    full = GRPOConfig(num_steps=5, micro_batch=4, optimizer_steps=1)
+    fast = GRPOConfig(num_steps=5, micro_batch=4, optimizer_steps=1, sde_window=4)
+    a, b = _batch(policy, full), _batch(policy, fast)
+    assert torch.equal(a.xs, b.xs) and torch.equal(a.log_probs, b.log_probs)
+    assert a.trained_steps == b.trained_steps == [0, 1, 2, 3]
+
+
+def test_fast_window_trains_only_its_steps_and_keeps_the_ratio_exactly_one(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=8, micro_batch=4, optimizer_steps=1, sde_window=2, sde_window_range=(1, 5))
+    starts = set()
+    for seed in range(12):
+        batch = _batch(policy, cfg, seed=seed)
+        steps = batch.trained_steps
+        assert len(steps) == 2 and steps[1] == steps[0] + 1 and 1 <= steps[0] <= 3
+        starts.add(steps[0])
+        outside = [j for j in range(8) if j not in steps]
+        assert torch.all(batch.log_probs[:, outside] == 0)  # ODE steps outside the window
+    assert starts == {1, 2, 3}  # every allowed start is drawn
+    for j in batch.trained_steps:
+        log_prob, _ = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=False)
+        assert torch.equal(log_prob, batch.log_probs[0:4, j])
+
+
+@pytest.mark.parametrize(("window", "bounds"), [(8, (0, 0)), (3, (2, 4)), (-1, (0, 0)), (2, (0, 9))])
+def test_bad_fast_window_is_named(window, bounds):
+    with pytest.raises(ValueError, match="grpo.sde_window"):
+        GRPOConfig(num_steps=8, sde_window=window, sde_window_range=bounds)

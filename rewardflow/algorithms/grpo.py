@@ -20,6 +20,8 @@ Differences from the paper / official code, on purpose:
 - Samples with zero advantage are kept (the official code drops them and re-pads); they still feed the KL.
 - The KL form (code: no ``dt``, mean over elements; paper: exact Gaussian KL) is the named option
   ``kl_form``, default "code" as in the official configs' beta values.
+- Flow-GRPO-Fast (``sde_window > 0``) draws one window per iteration for every row; the official code draws
+  one per rollout call (per GPU batch).
 - ``timestep_fraction < 1`` draws the trained steps per micro-batch (one subset for its rows), not per
   sample, so that a micro-batch stays one batched forward per step.
 """
@@ -62,6 +64,12 @@ class GRPOConfig:
     optimizer_steps: int = 2
     """Optimizer steps per iteration (the rows are split into this many accumulation groups, in order)."""
     grad_clip: float = 1.0
+    sde_window: int = 0
+    """Flow-GRPO-Fast: the number W of consecutive SDE steps per rollout, at a random start in
+    ``sde_window_range``; every other step is an ODE step and only the window is trained. 0: every step but the
+    last is an SDE step (plain Flow-GRPO)."""
+    sde_window_range: tuple[int, int] = (0, 0)
+    """``(lo, hi)``: the window starts uniformly in ``lo .. hi - W``; ``hi = 0`` means ``num_steps - 1``."""
     timestep_fraction: float = 1.0
     """Fraction of the SDE steps trained, drawn at random for each micro-batch (at least one step). Steps of
     one trajectory share its advantage, so training fewer steps of more trajectories buys more independent
@@ -79,6 +87,12 @@ class GRPOConfig:
             raise ValueError("grpo.micro_batch and grpo.optimizer_steps must be >= 1")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        lo, hi = self.window_bounds
+        if self.sde_window < 0 or not 0 <= lo < hi <= self.num_steps - 1 or self.sde_window > hi - lo:
+            raise ValueError(
+                f"grpo.sde_window ({self.sde_window}) must fit in grpo.sde_window_range {self.sde_window_range} "
+                f"(resolved to [{lo}, {hi})) within the {self.num_steps - 1} SDE steps of grpo.num_steps"
+            )
         if self.kl_form not in ("code", "paper"):
             raise ValueError(f"grpo.kl_form must be 'code' or 'paper', got {self.kl_form!r}")
 
@@ -90,6 +104,23 @@ class GRPOConfig:
     def steps_per_micro_batch(self) -> int:
         """How many of the ``num_steps - 1`` SDE steps each micro-batch trains."""
         return max(1, round(self.timestep_fraction * (self.num_steps - 1)))
+
+    @property
+    def window_bounds(self) -> tuple[int, int]:
+        lo, hi = self.sde_window_range
+        return lo, hi or self.num_steps - 1
+
+    def draw_noise_levels(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise level of each step for one rollout: with a window, SDE only in ``[start, start + W)``."""
+        levels = self.noise_levels
+        if self.sde_window:
+            lo, hi = self.window_bounds
+            starts = hi - self.sde_window - lo + 1
+            # No draw when the window has one place: a window over all steps replays plain Flow-GRPO exactly.
+            start = lo + (int(torch.randint(starts, (1,), generator=generator)) if starts > 1 else 0)
+            levels[:start] = 0.0
+            levels[start + self.sde_window :] = 0.0
+        return levels
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -150,8 +181,8 @@ def clipped_policy_loss(
 def collect(
     policy: FlowPolicy, cond: Conditioning, cfg: GRPOConfig, generator: torch.Generator | None = None
 ) -> GRPOBatch:
-    """Roll out every row of ``cond`` with the SDE, in chunks of ``cfg.micro_batch`` rows."""
-    sigmas, levels = cfg.sigmas, cfg.noise_levels
+    """Roll out every row of ``cond`` with the SDE, in chunks of ``cfg.micro_batch`` rows (one window for all)."""
+    sigmas, levels = cfg.sigmas, cfg.draw_noise_levels(generator)
     xs, lps = [], []
     for start in range(0, len(cond), cfg.micro_batch):
         chunk = cond.index(slice(start, start + cfg.micro_batch))
