@@ -253,3 +253,18 @@ def test_fast_window_trains_only_its_steps_and_keeps_the_ratio_exactly_one(tiny_
 def test_bad_fast_window_is_named(window, bounds):
     with pytest.raises(ValueError, match="grpo.sde_window"):
         GRPOConfig(num_steps=8, sde_window=window, sde_window_range=bounds)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_dance_sde_on_policy_ratio_is_exactly_one(tiny_config, guidance):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=guidance, sde_type="dance")
+    batch = _batch(policy, cfg)
+    flow = _batch(policy, GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=guidance))
+    assert not torch.equal(batch.xs, flow.xs)  # the Dance step is really used
+    for j in batch.trained_steps:
+        log_prob, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
+        assert torch.equal(log_prob, batch.log_probs[0:4, j])
+        assert torch.equal(kl, torch.zeros(4))
+    with pytest.raises(ValueError, match="grpo.sde_type"):
+        GRPOConfig(sde_type="ddim")

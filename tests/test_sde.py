@@ -5,7 +5,7 @@ import torch
 
 from rewardflow.sampling.ode import euler_step
 from rewardflow.sampling.schedules import sd3_schedule, uniform
-from rewardflow.sampling.sde import flow_grpo_g, gaussian_log_prob, kl_code, kl_paper, sde_step
+from rewardflow.sampling.sde import dance_sde_step, flow_grpo_g, gaussian_log_prob, kl_code, kl_paper, sde_step
 
 
 def _inputs(b=3, seed=0):
@@ -138,3 +138,42 @@ def test_noise_without_score_correction_would_fail_the_marginal_test():
             x.shape, generator=gen
         )
     assert float(x.std()) > 1.2 * S0
+
+
+def test_dance_step_against_its_own_formula_and_torch_normal():
+    """DanceGRPO's form: mean = x - dt v + (eta^2 / 2) dt score, score = -(x - (1 - s) x0_pred) / s^2."""
+    x, v = _inputs()
+    s, sn, eta = 0.6, 0.45, 0.3
+    out = dance_sde_step(x, v, s, sn, eta, generator=torch.Generator().manual_seed(1))
+    dt = s - sn
+    x0_pred = x - s * v
+    score = -(x - (1 - s) * x0_pred) / s**2
+    assert torch.allclose(out.mean, x - dt * v + 0.5 * eta**2 * dt * score, atol=1e-6)
+    assert torch.allclose(out.std, torch.full((3,), eta * math.sqrt(dt)))
+    normal = torch.distributions.Normal(out.mean, out.std.view(-1, 1, 1, 1).expand_as(out.mean))
+    assert torch.allclose(out.log_prob, normal.log_prob(out.x_next).mean(dim=(1, 2, 3)), atol=1e-5)
+    # eta 0 is the Euler step; at a sigma where both coefficients agree it equals Flow-GRPO's step.
+    assert torch.allclose(dance_sde_step(x, v, s, sn, 0.0).x_next, euler_step(x, v, s, sn).x_next, atol=1e-6)
+    a = 0.5
+    g = a * math.sqrt(s / (1 - s))
+    flow = sde_step(x, v, s, sn, a, x_next=out.x_next)
+    dance = dance_sde_step(x, v, s, sn, g, x_next=out.x_next)
+    assert torch.allclose(flow.mean, dance.mean, atol=1e-6) and torch.allclose(
+        flow.log_prob, dance.log_prob, atol=1e-5
+    )
+
+
+def test_dance_sde_marginals_match_ode_marginals_on_gaussian_flow():
+    """A constant diffusion coefficient keeps the flow's marginals too (it only rescales the score term)."""
+    steps = 200
+    sigmas = uniform(steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 4, generator=gen)
+    for i in range(steps - 1):  # the last step (to sigma 0) is deterministic in rollouts
+        x = dance_sde_step(
+            x, _exact_velocity(x, float(sigmas[i])), sigmas[i], sigmas[i + 1], 0.3, generator=gen
+        ).x_next
+        if (i + 1) % 66 == 0:
+            s = float(sigmas[i + 1])
+            assert float(x.mean()) == pytest.approx((1 - s) * M, abs=0.01)
+            assert float(x.std()) == pytest.approx(math.sqrt((1 - s) ** 2 * S0**2 + s**2), rel=0.03)

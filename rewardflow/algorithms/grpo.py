@@ -38,7 +38,8 @@ from rewardflow.algorithms.batching import check_split, mean_metrics, micro_batc
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.rollout import rollout
 from rewardflow.sampling.schedules import sd3_schedule
-from rewardflow.sampling.sde import KLForm, Reduction, sde_step, transition_kl
+from rewardflow.sampling.sde import KLForm, Reduction, dance_sde_step, sde_step, transition_kl
+from rewardflow.types import StepOutput
 
 
 @dataclass
@@ -48,8 +49,11 @@ class GRPOConfig:
     num_steps: int = 10
     """Sampler steps in training rollouts (denoising reduction: evaluation uses more)."""
     shift: float = 3.0
+    sde_type: Literal["flow", "dance"] = "flow"
+    """The SDE of rollouts and training: Flow-GRPO's (``g = a sqrt(sigma / (1 - sigma))``) or DanceGRPO's
+    constant ``g = eta``; ``noise_level`` is ``a`` or ``eta``."""
     noise_level: float = 0.7
-    """``a`` in ``g = a sqrt(sigma / (1 - sigma))``; the paper's ablation found 0.7 best for SD3.5."""
+    """``a`` (flow; the paper's ablation found 0.7 best for SD3.5) or ``eta`` (dance; DanceGRPO uses 0.3)."""
     guidance_scale: float = 4.5
     """CFG scale in rollouts and in the training forward (1.0 = no CFG)."""
     clip_range: float = 1e-4
@@ -93,6 +97,8 @@ class GRPOConfig:
                 f"grpo.sde_window ({self.sde_window}) must fit in grpo.sde_window_range {self.sde_window_range} "
                 f"(resolved to [{lo}, {hi})) within the {self.num_steps - 1} SDE steps of grpo.num_steps"
             )
+        if self.sde_type not in ("flow", "dance"):
+            raise ValueError(f"grpo.sde_type must be 'flow' or 'dance', got {self.sde_type!r}")
         if self.kl_form not in ("code", "paper"):
             raise ValueError(f"grpo.kl_form must be 'code' or 'paper', got {self.kl_form!r}")
 
@@ -121,6 +127,10 @@ class GRPOConfig:
             levels[:start] = 0.0
             levels[start + self.sde_window :] = 0.0
         return levels
+
+    @property
+    def step(self) -> Callable[..., StepOutput]:
+        return dance_sde_step if self.sde_type == "dance" else sde_step
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -186,7 +196,9 @@ def collect(
     xs, lps = [], []
     for start in range(0, len(cond), cfg.micro_batch):
         chunk = cond.index(slice(start, start + cfg.micro_batch))
-        traj = rollout(policy, chunk, sigmas, levels, guidance_scale=cfg.guidance_scale, generator=generator)
+        traj = rollout(
+            policy, chunk, sigmas, levels, guidance_scale=cfg.guidance_scale, generator=generator, step=cfg.step
+        )
         xs.append(traj.xs)
         lps.append(traj.log_probs)
     return GRPOBatch(torch.cat(xs), torch.cat(lps), cond, sigmas, levels)
@@ -205,12 +217,12 @@ def step_terms(
     x, x_next = batch.xs[rows, j], batch.xs[rows, j + 1]
     s, sn, a = batch.sigmas[j], batch.sigmas[j + 1], float(batch.noise_levels[j])
     reduction: Reduction = cfg.log_prob_reduction
-    out = sde_step(x, policy.velocity(x, s, cond, cfg.guidance_scale), s, sn, a, x_next=x_next, reduction=reduction)
+    out = cfg.step(x, policy.velocity(x, s, cond, cfg.guidance_scale), s, sn, a, x_next=x_next, reduction=reduction)
     kl = None
     if need_reference:
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, s, cond, cfg.guidance_scale)
-        ref = sde_step(x, v_ref, s, sn, a, x_next=x_next, reduction=reduction)
+        ref = cfg.step(x, v_ref, s, sn, a, x_next=x_next, reduction=reduction)
         form: KLForm = cfg.kl_form
         kl = transition_kl(out.mean, ref.mean, out.std, s - sn, form)
     return out.log_prob, kl

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.sde import sde_step
-from rewardflow.types import Trajectory
+from rewardflow.types import StepOutput, Trajectory
 
 
 def rollout(
@@ -20,8 +20,9 @@ def rollout(
     guidance_scale: float = 1.0,
     x_init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    step: Callable[..., StepOutput] = sde_step,
 ) -> Trajectory:
-    """Sample ``len(cond)`` images along ``sigmas`` with Flow-GRPO's SDE step.
+    """Sample ``len(cond)`` images along ``sigmas`` with an SDE step (Flow-GRPO's by default).
 
     Steps whose noise level is 0 are Euler ODE steps, so the same call gives an ODE sample
     (all zeros), a full SDE rollout, or a window of SDE steps inside an ODE trajectory.
@@ -34,6 +35,7 @@ def rollout(
         guidance_scale: classifier-free guidance applied to every velocity.
         x_init: initial noise [B, ...]; drawn from ``policy.noise`` with ``generator`` when None.
         generator: source of the initial noise and of every SDE step's noise.
+        step: ``sde_step`` or ``dance_sde_step`` (the noise level is its 5th argument).
 
     Returns:
         The trajectory: latents (float32) [B, T+1, ...], log-probs [B, T], sigmas and noise levels.
@@ -45,7 +47,7 @@ def rollout(
     xs, log_probs = [x.float()], []
     for i in range(len(sigmas) - 1):
         v = policy.velocity(x, sigmas[i], cond, guidance_scale)
-        out = sde_step(x, v, sigmas[i], sigmas[i + 1], float(levels[i]), generator=generator)
+        out = step(x, v, sigmas[i], sigmas[i + 1], float(levels[i]), generator=generator)
         x = out.x_next
         xs.append(x)
         log_probs.append(out.log_prob)

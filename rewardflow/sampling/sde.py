@@ -11,7 +11,8 @@ One Euler-Maruyama step from ``sigma`` to ``sigma_next`` (``dt = sigma - sigma_n
     mean = x (1 - g^2 dt / (2 sigma)) - dt v (1 + g^2 (1 - sigma) / (2 sigma)),   std = g sqrt(dt)
 
 At ``sigma = 1`` the ``1 - sigma`` under the root is replaced by ``1 - sigma_next`` (as in the official
-code) so the first step is finite. All arithmetic here is float32 whatever the input dtype: in bf16 the
+code) so the first step is finite. DanceGRPO's step (:func:`dance_sde_step`) is the same step with a constant
+``g = eta``. All arithmetic here is float32 whatever the input dtype: in bf16 the
 ``1/std^2`` term overflows.
 """
 
@@ -77,9 +78,43 @@ def sde_step(
         reduction: "mean" (default) or "sum" of the per-element log-density.
     """
     s, sn = as_sigma(sigma, x), as_sigma(sigma_next, x)
+    return _gaussian_step(x, v, s, sn, flow_grpo_g(s, sn, noise_level), x_next, generator, reduction)
+
+
+def dance_sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    eta: float,
+    *,
+    x_next: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    """One step of DanceGRPO's SDE: the same reverse SDE with a constant diffusion coefficient ``g = eta``.
+
+    DanceGRPO writes it as ``mean = x - dt v + (eta^2 / 2) dt score`` with ``score = -(x - (1 - sigma) x0_pred) /
+    sigma^2`` and ``x0_pred = x - sigma v``, which is the same score as above; ``std = eta sqrt(dt)``. Arguments
+    as for :func:`sde_step`, with ``eta`` in place of ``noise_level`` (0 gives the Euler step).
+    """
+    s, sn = as_sigma(sigma, x), as_sigma(sigma_next, x)
+    return _gaussian_step(x, v, s, sn, torch.full_like(s, float(eta)), x_next, generator, reduction)
+
+
+def _gaussian_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    sn: torch.Tensor,
+    g: torch.Tensor,
+    x_next: torch.Tensor | None,
+    generator: torch.Generator | None,
+    reduction: Reduction,
+) -> StepOutput:
+    """The Euler-Maruyama step of the reverse SDE with diffusion coefficient ``g`` (shaped like ``s``)."""
     dt = s - sn
     x32, v32 = x.float(), v.float()
-    g = flow_grpo_g(s, sn, noise_level)
     mean = x32 * (1 - g**2 * dt / (2 * s)) - dt * v32 * (1 + g**2 * (1 - s) / (2 * s))
     std = (g * torch.sqrt(dt)).view(-1)
     if x_next is None:
