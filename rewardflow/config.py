@@ -154,7 +154,8 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
     for name, value in raw.items():
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         sub = type(default) if dataclasses.is_dataclass(default) else None
-        kwargs[name] = _build(sub, value, f"{where}.{name}".strip(".")) if sub else value
+        # YAML has no tuples: a list read back for a tuple field becomes a tuple again.
+        kwargs[name] = _build(sub, value, f"{where}.{name}".strip(".")) if sub else _build(None, value, "")
     return cls(**kwargs)
 
 

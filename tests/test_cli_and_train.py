@@ -6,7 +6,7 @@ import torch
 
 from rewardflow.algorithms.nft import NFTConfig, old_decay
 from rewardflow.cli import main
-from rewardflow.config import from_yaml
+from rewardflow.config import from_yaml, to_yaml
 from rewardflow.models.tiny_dit import save_tiny_dit
 from rewardflow.presets import PRESETS, get_preset
 from rewardflow.train import config_differences
@@ -34,6 +34,7 @@ def test_presets_are_complete_and_consistent():
     for name in PRESETS:
         cfg = get_preset(name)
         assert cfg.rows_per_iter % cfg.algo.micro_batch == 0
+        assert from_yaml(to_yaml(cfg)) == cfg  # config.yaml round-trips exactly (tuples included)
     cpu = get_preset("shapes_grpo_cpu")
     assert cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.04 and cpu.grpo.optimizer_steps == 2
     # The long preset is the demo run longer (on a GPU when there is one), nothing else.
