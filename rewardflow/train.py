@@ -199,8 +199,9 @@ def _loop(
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, it]).generate_state(1)[0]))
         rows, groups = sampler.batch(it)
         cond = policy.encode_prompts([r.prompt for r in rows])
+        group_ids = torch.from_numpy(groups)
         if cfg.algorithm == "grpo":
-            batch = grpo.collect(policy, cond, cfg.grpo, gen)
+            batch = grpo.collect(policy, cond, cfg.grpo, gen, group_ids)
             final = batch.xs[:, -1]
         else:
             nft_batch = nft.collect(policy, cond, cfg.nft, gen)
@@ -210,7 +211,6 @@ def _loop(
         t_rollout = time.time() - t0
         images = policy.decode(final)
         reward = reward_fn(images, cond.prompts, [r.metadata for r in rows])
-        group_ids = torch.from_numpy(groups)
         adv = group_advantages(reward.scores, group_ids, global_std=cfg.algo.global_std, clip=cfg.algo.adv_clip_max)
         adv = adv.to(policy.device)
         t1 = time.time()

@@ -268,3 +268,21 @@ def test_dance_sde_on_policy_ratio_is_exactly_one(tiny_config, guidance):
         assert torch.equal(kl, torch.zeros(4))
     with pytest.raises(ValueError, match="grpo.sde_type"):
         GRPOConfig(sde_type="ddim")
+
+
+def test_same_initial_noise_is_shared_within_groups_only(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, same_initial_noise=True, sde_type="dance")
+    cond = policy.encode_prompts([p for p in PROMPTS for _ in range(2)])
+    group_ids = torch.arange(4).repeat_interleave(2)
+    batch = grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0), group_ids)
+    x0, x1 = batch.xs[:, 0], batch.xs[:, 1]
+    for g in range(4):
+        a, b = 2 * g, 2 * g + 1
+        assert torch.equal(x0[a], x0[b]) and not torch.equal(x1[a], x1[b])  # same start, different SDE noise
+    assert not torch.equal(x0[0], x0[2])
+    for j in batch.trained_steps:  # still exactly on-policy
+        log_prob, _ = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=False)
+        assert torch.equal(log_prob, batch.log_probs[0:4, j])
+    with pytest.raises(ValueError, match="same_initial_noise needs"):
+        grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0))

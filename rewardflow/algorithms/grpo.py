@@ -68,6 +68,9 @@ class GRPOConfig:
     optimizer_steps: int = 2
     """Optimizer steps per iteration (the rows are split into this many accumulation groups, in order)."""
     grad_clip: float = 1.0
+    same_initial_noise: bool = False
+    """DanceGRPO: every image of a group starts from the same initial noise (the SDE noise still differs), so
+    the reward differences within a group come from the sampling path alone."""
     sde_window: int = 0
     """Flow-GRPO-Fast: the number W of consecutive SDE steps per rollout, at a random start in
     ``sde_window_range``; every other step is an ODE step and only the window is trained. 0: every step but the
@@ -189,15 +192,35 @@ def clipped_policy_loss(
 
 @torch.no_grad()
 def collect(
-    policy: FlowPolicy, cond: Conditioning, cfg: GRPOConfig, generator: torch.Generator | None = None
+    policy: FlowPolicy,
+    cond: Conditioning,
+    cfg: GRPOConfig,
+    generator: torch.Generator | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> GRPOBatch:
-    """Roll out every row of ``cond`` with the SDE, in chunks of ``cfg.micro_batch`` rows (one window for all)."""
+    """Roll out every row of ``cond`` with the SDE, in chunks of ``cfg.micro_batch`` rows (one window for all).
+
+    With ``cfg.same_initial_noise`` the rows of one group (``group_ids`` [N]) start from one shared noise.
+    """
     sigmas, levels = cfg.sigmas, cfg.draw_noise_levels(generator)
+    x_init = None
+    if cfg.same_initial_noise:
+        if group_ids is None:
+            raise ValueError("grpo.same_initial_noise needs the rows' group ids")
+        groups, inverse = torch.unique(group_ids, return_inverse=True)
+        x_init = policy.noise(len(groups), generator)[inverse.to(policy.device)]
     xs, lps = [], []
     for start in range(0, len(cond), cfg.micro_batch):
-        chunk = cond.index(slice(start, start + cfg.micro_batch))
+        rows = slice(start, start + cfg.micro_batch)
         traj = rollout(
-            policy, chunk, sigmas, levels, guidance_scale=cfg.guidance_scale, generator=generator, step=cfg.step
+            policy,
+            cond.index(rows),
+            sigmas,
+            levels,
+            guidance_scale=cfg.guidance_scale,
+            generator=generator,
+            step=cfg.step,
+            x_init=None if x_init is None else x_init[rows],
         )
         xs.append(traj.xs)
         lps.append(traj.log_probs)
