@@ -235,13 +235,10 @@ def _loop(
         }
         append_jsonl(metrics_path, record)
         if cfg.algorithm == "grpo":
-            bar.set_postfix(
-                reward=f"{record['reward']:.3f}", kl=f"{update['kl']:.2e}", clip=f"{update['clip_frac']:.2f}"
-            )
+            shown = {"kl": f"{update['kl']:.2e}", "clip": f"{update['clip_frac']:.2f}"}
         else:
-            bar.set_postfix(
-                reward=f"{record['reward']:.3f}", ref=f"{update['ref_loss']:.2e}", eta=f"{update['old_eta']:.3f}"
-            )
+            shown = {"ref": f"{update['ref_loss']:.2e}", "eta": f"{update['old_eta']:.3f}"}
+        bar.set_postfix(reward=f"{record['reward']:.3f}", **shown)
         done = it + 1
         if done == 1 or done % cfg.save_every == 0:
             save_grid(images[:64], run / "samples" / f"train_{done:05d}.png")

@@ -345,7 +345,7 @@ class TinyDiTPolicy:
     def soft_update_old(self, eta: float) -> None:
         """``theta_old <- eta theta_old + (1 - eta) theta`` on the trainable weights (eta 0 copies theta)."""
         for (_, old), (_, new) in zip(self.named_old_state(), self.named_trainable_state()):
-            old.mul_(eta).add_(new.detach(), alpha=1.0 - eta)
+            old.lerp_(new.detach(), 1.0 - eta)
 
     @contextmanager
     def reference(self) -> Iterator[None]:

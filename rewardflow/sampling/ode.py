@@ -119,7 +119,7 @@ def solve_ode(velocity: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, solve
             continue
         v = velocity(x, s).float()
         if solver == "euler":
-            x = x + (sn - s) * v
+            x = euler_step(x, v, s, sn).x_next
             continue
         x0_pred = x - s * v
         x = dpm_solver2_step(x, x0_pred, s, sn, *(prev or (None, None)))
