@@ -67,10 +67,32 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    """The reward: the Shapes judge with a penalty per unrequested object."""
+    """The rewards, their weights and how they combine (default: the Shapes judge alone)."""
 
-    name: Literal["shapes-judge"] = "shapes-judge"
+    names: tuple[str, ...] = ("shapes-judge",)
+    """Registered rewards (``rewardflow.rewards.REWARDS``): shapes-judge, jpeg-compressibility, ..."""
+    weights: tuple[float, ...] = ()
+    """One weight per reward (empty: 1 each)."""
+    aggregate: Literal["reward", "advantage"] = "reward"
+    """Several rewards: advantages of the weighted sum of rewards (Flow-GRPO, DiffusionNFT), or the weighted sum
+    of each reward's own group advantages (DanceGRPO, MixGRPO). One reward: the same either way."""
     extra_object_penalty: float = 0.25
+    """shapes-judge: score subtracted per detected object the prompt did not ask for."""
+
+    def __post_init__(self) -> None:
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise ValueError(f"reward.names must list at least one reward, each once, got {list(self.names)}")
+        if self.weights and len(self.weights) != len(self.names):
+            raise ValueError(
+                f"reward.weights must have one weight per reward in reward.names ({len(self.names)}), "
+                f"got {len(self.weights)}"
+            )
+        if self.aggregate not in ("reward", "advantage"):
+            raise ValueError(f"reward.aggregate must be 'reward' or 'advantage', got {self.aggregate!r}")
+
+    @property
+    def resolved_weights(self) -> tuple[float, ...]:
+        return tuple(float(w) for w in self.weights) or (1.0,) * len(self.names)
 
 
 @dataclass
@@ -113,6 +135,15 @@ class TrainConfig:
         if self.algorithm not in ("grpo", "nft"):
             raise ValueError(f"algorithm must be 'grpo' or 'nft', got {self.algorithm!r}")
         self.algo.check_batch(self.rows_per_iter)
+        k = self.grpo.best_worst_k
+        if self.algorithm == "grpo" and k:
+            if k > self.group_size:
+                raise ValueError(f"grpo.best_worst_k ({k}) must be at most group_size ({self.group_size})")
+            try:
+                self.grpo.check_batch(self.prompts_per_iter * k)
+            except ValueError as e:
+                rows = self.prompts_per_iter * k
+                raise ValueError(f"with grpo.best_worst_k = {k}, {rows} rows are trained: {e}") from e
 
     @property
     def algo(self) -> GRPOConfig | NFTConfig:
@@ -132,7 +163,11 @@ class TrainConfig:
             f"{a.optimizer_steps} optimizer steps/iteration, "
         )
         if isinstance(a, GRPOConfig):
-            return head + f"{a.steps_per_micro_batch} of {a.num_steps - 1} SDE steps trained per micro-batch"
+            where = f"a {a.window_schedule} window of {a.sde_window}" if a.sde_window else "all but the last"
+            return head + (
+                f"{a.sde_type} SDE on {where} of {a.num_steps} steps, {a.steps_per_sample} of its "
+                f"{a.sde_steps} SDE steps trained per sample"
+            )
         return head + f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"
 
 

@@ -76,6 +76,53 @@ def shapes_nft_cpu() -> TrainConfig:
     return cfg
 
 
+def shapes_grpo_fast_cpu() -> TrainConfig:
+    """Flow-GRPO-Fast: ``shapes_grpo_cpu`` with SDE noise only in a random window of 2 steps.
+
+    The window starts in the first half of the 9 SDE steps (the official ``sde_window_range`` of ``(0, T/2)``
+    with a window of 2); every other step is an ODE step and only the window's 2 steps are trained, so an
+    iteration trains 2 instead of 9 steps per image. Everything else as ``shapes_grpo_cpu``.
+    """
+    cfg = shapes_grpo_cpu()
+    cfg.run_dir = "runs/shapes_grpo_fast_cpu"
+    cfg.grpo.sde_window = 2
+    cfg.grpo.sde_window_range = (0, 5)
+    return cfg
+
+
+def shapes_dance_cpu() -> TrainConfig:
+    """DanceGRPO: the constant-noise SDE, one initial noise per group, a random 60% of steps per image.
+
+    DanceGRPO's image settings scaled down: ``g = eta`` constant, shared initial noise within each group (the
+    SDE noise differs), ``timestep_fraction`` 0.6 (5 of the 9 SDE steps per image), clip 1e-4. Two changes,
+    both to keep it comparable with ``shapes_grpo_cpu``: eta 0.7 (MixGRPO's value for the same step; the FLUX
+    scripts use 0.3, and on this pixel-space model more noise learned faster for Flow-GRPO), and the code-form
+    KL with beta 0.04 (DanceGRPO has none; without it our Flow-GRPO runs collapsed after 30-60 iterations).
+    No best-of-N selection (DanceGRPO uses it for video only); ``grpo.best_worst_k`` turns it on.
+    """
+    cfg = shapes_grpo_cpu()
+    cfg.run_dir = "runs/shapes_dance_cpu"
+    g = cfg.grpo
+    g.sde_type, g.noise_level, g.same_initial_noise, g.timestep_fraction = "dance", 0.7, True, 0.6
+    return cfg
+
+
+def shapes_mix_cpu() -> TrainConfig:
+    """MixGRPO: DanceGRPO's SDE in a window of 2 steps that slides from the first step to the last.
+
+    MixGRPO's "progressive" schedule scaled down (a window of 4 of 25 steps, moved by 1 every 25 iterations):
+    a window of 2 of the 10 steps, moved by 1 every 9 iterations, so that 72 iterations sweep all 8 places
+    once. ODE outside the window, only the window trained, eta 0.7, shared initial noise per group. KL beta
+    0.04 as in ``shapes_dance_cpu`` (MixGRPO's default is 0). MixGRPO-Flash's higher-order ODE after the window
+    is not used: 10 Euler steps are already few.
+    """
+    cfg = shapes_dance_cpu()
+    cfg.run_dir = "runs/shapes_mix_cpu"
+    g = cfg.grpo
+    g.timestep_fraction, g.sde_window, g.window_schedule, g.window_iters = 1.0, 2, "progressive", 9
+    return cfg
+
+
 def shapes_grpo_smoke() -> TrainConfig:
     """Two tiny iterations with a tiny evaluation: checks the whole pipeline in about a minute."""
     cfg = shapes_grpo_cpu()
@@ -93,6 +140,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "shapes_grpo_cpu": shapes_grpo_cpu,
     "shapes_grpo": shapes_grpo,
     "shapes_nft_cpu": shapes_nft_cpu,
+    "shapes_grpo_fast_cpu": shapes_grpo_fast_cpu,
+    "shapes_dance_cpu": shapes_dance_cpu,
+    "shapes_mix_cpu": shapes_mix_cpu,
     "shapes_grpo_smoke": shapes_grpo_smoke,
 }
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import rewardflow
 from rewardflow.algorithms import grpo, nft
-from rewardflow.algorithms.advantages import group_advantages, zero_std_fraction
+from rewardflow.algorithms.advantages import aggregate_advantages, zero_std_fraction
 from rewardflow.config import TrainConfig, from_yaml, to_yaml
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
 from rewardflow.evaluate import evaluate
@@ -201,7 +201,7 @@ def _loop(
         cond = policy.encode_prompts([r.prompt for r in rows])
         group_ids = torch.from_numpy(groups)
         if cfg.algorithm == "grpo":
-            batch = grpo.collect(policy, cond, cfg.grpo, gen, group_ids)
+            batch = grpo.collect(policy, cond, cfg.grpo, gen, group_ids, iteration=it)
             final = batch.xs[:, -1]
         else:
             nft_batch = nft.collect(policy, cond, cfg.nft, gen)
@@ -211,13 +211,25 @@ def _loop(
         t_rollout = time.time() - t0
         images = policy.decode(final)
         reward = reward_fn(images, cond.prompts, [r.metadata for r in rows])
-        adv = group_advantages(reward.scores, group_ids, global_std=cfg.algo.global_std, clip=cfg.algo.adv_clip_max)
-        adv = adv.to(policy.device)
+        weights = dict(zip(cfg.reward.names, cfg.reward.resolved_weights))
+        adv = aggregate_advantages(
+            reward.scores,
+            reward.components,
+            weights,
+            group_ids,
+            cfg.reward.aggregate,
+            global_std=cfg.algo.global_std,
+            clip=cfg.algo.adv_clip_max,
+        )
         t1 = time.time()
         if cfg.algorithm == "grpo":
+            if cfg.grpo.best_worst_k:
+                keep = grpo.best_worst_rows(adv, group_ids, cfg.grpo.best_worst_k)
+                batch, adv = batch.select(keep), adv[keep]
+            adv = adv.to(policy.device)
             update = grpo.train_step(policy, optimizer, batch, adv, cfg.grpo, ema.step, generator=gen)
         else:
-            r = nft.optimality_probability(adv, cfg.nft.adv_clip_max, cfg.nft.adv_mode)
+            r = nft.optimality_probability(adv.to(policy.device), cfg.nft.adv_clip_max, cfg.nft.adv_mode)
             update = nft.train_step(policy, optimizer, nft_batch, r, cfg.nft, ema.step, generator=gen)
             # After the iteration's updates, the old policy moves towards the trained one.
             update["old_eta"] = nft.old_decay((it + 1) * cfg.nft.optimizer_steps, cfg.nft)
@@ -227,6 +239,7 @@ def _loop(
             "reward": reward.scores.mean().item(),
             "reward_std": reward.scores.std().item(),
             **{k: v.mean().item() for k, v in reward.details.items()},
+            **({f"reward/{k}": v.mean().item() for k, v in reward.components.items()} if len(weights) > 1 else {}),
             "zero_std_groups": zero_std_fraction(reward.scores, group_ids),
             **update,
             "time_rollout": t_rollout,

@@ -48,7 +48,11 @@ class Trajectory:
 
 @dataclass
 class RewardOutput:
-    """Scores of a batch: ``scores`` [B] float32, plus per-image details (e.g. pass/fail flags) by name."""
+    """Scores of a batch: ``scores`` [B] float32, plus per-image details (e.g. pass/fail flags) by name.
+
+    ``components`` holds, for a combination of rewards, each reward's own (unweighted) scores [B] by name.
+    """
 
     scores: torch.Tensor
     details: dict[str, torch.Tensor] = field(default_factory=dict)
+    components: dict[str, torch.Tensor] = field(default_factory=dict)

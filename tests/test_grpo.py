@@ -133,17 +133,17 @@ def test_after_optimizer_step_runs_after_each_step(tiny_config):
     assert not torch.equal(seen[0], seen[1])  # called between optimizer steps, not all at the end
 
 
-def test_timestep_fraction_trains_a_random_subset_per_micro_batch(tiny_config, monkeypatch):
-    """k of the SDE steps per micro-batch, in time order, drawn from the generator; the loss is still a mean."""
+def test_timestep_fraction_trains_a_random_subset_per_sample(tiny_config, monkeypatch):
+    """k of the SDE steps per row, in time order, drawn from the generator; the loss is still a mean."""
     policy = make_policy(tiny_config)
-    cfg = GRPOConfig(num_steps=9, micro_batch=2, optimizer_steps=1, timestep_fraction=0.4)
-    assert cfg.steps_per_micro_batch == 3  # round(0.4 * 8)
+    cfg = GRPOConfig(num_steps=9, micro_batch=4, optimizer_steps=1, timestep_fraction=0.4)
+    assert cfg.steps_per_sample == 3  # round(0.4 * 8)
     batch = _batch(policy, cfg)
     calls = []
     real = grpo.step_terms
 
     def spy(policy, batch, rows, j, cfg, need_reference):
-        calls.append((rows.start, j))
+        calls.append((rows.start, j.tolist()))
         return real(policy, batch, rows, j, cfg, need_reference)
 
     monkeypatch.setattr(grpo, "step_terms", spy)
@@ -155,32 +155,109 @@ def test_timestep_fraction_trains_a_random_subset_per_micro_batch(tiny_config, m
         return list(calls)
 
     first = run(0)
-    per_chunk = {start: [j for s, j in first if s == start] for start in (0, 2, 4, 6)}
-    assert all(len(js) == 3 and js == sorted(js) and set(js) <= set(range(8)) for js in per_chunk.values())
-    assert len({tuple(js) for js in per_chunk.values()}) > 1  # drawn per micro-batch
+    assert [start for start, _ in first] == [0, 0, 0, 4, 4, 4]  # 3 forwards per micro-batch
+    per_row = [[js[r] for start, js in first if start == s0] for s0 in (0, 4) for r in range(4)]
+    assert all(len(set(js)) == 3 and js == sorted(js) and set(js) <= set(range(8)) for js in per_row)
+    assert len({tuple(js) for js in per_row[:4]}) > 1  # drawn per sample, not per micro-batch
     assert run(0) == first and run(1) != first  # reproducible from the generator
 
-    # A fraction that keeps every step is the full update, with the same gradient.
+    # A fraction that keeps every step is the full update.
     full = GRPOConfig(num_steps=9, micro_batch=2, optimizer_steps=1)
-    assert GRPOConfig(num_steps=9, timestep_fraction=0.99).steps_per_micro_batch == full.steps_per_micro_batch == 8
-    assert GRPOConfig(num_steps=9, timestep_fraction=0.01).steps_per_micro_batch == 1
+    assert GRPOConfig(num_steps=9, timestep_fraction=0.99).steps_per_sample == full.steps_per_sample == 8
+    assert GRPOConfig(num_steps=9, timestep_fraction=0.01).steps_per_sample == 1
+
+
+def test_timestep_fraction_keeps_the_ratio_exactly_one_at_mixed_timesteps(tiny_config):
+    """Rows of one training forward sit at different steps, yet each re-scores bitwise as in its rollout."""
+    policy = make_policy(tiny_config)
+    policy.autocast = True
+    cfg = GRPOConfig(num_steps=6, micro_batch=4, optimizer_steps=1, guidance_scale=4.5, timestep_fraction=0.5)
+    batch = _batch(policy, cfg)
+    mixed = torch.tensor([0, 3, 1, 4])
+    log_prob, kl = grpo.step_terms(policy, batch, slice(4, 8), mixed, cfg, need_reference=True)
+    assert torch.equal(log_prob, batch.log_probs[4:8][torch.arange(4), mixed])
+    assert torch.equal(kl, torch.zeros(4))
+    sgd = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+    assert grpo.train_step(policy, sgd, batch, torch.randn(8), cfg)["ratio_dev"] == 0.0
 
 
 def test_timestep_fraction_loss_is_the_mean_over_drawn_terms(tiny_config):
-    """Training one drawn step gives that step's own gradient (normalised by 1 term, not by all 8)."""
-    grads = []
-    for fraction in (1 / 8, 1.0):
-        policy = make_policy(tiny_config)
-        cfg = GRPOConfig(num_steps=9, micro_batch=8, optimizer_steps=1, timestep_fraction=fraction, grad_clip=1e9)
-        batch = _batch(policy, cfg, seed=5)
-        gen = torch.Generator().manual_seed(0)
-        j = int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])
-        if fraction == 1.0:  # the same single step, trained alone
-            batch.noise_levels = torch.zeros_like(batch.noise_levels)
-            batch.noise_levels[j] = cfg.noise_level
-        grads.append(update_gradient(policy, batch, torch.linspace(-1, 1, 8), cfg, generator=gen))
-    assert grads[0].norm() > 0
-    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+    """One drawn step per row: the gradient of the mean of those rows' own terms (normalised by 1 term)."""
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=9, micro_batch=8, optimizer_steps=1, timestep_fraction=1 / 8, grad_clip=1e9)
+    batch = _batch(policy, cfg, seed=5)
+    adv = torch.linspace(-1, 1, 8)
+    got = update_gradient(policy, batch, adv, cfg, generator=torch.Generator().manual_seed(0))
+    # The same draw by hand: each row's first step in a random permutation of the 8 SDE steps.
+    j = torch.rand((8, 8), generator=torch.Generator().manual_seed(0)).argsort(dim=1)[:, 0]
+    assert len(set(j.tolist())) > 1
+    policy.module.zero_grad()
+    log_prob, _ = grpo.step_terms(policy, batch, slice(0, 8), j, cfg, need_reference=True)
+    (-(adv * torch.exp(log_prob - batch.log_probs[torch.arange(8), j])).mean()).backward()
+    want = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+    assert got.norm() > 0
+    assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
+
+
+def test_best_worst_k_keeps_the_extremes_of_each_group():
+    adv = torch.tensor([0.1, 2.0, -1.0, 0.5, 3.0, -2.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert grpo.best_worst_rows(adv, groups, 2).tolist() == [1, 2, 4, 5]
+    assert grpo.best_worst_rows(adv, groups, 4).tolist() == list(range(8))
+    with pytest.raises(ValueError, match="best_worst_k"):
+        grpo.best_worst_rows(adv, groups, 6)
+    with pytest.raises(ValueError, match="best_worst_k"):
+        GRPOConfig(best_worst_k=3)
+
+
+def test_selected_rows_train_near_on_policy(tiny_config):
+    """After best/worst selection the training micro-batches hold other rows than the rollout chunks: the ratio
+    stays 1 up to float rounding, not bitwise (DanceGRPO rolls out one image at a time for this reason)."""
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, sde_type="dance", best_worst_k=2)
+    batch = _batch(policy, cfg)
+    keep = grpo.best_worst_rows(torch.randn(8), torch.arange(2).repeat_interleave(4), 2)
+    sub = batch.select(keep)
+    assert sub.cond.prompts == [batch.cond.prompts[i] for i in keep.tolist()]
+    assert len(keep) == 4 and torch.equal(sub.xs, batch.xs[keep])
+    metrics = grpo.train_step(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), sub, torch.randn(4), cfg)
+    assert metrics["ratio_dev"] < 1e-5
+
+
+def test_cps_rollouts_keep_the_ratio_exactly_one(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, sde_type="cps", noise_level=0.8)
+    batch = _batch(policy, cfg)
+    for j in batch.trained_steps:
+        log_prob, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
+        assert torch.equal(log_prob, batch.log_probs[0:4, j]) and torch.equal(kl, torch.zeros(4))
+    with pytest.raises(ValueError, match="CPS"):
+        GRPOConfig(sde_type="cps", noise_level=1.5)
+
+
+def test_mixgrpo_progressive_window_slides_and_rolls_back():
+    cfg = GRPOConfig(num_steps=9, sde_window=2, sde_window_range=(0, 6), window_schedule="progressive", window_iters=3)
+    starts = [cfg.window_start(it) for it in range(16)]
+    # positions 0..4 (window of 2 in [0, 6)), 3 iterations each, then back to 0
+    assert starts == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 0]
+    strided = GRPOConfig(
+        num_steps=9, sde_window=2, window_schedule="progressive", window_iters=1, window_stride=3
+    )  # range [0, 8): starts 0, 3, 6
+    assert [strided.window_start(it) for it in range(4)] == [0, 3, 6, 0]
+    levels = cfg.draw_noise_levels(iteration=4)
+    assert levels.nonzero().flatten().tolist() == [1, 2]
+
+
+def test_mixgrpo_decay_window_stays_shorter_as_it_moves():
+    cfg = GRPOConfig(
+        num_steps=6, sde_window=1, window_schedule="decay", window_iters=4, window_iters_min=1
+    )  # 5 positions, stays 4, 3, 2, 2 (rounded 1.75), 1
+    starts = [cfg.window_start(it) for it in range(13)]
+    assert starts == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 0]
+    with pytest.raises(ValueError, match="window_iters_min"):
+        GRPOConfig(window_schedule="decay", window_iters=2, window_iters_min=3)
+    with pytest.raises(ValueError, match="window_schedule"):
+        GRPOConfig(window_schedule="cosine")
 
 
 def test_lora_training_leaves_base_weights_frozen(tiny_config):

@@ -5,7 +5,15 @@ import torch
 
 from rewardflow.sampling.ode import euler_step
 from rewardflow.sampling.schedules import sd3_schedule, uniform
-from rewardflow.sampling.sde import dance_sde_step, flow_grpo_g, gaussian_log_prob, kl_code, kl_paper, sde_step
+from rewardflow.sampling.sde import (
+    cps_step,
+    dance_sde_step,
+    flow_grpo_g,
+    gaussian_log_prob,
+    kl_code,
+    kl_paper,
+    sde_step,
+)
 
 
 def _inputs(b=3, seed=0):
@@ -177,3 +185,35 @@ def test_dance_sde_marginals_match_ode_marginals_on_gaussian_flow():
             s = float(sigmas[i + 1])
             assert float(x.mean()) == pytest.approx((1 - s) * M, abs=0.01)
             assert float(x.std()) == pytest.approx(math.sqrt((1 - s) ** 2 * S0**2 + s**2), rel=0.03)
+
+
+def test_cps_step_against_its_formula_and_torch_normal():
+    """CPS: mean = (1 - sn) x0 + sqrt(sn^2 - s^2) eps with s = sn sin(a pi / 2); a = 0 is the Euler step."""
+    x, v = _inputs()
+    sig, sn, a = 0.6, 0.45, 0.8
+    out = cps_step(x, v, sig, sn, a, generator=torch.Generator().manual_seed(1))
+    std = sn * math.sin(a * math.pi / 2)
+    x0, eps = x - sig * v, x + (1 - sig) * v
+    assert torch.allclose(out.mean, (1 - sn) * x0 + math.sqrt(sn**2 - std**2) * eps, atol=1e-6)
+    assert torch.allclose(out.std, torch.full((3,), std))
+    normal = torch.distributions.Normal(out.mean, out.std.view(-1, 1, 1, 1).expand_as(out.mean))
+    assert torch.allclose(out.log_prob, normal.log_prob(out.x_next).mean(dim=(1, 2, 3)), atol=1e-5)
+    assert torch.equal(cps_step(x, v, sig, sn, 0.8, x_next=out.x_next).log_prob, out.log_prob)
+    assert torch.allclose(cps_step(x, v, sig, sn, 0.0).x_next, euler_step(x, v, sig, sn).x_next, atol=1e-6)
+    last = cps_step(x, v, sig, 0.0, a)  # into sigma 0 the step is deterministic: x0
+    assert torch.allclose(last.x_next, x0, atol=1e-6) and torch.equal(last.log_prob, torch.zeros(3))
+
+
+def test_cps_step_is_exact_for_a_point_mass():
+    """With data at one point c the predictions are exact, and one CPS step of any size lands exactly on the
+    flow's marginal (1 - sn) c + sn N(0, I): the noise coefficients are preserved."""
+    c, sig, sn = 0.4, 0.9, 0.3
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.randn(200000, 1, generator=gen)
+    x = (1 - sig) * c + sig * eps
+    v = eps - c  # the exact velocity: every x has one (x0, eps)
+    nxt = cps_step(x, v, sig, sn, 0.8, generator=gen).x_next
+    assert float(nxt.mean()) == pytest.approx((1 - sn) * c, abs=3e-3)
+    assert float(nxt.std()) == pytest.approx(sn, rel=5e-3)
+    euler = euler_step(x, v, sig, sn).x_next  # the deterministic step is exact too; the SDE steps are not
+    assert float(euler.std()) == pytest.approx(sn, rel=5e-3)

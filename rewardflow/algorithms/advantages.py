@@ -53,3 +53,30 @@ def zero_std_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
     groups = torch.unique(group_ids)
     same = [bool((rewards[group_ids == g] == rewards[group_ids == g][0]).all()) for g in groups]
     return sum(same) / max(1, len(same))
+
+
+def aggregate_advantages(
+    scores: torch.Tensor,
+    components: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    group_ids: torch.Tensor,
+    aggregate: str,
+    *,
+    global_std: bool = True,
+    clip: float = 5.0,
+) -> torch.Tensor:
+    """Advantages of several rewards, by one of the two published conventions.
+
+    ``aggregate="reward"`` normalises the weighted sum ``scores`` (Flow-GRPO, DiffusionNFT); ``"advantage"``
+    normalises each reward in ``components`` on its own and sums ``w_i A_i`` (DanceGRPO, MixGRPO), so that a
+    reward with a large spread cannot drown the others; the sum is clipped to ``[-clip, clip]`` again.
+    """
+    if aggregate == "reward" or len(components) <= 1:
+        return group_advantages(scores, group_ids, global_std=global_std, clip=clip)
+    if aggregate != "advantage":
+        raise ValueError(f"reward.aggregate must be 'reward' or 'advantage', got {aggregate!r}")
+    total = sum(
+        weights[name] * group_advantages(r, group_ids, global_std=global_std, clip=clip)
+        for name, r in components.items()
+    )
+    return total.clamp(-clip, clip)

@@ -22,8 +22,17 @@ Differences from the paper / official code, on purpose:
   ``kl_form``, default "code" as in the official configs' beta values.
 - Flow-GRPO-Fast (``sde_window > 0``) draws one window per iteration for every row; the official code draws
   one per rollout call (per GPU batch).
-- ``timestep_fraction < 1`` draws the trained steps per micro-batch (one subset for its rows), not per
-  sample, so that a micro-batch stays one batched forward per step.
+
+The rest of the family is configuration of the same loop:
+
+- DanceGRPO: ``sde_type="dance"`` (constant ``g = eta``), ``same_initial_noise``, ``timestep_fraction`` (a
+  random subset of the SDE steps per sample; each training forward then mixes timesteps across its rows),
+  ``best_worst_k`` (train only the k/2 best and k/2 worst rows of each group), ``kl_beta=0``.
+- MixGRPO: a window that moves over training, ``window_schedule`` "progressive" or "decay" (our reading of
+  its ``GRPOTrainingStates``: the window stays ``window_iters`` iterations per position, moves by
+  ``window_stride`` steps and rolls back to the start after the last position; "decay" shortens the stay
+  linearly from ``window_iters`` to ``window_iters_min`` over one sweep).
+- CPS: ``sde_type="cps"``, coefficients-preserving sampling (:func:`rewardflow.sampling.sde.cps_step`).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from rewardflow.algorithms.batching import check_split, mean_metrics, micro_batc
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.rollout import rollout
 from rewardflow.sampling.schedules import sd3_schedule
-from rewardflow.sampling.sde import KLForm, Reduction, dance_sde_step, sde_step, transition_kl
+from rewardflow.sampling.sde import KLForm, Reduction, cps_step, dance_sde_step, sde_step, transition_kl
 from rewardflow.types import StepOutput
 
 
@@ -49,11 +58,13 @@ class GRPOConfig:
     num_steps: int = 10
     """Sampler steps in training rollouts (denoising reduction: evaluation uses more)."""
     shift: float = 3.0
-    sde_type: Literal["flow", "dance"] = "flow"
-    """The SDE of rollouts and training: Flow-GRPO's (``g = a sqrt(sigma / (1 - sigma))``) or DanceGRPO's
-    constant ``g = eta``; ``noise_level`` is ``a`` or ``eta``."""
+    sde_type: Literal["flow", "dance", "cps"] = "flow"
+    """The stochastic step of rollouts and training: Flow-GRPO's SDE (``g = a sqrt(sigma / (1 - sigma))``),
+    DanceGRPO's constant ``g = eta``, or coefficients-preserving sampling (fresh-noise std
+    ``sigma_next sin(a pi / 2)``); ``noise_level`` is ``a``, ``eta`` or the CPS ``a``."""
     noise_level: float = 0.7
-    """``a`` (flow; the paper's ablation found 0.7 best for SD3.5) or ``eta`` (dance; DanceGRPO uses 0.3)."""
+    """``a`` (flow; the paper's ablation found 0.7 best for SD3.5), ``eta`` (dance; DanceGRPO uses 0.3) or the
+    CPS ``a`` in (0, 1] (Flow-GRPO's README: 0.8)."""
     guidance_scale: float = 4.5
     """CFG scale in rollouts and in the training forward (1.0 = no CFG)."""
     clip_range: float = 1e-4
@@ -76,11 +87,24 @@ class GRPOConfig:
     ``sde_window_range``; every other step is an ODE step and only the window is trained. 0: every step but the
     last is an SDE step (plain Flow-GRPO)."""
     sde_window_range: tuple[int, int] = (0, 0)
-    """``(lo, hi)``: the window starts uniformly in ``lo .. hi - W``; ``hi = 0`` means ``num_steps - 1``."""
+    """``(lo, hi)``: the window starts in ``lo .. hi - W``; ``hi = 0`` means ``num_steps - 1``."""
+    window_schedule: Literal["random", "progressive", "decay"] = "random"
+    """Where the window sits each iteration: a uniform random start (Flow-GRPO-Fast), or MixGRPO's sliding
+    window moving from ``lo`` to ``hi - W`` over training ("progressive": ``window_iters`` iterations per
+    position; "decay": the stay shrinks linearly to ``window_iters_min`` over one sweep)."""
+    window_iters: int = 25
+    """MixGRPO: iterations the window stays at one position (the first position, for "decay")."""
+    window_iters_min: int = 1
+    """MixGRPO "decay": iterations at the last position of a sweep."""
+    window_stride: int = 1
+    """MixGRPO: steps the window moves at a time."""
     timestep_fraction: float = 1.0
-    """Fraction of the SDE steps trained, drawn at random for each micro-batch (at least one step). Steps of
+    """Fraction of the SDE steps trained, a random subset drawn for each sample (at least one step). Steps of
     one trajectory share its advantage, so training fewer steps of more trajectories buys more independent
-    signal per unit of compute (Flow-GRPO's and DanceGRPO's ``timestep_fraction``; they draw per sample)."""
+    signal per unit of compute (Flow-GRPO's and DanceGRPO's ``timestep_fraction``; DanceGRPO uses 0.6)."""
+    best_worst_k: int = 0
+    """DanceGRPO's best-of-N selection: train only the ``k/2`` highest- and ``k/2`` lowest-advantage rows of
+    each group (k even, at most the group size); 0 trains every row."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 2:
@@ -100,8 +124,21 @@ class GRPOConfig:
                 f"grpo.sde_window ({self.sde_window}) must fit in grpo.sde_window_range {self.sde_window_range} "
                 f"(resolved to [{lo}, {hi})) within the {self.num_steps - 1} SDE steps of grpo.num_steps"
             )
-        if self.sde_type not in ("flow", "dance"):
-            raise ValueError(f"grpo.sde_type must be 'flow' or 'dance', got {self.sde_type!r}")
+        if self.sde_type not in ("flow", "dance", "cps"):
+            raise ValueError(f"grpo.sde_type must be 'flow', 'dance' or 'cps', got {self.sde_type!r}")
+        if self.sde_type == "cps" and self.noise_level > 1:
+            raise ValueError(f"grpo.noise_level is the CPS a and must be in (0, 1], got {self.noise_level}")
+        if self.window_schedule not in ("random", "progressive", "decay"):
+            raise ValueError(
+                f"grpo.window_schedule must be 'random', 'progressive' or 'decay', got {self.window_schedule!r}"
+            )
+        if self.window_stride < 1 or not 1 <= self.window_iters_min <= self.window_iters:
+            raise ValueError(
+                "grpo.window_stride must be >= 1 and 1 <= grpo.window_iters_min <= grpo.window_iters, got "
+                f"{self.window_stride}, {self.window_iters_min}, {self.window_iters}"
+            )
+        if self.best_worst_k < 0 or self.best_worst_k % 2:
+            raise ValueError(f"grpo.best_worst_k must be 0 or a positive even number, got {self.best_worst_k}")
         if self.kl_form not in ("code", "paper"):
             raise ValueError(f"grpo.kl_form must be 'code' or 'paper', got {self.kl_form!r}")
 
@@ -110,30 +147,52 @@ class GRPOConfig:
         check_split(rows, self.micro_batch, self.optimizer_steps, "grpo")
 
     @property
-    def steps_per_micro_batch(self) -> int:
-        """How many of the ``num_steps - 1`` SDE steps each micro-batch trains."""
-        return max(1, round(self.timestep_fraction * (self.num_steps - 1)))
+    def sde_steps(self) -> int:
+        """SDE steps per rollout: the window, or every step but the last."""
+        return self.sde_window or self.num_steps - 1
+
+    @property
+    def steps_per_sample(self) -> int:
+        """How many of its SDE steps each sample trains (``timestep_fraction`` of them, at least one)."""
+        return max(1, round(self.timestep_fraction * self.sde_steps))
 
     @property
     def window_bounds(self) -> tuple[int, int]:
         lo, hi = self.sde_window_range
         return lo, hi or self.num_steps - 1
 
-    def draw_noise_levels(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def window_start(self, iteration: int, generator: torch.Generator | None = None) -> int:
+        """The first SDE step of the window at ``iteration`` (random, or MixGRPO's sliding schedule)."""
+        lo, hi = self.window_bounds
+        places = hi - self.sde_window - lo + 1
+        if self.window_schedule == "random":
+            # No draw when the window has one place: a window over all steps replays plain Flow-GRPO exactly.
+            return lo + (int(torch.randint(places, (1,), generator=generator)) if places > 1 else 0)
+        positions = (places - 1) // self.window_stride + 1
+        if self.window_schedule == "progressive":
+            stays = [self.window_iters] * positions
+        else:
+            span = self.window_iters - self.window_iters_min
+            stays = [round(self.window_iters - span * p / max(1, positions - 1)) for p in range(positions)]
+        t = iteration % sum(stays)  # after the last position the window rolls back to the first
+        p = 0
+        while t >= stays[p]:
+            t -= stays[p]
+            p += 1
+        return lo + p * self.window_stride
+
+    def draw_noise_levels(self, generator: torch.Generator | None = None, iteration: int = 0) -> torch.Tensor:
         """The noise level of each step for one rollout: with a window, SDE only in ``[start, start + W)``."""
         levels = self.noise_levels
         if self.sde_window:
-            lo, hi = self.window_bounds
-            starts = hi - self.sde_window - lo + 1
-            # No draw when the window has one place: a window over all steps replays plain Flow-GRPO exactly.
-            start = lo + (int(torch.randint(starts, (1,), generator=generator)) if starts > 1 else 0)
+            start = self.window_start(iteration, generator)
             levels[:start] = 0.0
             levels[start + self.sde_window :] = 0.0
         return levels
 
     @property
     def step(self) -> Callable[..., StepOutput]:
-        return dance_sde_step if self.sde_type == "dance" else sde_step
+        return {"flow": sde_step, "dance": dance_sde_step, "cps": cps_step}[self.sde_type]
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -160,6 +219,28 @@ class GRPOBatch:
     @property
     def trained_steps(self) -> list[int]:
         return [j for j in range(len(self.noise_levels)) if self.noise_levels[j] > 0]
+
+    def select(self, rows: torch.Tensor) -> GRPOBatch:
+        """The batch restricted to ``rows`` (an index tensor [M])."""
+        on = rows.to(self.xs.device)
+        return GRPOBatch(self.xs[on], self.log_probs[on], self.cond.index(rows), self.sigmas, self.noise_levels)
+
+
+def best_worst_rows(advantages: torch.Tensor, group_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k/2`` highest- and ``k/2`` lowest-advantage rows of every group, in row order.
+
+    DanceGRPO's best-of-N: training on the extremes of each group keeps the rows with the clearest signal.
+    Ties break by row order. Raises when a group has fewer than ``k`` rows.
+    """
+    keep = []
+    adv = advantages.detach().float().cpu()
+    for g in torch.unique(group_ids):
+        members = torch.nonzero(group_ids.cpu() == g).flatten()
+        if len(members) < k:
+            raise ValueError(f"grpo.best_worst_k ({k}) is larger than a group ({len(members)} rows)")
+        order = members[torch.argsort(adv[members], descending=True, stable=True)]
+        keep += [order[: k // 2], order[len(order) - k // 2 :]]
+    return torch.cat(keep).sort().values
 
 
 def clipped_policy_loss(
@@ -197,12 +278,14 @@ def collect(
     cfg: GRPOConfig,
     generator: torch.Generator | None = None,
     group_ids: torch.Tensor | None = None,
+    iteration: int = 0,
 ) -> GRPOBatch:
     """Roll out every row of ``cond`` with the SDE, in chunks of ``cfg.micro_batch`` rows (one window for all).
 
     With ``cfg.same_initial_noise`` the rows of one group (``group_ids`` [N]) start from one shared noise.
+    ``iteration`` places a MixGRPO sliding window.
     """
-    sigmas, levels = cfg.sigmas, cfg.draw_noise_levels(generator)
+    sigmas, levels = cfg.sigmas, cfg.draw_noise_levels(generator, iteration)
     x_init = None
     if cfg.same_initial_noise:
         if group_ids is None:
@@ -231,14 +314,21 @@ def step_terms(
     policy: FlowPolicy,
     batch: GRPOBatch,
     rows: slice,
-    j: int,
+    j: int | torch.Tensor,
     cfg: GRPOConfig,
     need_reference: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Re-score stored step ``j`` of ``rows``: log-prob [B] (with grad), and the KL to the reference [B]."""
+    """Re-score stored step ``j`` of ``rows``: log-prob [B] (with grad), and the KL to the reference [B].
+
+    ``j`` is one step for every row, or a [B] tensor of per-row steps (one forward at mixed timesteps).
+    """
     cond = batch.cond.index(rows)
-    x, x_next = batch.xs[rows, j], batch.xs[rows, j + 1]
-    s, sn, a = batch.sigmas[j], batch.sigmas[j + 1], float(batch.noise_levels[j])
+    xs = batch.xs[rows]
+    jj = torch.as_tensor(j).expand(len(xs))
+    b = torch.arange(len(xs))
+    x, x_next = xs[b, jj], xs[b, jj + 1]
+    s, sn = batch.sigmas[jj], batch.sigmas[jj + 1]
+    a = float(batch.noise_levels[jj[0]])  # every trained step has the same noise level
     reduction: Reduction = cfg.log_prob_reduction
     out = cfg.step(x, policy.velocity(x, s, cond, cfg.guidance_scale), s, sn, a, x_next=x_next, reduction=reduction)
     kl = None
@@ -262,16 +352,19 @@ def train_step(
 ) -> dict[str, float]:
     """One iteration's update: every micro-batch, its trained steps in time order.
 
-    Each micro-batch trains all SDE steps, or with ``cfg.timestep_fraction < 1`` a random subset of
-    ``cfg.steps_per_micro_batch`` of them drawn from ``generator``. The loss of each (micro-batch, step) is
+    Each row trains all SDE steps, or with ``cfg.timestep_fraction < 1`` its own random subset of
+    ``cfg.steps_per_sample`` of them drawn from ``generator`` (the k-th forward of a micro-batch takes
+    each row's k-th drawn step). The loss of each (micro-batch, step) is
     divided by the number of terms accumulated per optimizer step, so each optimizer step sees the mean over
     its share of rows and steps. ``after_optimizer_step`` runs after every ``optimizer.step()`` (the loop
     folds its EMA in there).
     """
     n = batch.xs.shape[0]
     cfg.check_batch(n)
+    if advantages.shape != (n,):
+        raise ValueError(f"advantages must be [{n}] (one per row of the batch), got {tuple(advantages.shape)}")
     all_steps = batch.trained_steps
-    n_steps = min(cfg.steps_per_micro_batch, len(all_steps))
+    n_steps = max(1, round(cfg.timestep_fraction * len(all_steps)))
     chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
     names = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_dev")
@@ -280,13 +373,16 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     for c, rows in enumerate(chunks):
         adv = advantages[rows].float()
-        steps = all_steps
-        if n_steps < len(all_steps):
-            drawn = torch.randperm(len(all_steps), generator=generator)[:n_steps]
-            steps = [all_steps[i] for i in sorted(drawn.tolist())]
-        for j in steps:
+        b = torch.arange(len(adv))
+        steps = torch.tensor(all_steps).expand(len(adv), -1)
+        if n_steps < len(all_steps):  # each row's own subset: argsort of uniform keys is a random permutation
+            keys = torch.rand(steps.shape, generator=generator)
+            steps = steps.gather(1, keys.argsort(dim=1)[:, :n_steps].sort(dim=1).values)
+        for k in range(n_steps):
+            j = steps[:, k]
             log_prob, kl = step_terms(policy, batch, rows, j, cfg, need_reference=cfg.kl_beta > 0)
-            pg, info = clipped_policy_loss(log_prob, batch.log_probs[rows, j], adv, cfg.clip_range)
+            old = batch.log_probs[rows][b, j.to(batch.log_probs.device)]
+            pg, info = clipped_policy_loss(log_prob, old, adv, cfg.clip_range)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
             (loss / (per_opt * n_steps)).backward()
             sums["policy_loss"] += pg.detach()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from rewardflow.rewards.image import JpegSize
+from rewardflow.rewards.multi import WeightedRewards
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.rewards.shapes import ShapesJudgeReward
 
@@ -13,11 +15,14 @@ if TYPE_CHECKING:
 
 REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "shapes-judge": lambda cfg: ShapesJudgeReward(cfg.extra_object_penalty),
+    "jpeg-compressibility": lambda cfg: JpegSize(sign=-1.0),
+    "jpeg-incompressibility": lambda cfg: JpegSize(sign=1.0),
 }
 
 
-def build_reward(cfg: RewardConfig) -> RewardFn:
-    """Instantiate the configured reward from the registry."""
-    if cfg.name not in REWARDS:
-        raise ValueError(f"reward.name {cfg.name!r} is unknown; registered rewards: {', '.join(REWARDS)}")
-    return REWARDS[cfg.name](cfg)
+def build_reward(cfg: RewardConfig) -> WeightedRewards:
+    """The configured rewards from the registry, combined with their weights."""
+    unknown = [n for n in cfg.names if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"reward.names has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
+    return WeightedRewards([REWARDS[n](cfg) for n in cfg.names], list(cfg.resolved_weights))

@@ -1,0 +1,39 @@
+"""Several rewards at once: their weighted sum, with every reward's own scores kept for logging and advantages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rewardflow.rewards.protocol import RewardFn
+from rewardflow.types import RewardOutput
+
+
+class WeightedRewards:
+    """Scores every image with each reward; ``scores`` is ``sum_i w_i R_i``, ``components`` holds each ``R_i``.
+
+    Details of the parts are merged (a name two parts share is prefixed by the reward's name).
+    """
+
+    def __init__(self, rewards: list[RewardFn], weights: list[float]) -> None:
+        if len(rewards) != len(weights) or not rewards:
+            raise ValueError(f"need one weight per reward, got {len(rewards)} rewards and {len(weights)} weights")
+        self.rewards, self.weights = rewards, weights
+        self.name = "+".join(r.name for r in rewards)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        total, components, details = None, {}, {}
+        for reward, w in zip(self.rewards, self.weights):
+            out = reward(images, prompts, metadata)
+            scores = out.scores.float()
+            if scores.shape != (len(prompts),) or not torch.isfinite(scores).all():
+                raise ValueError(
+                    f"reward {reward.name!r} returned scores {tuple(scores.shape)} with non-finite "
+                    f"values or not one per image ({len(prompts)})"
+                )
+            components[reward.name] = scores
+            total = w * scores if total is None else total + w * scores
+            for k, v in out.details.items():
+                details[f"{reward.name}/{k}" if k in details else k] = v
+        return RewardOutput(scores=total, details=details, components=components)
