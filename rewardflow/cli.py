@@ -1,8 +1,9 @@
-"""``rewardflow`` command line: train | eval | pretrain | presets.
+"""``rewardflow`` command line: train | eval | pretrain | reward-model | presets.
 
 rewardflow train PRESET [--run-dir DIR] [--resume] [--field.sub-field VALUE ...]
 rewardflow eval (--run-dir DIR | --base | --checkpoint FILE) [--prompts FILE] [--out FILE.json]
 rewardflow pretrain [--out-dir DIR] [--steps N ...]
+rewardflow reward-model [--out FILE] [--steps N ...]   (trains the learned shapes-score reward)
 rewardflow presets
 """
 
@@ -106,6 +107,17 @@ def _cmd_pretrain(argv: list[str]) -> None:
     print(f"checkpoints in {pretrain(cfg)}")
 
 
+def _cmd_reward_model(argv: list[str]) -> None:
+    from rewardflow.rewards.shapes_score import ScoreTrainConfig, train_scorer
+
+    cfg = tyro.cli(ScoreTrainConfig, args=argv, prog="rewardflow reward-model")
+    report = train_scorer(cfg)
+    print(
+        f"held-out agreement with the judge: pearson {report['pearson']:.3f}, same-prompt pairs ordered alike "
+        f"{report['pair_agreement']:.3f} of {report['pairs']} -> {cfg.out}"
+    )
+
+
 def _cmd_presets(argv: list[str]) -> None:
     from rewardflow.presets import PRESETS
 
@@ -114,7 +126,13 @@ def _cmd_presets(argv: list[str]) -> None:
         print(f"{name:24s} {doc}")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "pretrain": _cmd_pretrain, "presets": _cmd_presets}
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "pretrain": _cmd_pretrain,
+    "reward-model": _cmd_reward_model,
+    "presets": _cmd_presets,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,14 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from rewardflow.algorithms.draft import DraftConfig
 from rewardflow.algorithms.grpo import GRPOConfig
+from rewardflow.algorithms.leapalign import LeapAlignConfig
 from rewardflow.algorithms.nft import NFTConfig
 from rewardflow.evaluate import EvalConfig
+
+ALGORITHMS = ("grpo", "nft", "draft", "leapalign")
+DIRECT = ("draft", "leapalign")
 
 
 @dataclass
@@ -100,8 +105,9 @@ class TrainConfig:
     """A complete training run. Derived batch sizes are properties, checked at construction."""
 
     run_dir: str = "runs/shapes_grpo_cpu"
-    algorithm: Literal["grpo", "nft"] = "grpo"
-    """Flow-GRPO (``grpo`` section) or DiffusionNFT (``nft`` section)."""
+    algorithm: Literal["grpo", "nft", "draft", "leapalign"] = "grpo"
+    """Flow-GRPO and its family (``grpo`` section), DiffusionNFT (``nft``), or a direct-gradient method: DRaFT,
+    ReFL, AlignProp (``draft``) or LeapAlign (``leapalign``); those need a differentiable reward."""
     iterations: int = 60
     seed: int = 0
     train_prompts: str = "shapes:train"
@@ -124,6 +130,8 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    leapalign: LeapAlignConfig = field(default_factory=LeapAlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -132,8 +140,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {self.group_size}")
-        if self.algorithm not in ("grpo", "nft"):
-            raise ValueError(f"algorithm must be 'grpo' or 'nft', got {self.algorithm!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         self.algo.check_batch(self.rows_per_iter)
         k = self.grpo.best_worst_k
         if self.algorithm == "grpo" and k:
@@ -146,9 +154,9 @@ class TrainConfig:
                 raise ValueError(f"with grpo.best_worst_k = {k}, {rows} rows are trained: {e}") from e
 
     @property
-    def algo(self) -> GRPOConfig | NFTConfig:
+    def algo(self) -> GRPOConfig | NFTConfig | DraftConfig | LeapAlignConfig:
         """The settings of the chosen algorithm."""
-        return self.grpo if self.algorithm == "grpo" else self.nft
+        return getattr(self, self.algorithm)
 
     @property
     def rows_per_iter(self) -> int:
@@ -168,7 +176,11 @@ class TrainConfig:
                 f"{a.sde_type} SDE on {where} of {a.num_steps} steps, {a.steps_per_sample} of its "
                 f"{a.sde_steps} SDE steps trained per sample"
             )
-        return head + f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"
+        if isinstance(a, NFTConfig):
+            return head + f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"
+        if isinstance(a, DraftConfig):
+            return head + f"{a.method} through {a.num_steps} Euler steps"
+        return head + f"two leaps (alpha {a.alpha}) inside {a.num_steps} Euler steps"
 
 
 def to_yaml(cfg: Any) -> str:

@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy  # noqa: E402
+from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, save_tiny_dit  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -34,3 +34,20 @@ def make_policy(config: TinyDiTConfig, seed: int = 0, reference: bool = True) ->
 @pytest.fixture
 def tiny_policy(tiny_config: TinyDiTConfig) -> TinyDiTPolicy:
     return make_policy(tiny_config)
+
+
+EVAL_PROMPTS = "a circle\na red square\ntwo triangles\na circle left of a square\na circle and a square\n"
+
+
+@pytest.fixture
+def tiny_run_args(tmp_path, tiny_config):
+    ckpt = tmp_path / "tiny.safetensors"
+    save_tiny_dit(make_policy(tiny_config).module, ckpt)
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text(EVAL_PROMPTS)
+    return [
+        "--model.checkpoint", str(ckpt),
+        "--eval.prompts", str(prompts),
+        "--eval.num-steps", "2",
+        "--eval.samples-per-prompt", "2",
+    ]  # fmt: skip

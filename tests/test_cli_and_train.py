@@ -13,22 +13,6 @@ from rewardflow.train import config_differences
 from rewardflow.utils.checkpoint import load_state
 from tests.conftest import make_policy
 
-EVAL_PROMPTS = "a circle\na red square\ntwo triangles\na circle left of a square\na circle and a square\n"
-
-
-@pytest.fixture
-def tiny_run_args(tmp_path, tiny_config):
-    ckpt = tmp_path / "tiny.safetensors"
-    save_tiny_dit(make_policy(tiny_config).module, ckpt)
-    prompts = tmp_path / "eval.txt"
-    prompts.write_text(EVAL_PROMPTS)
-    return [
-        "--model.checkpoint", str(ckpt),
-        "--eval.prompts", str(prompts),
-        "--eval.num-steps", "2",
-        "--eval.samples-per-prompt", "2",
-    ]  # fmt: skip
-
 
 def test_presets_are_complete_and_consistent():
     for name in PRESETS:
@@ -40,6 +24,15 @@ def test_presets_are_complete_and_consistent():
     # The long preset is the demo run longer (on a GPU when there is one), nothing else.
     long = get_preset("shapes_grpo")
     assert set(config_differences(cpu, long)) == {"run_dir", "iterations", "eval_every", "save_every", "model.device"}
+    # The GRPO family presets change only what defines the method.
+    fast, dance, mix = (get_preset(f"shapes_{m}_cpu") for m in ("grpo_fast", "dance", "mix"))
+    assert set(config_differences(cpu, fast)) == {"run_dir", "grpo.sde_window", "grpo.sde_window_range"}
+    assert set(config_differences(cpu, dance)) == {
+        "run_dir", "grpo.sde_type", "grpo.noise_level", "grpo.same_initial_noise", "grpo.timestep_fraction"
+    }  # fmt: skip
+    assert set(config_differences(dance, mix)) == {
+        "run_dir", "grpo.timestep_fraction", "grpo.sde_window", "grpo.window_schedule", "grpo.window_iters"
+    }  # fmt: skip
     nft = get_preset("shapes_nft_cpu")  # CFG-free in rollouts, training and evaluation
     assert nft.algorithm == "nft" and nft.nft.guidance_scale == 1.0 and nft.eval.guidance_scale == 1.0
 
@@ -230,3 +223,32 @@ def test_bad_nft_config_fails_before_the_run_folder_is_created(tmp_path, tiny_ru
         main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--algorithm", "nft", *tiny_run_args])
     assert "nft.micro_batch" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_two_rewards_with_advantage_aggregation_and_best_worst_selection(tmp_path, tiny_run_args, capsys):
+    run = tmp_path / "run"
+    args = [
+        "--reward.names", "shapes-judge", "jpeg-compressibility",
+        "--reward.weights", "1", "0.5",
+        "--reward.aggregate", "advantage",
+        "--grpo.best-worst-k", "2",
+        "--grpo.optimizer-steps", "1",
+        "--grpo.sde-type", "dance",
+        "--grpo.timestep-fraction", "0.5",
+    ]  # fmt: skip
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), *args, *tiny_run_args]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in rows if "reward" in m]
+    assert {"reward/shapes-judge", "reward/jpeg-compressibility", "jpeg_kb", "strict"} <= set(train_rows[0])
+    first = train_rows[0]
+    assert first["reward"] == pytest.approx(first["reward/shapes-judge"] + 0.5 * first["reward/jpeg-compressibility"])
+    cfg = from_yaml((run / "config.yaml").read_text())
+    assert cfg.reward.names == ("shapes-judge", "jpeg-compressibility") and cfg.grpo.best_worst_k == 2
+    # 2 prompts x 2 kept rows = 4 rows: they must still fill the micro-batches and optimizer steps
+    with pytest.raises(SystemExit):
+        main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "bad"), "--grpo.best-worst-k", "2"])
+    assert "best_worst_k = 2, 4 rows are trained" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "bad"), "--grpo.best-worst-k", "6"])
+    assert "at most group_size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -17,7 +17,19 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "shapes-judge": lambda cfg: ShapesJudgeReward(cfg.extra_object_penalty),
     "jpeg-compressibility": lambda cfg: JpegSize(sign=-1.0),
     "jpeg-incompressibility": lambda cfg: JpegSize(sign=1.0),
+    "shapes-score": lambda cfg: _shapes_score(),
 }
+
+
+def _shapes_score() -> RewardFn:
+    from rewardflow.rewards.shapes_score import ShapesScoreReward  # torch model: built only when asked for
+
+    return ShapesScoreReward()
+
+
+def differentiable_rewards() -> list[str]:
+    """Names of the registered rewards whose scores carry gradient to the images."""
+    return ["shapes-score"]
 
 
 def build_reward(cfg: RewardConfig) -> WeightedRewards:

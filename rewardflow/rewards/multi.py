@@ -21,6 +21,7 @@ class WeightedRewards:
             raise ValueError(f"need one weight per reward, got {len(rewards)} rewards and {len(weights)} weights")
         self.rewards, self.weights = rewards, weights
         self.name = "+".join(r.name for r in rewards)
+        self.differentiable = all(getattr(r, "differentiable", False) for r in rewards)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         total, components, details = None, {}, {}

@@ -113,7 +113,7 @@ def cps_step(
     generator: torch.Generator | None = None,
     reduction: Reduction = "mean",
 ) -> StepOutput:
-    """One coefficients-preserving sampling (CPS) step (Wang et al. 2025, arXiv 2509.05952).
+    """One coefficients-preserving sampling (CPS) step (arXiv 2509.05952).
 
     With the model's predictions ``x0 = x - sigma v`` and ``eps = x + (1 - sigma) v``, the next latent keeps
     the coefficients of a clean rectified-flow point, ``(1 - sigma_next) x0 + sigma_next eps'``, by splitting

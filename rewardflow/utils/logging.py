@@ -69,7 +69,9 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     if train:
         ax[0].plot([m["iteration"] for m in train], [m["reward"] for m in train], lw=1, label="reward (mean)")
-        ax[0].plot([m["iteration"] for m in train], [m["strict"] for m in train], lw=1, label="strict (rollouts)")
+        for key in ("strict", "judge/strict"):  # the judge's pass rate, as the reward or as a monitor
+            if key in train[0]:
+                ax[0].plot([m["iteration"] for m in train], [m[key] for m in train], lw=1, label=f"{key} (rollouts)")
     ax[0].set_xlabel("iteration")
     ax[0].legend()
     if evals:

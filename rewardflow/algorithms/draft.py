@@ -1,0 +1,202 @@
+"""Direct reward gradients through sampling: DRaFT (full, -K, -LV), ReFL and AlignProp.
+
+Papers: Clark et al., "Directly Fine-Tuning Diffusion Models on Differentiable Rewards" (DRaFT, arXiv
+2309.17400); Xu et al., ImageReward (ReFL, arXiv 2304.05977); Prabhudesai et al., AlignProp (arXiv
+2310.03739). Formulas from the team's reference notes (``direct-gradient.md``); ported to rectified flows with
+deterministic Euler sampling.
+
+Every method samples with the Euler ODE, lets the reward's gradient reach the model through some steps
+(:mod:`rewardflow.sampling.grad`) and minimises ``-r`` (or a hinge ``relu(margin - r)``):
+
+- ``draft``: the last ``k`` steps carry gradient, through the model and the latent chain between them;
+  ``k = num_steps`` is full backprop (DRaFT), ``k = 1`` is DRaFT-1.
+- ``draft-lv``: DRaFT-LV. The sample is drawn without gradient, re-noised ``lv_samples`` times to the last
+  grid sigma and denoised in one step with gradient each; with ``lv_include_base`` the ordinary last step is
+  one more term (FlowBP's choice; the SD reimplementations keep only the re-noised terms).
+- ``refl``: ReFL. Sampling stops at a random step among the last ``refl_last``; the reward is computed on that
+  step's one-step clean prediction ``x - sigma v``, with one model call's gradient.
+- ``alignprop``: AlignProp's randomised truncation: the first grad-carrying step is drawn uniformly in
+  ``[alignprop_min, num_steps)`` each micro-batch (a random K).
+
+Every model call that carries gradient is checkpointed (``checkpointing``), so memory grows with the number
+of such steps by one latent each, not by one network's activations. The reward must be differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rewardflow.algorithms.batching import check_split, mean_metrics, micro_batches, optimizer_step
+from rewardflow.models.protocol import Conditioning, FlowPolicy
+from rewardflow.rewards.protocol import RewardFn
+from rewardflow.sampling.grad import Velocity, checkpointed, renoised_last_step, truncated_euler
+from rewardflow.sampling.schedules import sd3_schedule
+from rewardflow.types import RewardOutput
+
+METHODS = ("draft", "draft-lv", "refl", "alignprop")
+
+
+@dataclass
+class DraftConfig:
+    """Settings of the DRaFT family (defaults: DRaFT-1 scaled to the Shapes world)."""
+
+    method: Literal["draft", "draft-lv", "refl", "alignprop"] = "draft"
+    num_steps: int = 20
+    """Euler steps of the training sampler."""
+    shift: float = 3.0
+    guidance_scale: float = 4.5
+    k: int = 1
+    """``draft``: how many of the last steps carry gradient (``num_steps``: full backprop)."""
+    lv_samples: int = 2
+    """``draft-lv``: re-noised gradient samples per image (DRaFT uses 2)."""
+    lv_include_base: bool = True
+    """``draft-lv``: also train the ordinary last step of the real trajectory."""
+    refl_last: int = 5
+    """``refl``: the stop step is drawn among the last this many steps (ImageReward: the last 10 of 40)."""
+    alignprop_min: int = 10
+    """``alignprop``: the first grad-carrying step is drawn in ``[alignprop_min, num_steps)``."""
+    hinge: float | None = None
+    """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
+    checkpointing: bool = True
+    micro_batch: int = 16
+    optimizer_steps: int = 1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"draft.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.num_steps < 2:
+            raise ValueError(f"draft.num_steps must be >= 2, got {self.num_steps}")
+        # The fields of the chosen method must fit the grid (the others are not used).
+        m, steps = self.method, self.num_steps
+        if m == "draft" and not 1 <= self.k <= steps:
+            raise ValueError(f"draft.k must be in [1, draft.num_steps = {steps}], got {self.k}")
+        if m == "refl" and not 1 <= self.refl_last <= steps:
+            raise ValueError(f"draft.refl_last must be in [1, draft.num_steps = {steps}], got {self.refl_last}")
+        if m == "alignprop" and not 0 <= self.alignprop_min < steps:
+            raise ValueError(
+                f"draft.alignprop_min must be in [0, draft.num_steps = {steps}), got {self.alignprop_min}"
+            )
+        if m == "draft-lv" and self.lv_samples < 1:
+            raise ValueError(f"draft.lv_samples must be >= 1, got {self.lv_samples}")
+        check_direct_common(self, "draft")
+
+    def check_batch(self, rows: int) -> None:
+        check_split(rows, self.micro_batch, self.optimizer_steps, "draft")
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return sd3_schedule(self.num_steps, self.shift)
+
+    def sample(self, velocity: Velocity, x: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
+        """The samples whose rewards make the loss (each with its gradient path), for one micro-batch."""
+        sigmas, steps = self.sigmas, self.num_steps
+        if self.method == "draft":
+            return [truncated_euler(velocity, x, sigmas, grad_from=steps - self.k)]
+        if self.method == "alignprop":
+            start = int(torch.randint(self.alignprop_min, steps, (1,), generator=generator))
+            return [truncated_euler(velocity, x, sigmas, grad_from=start)]
+        if self.method == "refl":
+            stop = int(torch.randint(steps - self.refl_last, steps, (1,), generator=generator))
+            return [truncated_euler(velocity, x, sigmas, grad_from=stop, stop_at=stop)]
+        last = truncated_euler(velocity, x, sigmas, grad_from=steps - 1)  # the real sample, last step with grad
+        extra = renoised_last_step(velocity, last, float(sigmas[-2]), self.lv_samples, generator)
+        return [last, *extra] if self.lv_include_base else extra
+
+
+def check_direct_common(cfg: DraftConfig | object, section: str) -> None:
+    """Checks shared by the direct-gradient configs (``section`` names the config section in messages)."""
+    if cfg.hinge is not None and cfg.hinge <= 0:
+        raise ValueError(f"{section}.hinge must be > 0 (or unset for the loss -r), got {cfg.hinge}")
+    if cfg.guidance_scale < 1 or cfg.shift <= 0 or cfg.grad_clip <= 0:
+        raise ValueError(f"{section}.guidance_scale must be >= 1, {section}.shift and {section}.grad_clip > 0")
+    if cfg.micro_batch < 1 or cfg.optimizer_steps < 1:
+        raise ValueError(f"{section}.micro_batch and {section}.optimizer_steps must be >= 1")
+
+
+def check_differentiable(reward_fn: RewardFn, algorithm: str) -> None:
+    """Raise unless the reward can carry gradient (a direct-gradient method cannot use anything else)."""
+    if not getattr(reward_fn, "differentiable", False):
+        from rewardflow.rewards import differentiable_rewards
+
+        raise ValueError(
+            f"algorithm {algorithm!r} backpropagates the reward, but reward {reward_fn.name!r} is not differentiable;"
+            f" differentiable rewards: {', '.join(differentiable_rewards())}"
+        )
+
+
+def reward_loss(scores: torch.Tensor, hinge: float | None) -> torch.Tensor:
+    """Per-sample loss ``-r``, or ``relu(hinge - r)``."""
+    return -scores if hinge is None else torch.relu(hinge - scores)
+
+
+def bind_velocity(policy: FlowPolicy, cond: Conditioning, guidance_scale: float, checkpointing: bool) -> Velocity:
+    """``v(x, sigma)`` of the policy for these prompts (checkpointed when asked)."""
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return policy.velocity(x, sigma, cond, guidance_scale)
+
+    return checkpointed(velocity) if checkpointing else velocity
+
+
+# (policy, cond rows, generator) -> (loss, final samples [B, ...] detached, reward of the finals, extra metrics)
+MicroBatchLoss = Callable[
+    [FlowPolicy, Conditioning, torch.Generator | None], tuple[torch.Tensor, torch.Tensor, RewardOutput, dict]
+]
+
+
+def direct_train_step(
+    policy: FlowPolicy,
+    optimizer: torch.optim.Optimizer,
+    cond: Conditioning,
+    loss_fn: MicroBatchLoss,
+    cfg: DraftConfig | object,
+    after_optimizer_step: Callable[[], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, float], torch.Tensor, RewardOutput]:
+    """One iteration of a direct-gradient method over every micro-batch of ``cond``.
+
+    Returns the metrics, the final samples [N, ...] (detached) and their reward (scores detached).
+    """
+    n = len(cond)
+    cfg.check_batch(n)
+    chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
+    finals, outs, grad_norms = [], [], []
+    optimizer.zero_grad(set_to_none=True)
+    for c, rows in enumerate(chunks):
+        loss, final, out, extra = loss_fn(policy, cond.index(rows), generator)
+        (loss / per_opt).backward()
+        sums["loss"] += loss.detach()
+        for key, value in extra.items():
+            sums[key] = sums.get(key, 0.0) + value
+        finals.append(final)
+        outs.append(out)
+        if (c + 1) % per_opt == 0:
+            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
+    merged = RewardOutput(
+        scores=torch.cat([o.scores.detach() for o in outs]),
+        details={k: torch.cat([o.details[k].detach() for o in outs]) for k in outs[0].details},
+        components={k: torch.cat([o.components[k].detach() for o in outs]) for k in outs[0].components},
+    )
+    return mean_metrics(sums, len(chunks), grad_norms), torch.cat(finals), merged
+
+
+def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
+    """The per-micro-batch loss of ``cfg.method``: mean over images and gradient samples of the reward loss."""
+
+    def loss_fn(policy: FlowPolicy, cond: Conditioning, generator: torch.Generator | None):
+        velocity = bind_velocity(policy, cond, cfg.guidance_scale, cfg.checkpointing)
+        samples = cfg.sample(velocity, policy.noise(len(cond), generator), generator)
+        prompts, meta = cond.prompts, [{} for _ in cond.prompts]
+        outs = [reward_fn(policy.decode(x), prompts, meta) for x in samples]
+        loss = torch.stack([reward_loss(o.scores, cfg.hinge).mean() for o in outs]).mean()
+        # The first sample is the real one for every method but ReFL (its clean prediction) and draft-lv
+        # without the base term (a re-noised one): what was scored is what is logged.
+        return loss, samples[0].detach(), outs[0], {}
+
+    return loss_fn

@@ -1,0 +1,270 @@
+"""``shapes-score``: a learned, differentiable stand-in for the Shapes judge (the Shapes world's preference model).
+
+Direct-gradient methods need a reward they can backpropagate through; the judge is a detector with hard
+thresholds. This small network scores (image, prompt) pairs in [0, 1]. It is trained to predict the judge's
+reward (partial credit minus the penalty per unrequested object, clamped to [0, 1]) on three kinds of pairs:
+rendered scenes with their own prompt, rendered scenes with another prompt, and samples of the shipped base
+model with their prompt, labelled by the judge. Like a real preference model it is good but imperfect, and a
+policy optimised against it can find images it overrates: the judge stays the truth it stands in for.
+
+Architecture: a convolutional stem turns the 32x32 image into 4x4 = 16 tokens; prompt words are embedded
+(the tiny DiT's Shapes vocabulary) with positions; a learned score token, the prompt tokens and the image
+tokens go through a small transformer; the score token's output gives a logit. ``rewardflow reward-model``
+trains it; the shipped checkpoint is ``rewardflow/assets/shapes_score.safetensors`` (docs/shapes_world.md
+records how it was trained and how often it agrees with the judge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewardflow.models.tiny_dit import ShapesTokenizer
+from rewardflow.shapes.grammar import CATEGORIES, VOCABULARY, parse_prompt
+from rewardflow.shapes.judge import judge_images
+from rewardflow.types import RewardOutput
+
+log = logging.getLogger(__name__)
+FORMAT = "rewardflow-shapes-score"
+SHIPPED = "shipped"
+
+
+@dataclass(frozen=True)
+class ShapesScoreConfig:
+    """Architecture of the learned scorer (stored next to its weights)."""
+
+    dim: int = 96
+    depth: int = 3
+    heads: int = 4
+    max_prompt_tokens: int = 12
+    vocabulary: tuple[str, ...] = VOCABULARY
+
+
+class ShapesScorer(nn.Module):
+    """``logit(image [B, 3, 32, 32] in [0, 1], tokens [B, L]) -> [B]``."""
+
+    def __init__(self, config: ShapesScoreConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, d, 3, stride=2, padding=1),
+        )
+        self.image_pos = nn.Parameter(torch.zeros(1, 16, d))
+        self.words = nn.Embedding(len(config.vocabulary) + 1, d, padding_idx=0)
+        self.word_pos = nn.Parameter(torch.zeros(1, config.max_prompt_tokens, d))
+        self.score_token = nn.Parameter(torch.zeros(1, 1, d))
+        layer = nn.TransformerEncoderLayer(d, config.heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        nn.init.normal_(self.image_pos, std=0.02)
+        nn.init.normal_(self.word_pos, std=0.02)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b = images.shape[0]
+        img = self.stem(images * 2.0 - 1.0).flatten(2).transpose(1, 2) + self.image_pos
+        txt = self.words(tokens) + self.word_pos[:, : tokens.shape[1]]
+        h = torch.cat([self.score_token.expand(b, -1, -1), txt, img], dim=1)
+        pad = torch.cat(
+            [torch.zeros(b, 1, dtype=torch.bool, device=tokens.device), tokens == 0, torch.zeros(b, img.shape[1],
+             dtype=torch.bool, device=tokens.device)], dim=1
+        )  # fmt: skip
+        return self.head(self.blocks(h, src_key_padding_mask=pad)[:, 0]).squeeze(-1)
+
+
+def save_scorer(model: ShapesScorer, path: str | Path, **metadata: str) -> None:
+    """Write the scorer's weights and config to one safetensors file (atomically)."""
+    from rewardflow.utils.checkpoint import save_safetensors_atomic
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = json.dumps(dataclasses.asdict(model.config))
+    save_safetensors_atomic(state, path, {"format": FORMAT, "config": config, **metadata})
+
+
+def load_scorer(path: str | Path = SHIPPED) -> ShapesScorer:
+    """The scorer from a checkpoint of :func:`save_scorer` (``"shipped"``: the one in the package)."""
+    from rewardflow.utils.checkpoint import load_safetensors_checked
+
+    if str(path) == SHIPPED:
+        from importlib import resources
+
+        path = Path(str(resources.files("rewardflow") / "assets" / "shapes_score.safetensors"))
+    state, meta = load_safetensors_checked(path, expected_format=FORMAT)
+    raw = json.loads(meta["config"])
+    raw["vocabulary"] = tuple(raw["vocabulary"])
+    model = ShapesScorer(ShapesScoreConfig(**raw))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit its own scorer config ({err})") from err
+    return model.eval()
+
+
+class ShapesScoreReward:
+    """The learned scorer as a differentiable reward: scores in [0, 1] that carry gradient to the images.
+
+    Its weights are frozen. Details: ``logit``.
+    """
+
+    name = "shapes-score"
+    differentiable = True
+
+    def __init__(self, checkpoint: str | Path = SHIPPED) -> None:
+        self.model = load_scorer(checkpoint)
+        self.model.requires_grad_(False)
+        c = self.model.config
+        self.tokenizer = ShapesTokenizer(c.vocabulary, c.max_prompt_tokens)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        model = self.model.to(images.device)
+        logits = model(images.float(), self.tokenizer(prompts).to(images.device))
+        return RewardOutput(scores=torch.sigmoid(logits), details={"logit": logits.detach()})
+
+
+# Training ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreTrainConfig:
+    """Settings of ``rewardflow reward-model`` (the shipped scorer used the defaults)."""
+
+    out: str = "runs/shapes_score/shapes_score.safetensors"
+    model: ShapesScoreConfig = dataclasses.field(default_factory=ShapesScoreConfig)
+    base_samples: int = 6144
+    """Samples of the shipped base model (training prompts), labelled by the judge."""
+    held_out_samples: int = 1440
+    """Samples of the base model on the evaluation prompts, kept for the agreement report."""
+    rendered: int = 32768
+    """Rendered scenes, half with their own prompt and half with another, labelled by the judge."""
+    sample_steps: int = 20
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 0
+
+
+def judge_labels(images: torch.Tensor, prompts: list[str], penalty: float = 0.25) -> torch.Tensor:
+    """The judge's reward (partial credit minus ``penalty`` per extra object) clamped to [0, 1]."""
+    verdicts = judge_images([parse_prompt(p) for p in prompts], images.float().cpu().numpy())
+    return torch.tensor([min(1.0, max(0.0, v.score - penalty * v.extra)) for v in verdicts])
+
+
+@torch.no_grad()
+def base_samples(prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+    """ODE samples of the shipped base model (CFG 4.5), images in [0, 1]."""
+    from rewardflow.evaluate import EvalConfig, generate
+    from rewardflow.models.tiny_dit import load_policy
+
+    cfg = EvalConfig(num_steps=steps, seed=seed, batch_size=256)
+    return generate(load_policy("base"), prompts, cfg)
+
+
+def rendered_pairs(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    """Rendered scenes, half with their own prompt and half with another prompt of a random category."""
+    from rewardflow.shapes.prompts import random_prompt
+    from rewardflow.shapes.render import render
+
+    images, prompts = [], []
+    for i in range(n):
+        spec = random_prompt(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))])
+        img, _ = render(spec, rng)
+        images.append(img)
+        other = spec if i % 2 == 0 else random_prompt(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))])
+        prompts.append(other.text)
+    arr = np.stack(images).astype(np.float32) / 255.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), prompts
+
+
+def agreement(scores: torch.Tensor, labels: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """How well scores track the judge labels.
+
+    Returns the Pearson correlation, and the share of same-prompt pairs with different labels that the
+    scores order the same way (``pairs`` of them).
+    """
+    pearson = float(torch.corrcoef(torch.stack([scores, labels]))[0, 1])
+    agree = total = 0
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(p, []).append(i)
+    for rows in by_prompt.values():
+        for a in range(len(rows)):
+            for b in range(a + 1, len(rows)):
+                i, j = rows[a], rows[b]
+                if labels[i] != labels[j]:
+                    total += 1
+                    agree += int((scores[i] - scores[j]) * (labels[i] - labels[j]) > 0)
+    return {"pearson": pearson, "pair_agreement": agree / max(1, total), "pairs": total}
+
+
+def train_scorer(cfg: ScoreTrainConfig) -> dict[str, Any]:
+    """Train the scorer as configured, write it to ``cfg.out`` and return the held-out agreement report."""
+    from rewardflow.data.prompts import load_prompts
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    train_prompts = [r.prompt for r in load_prompts("shapes:train")]
+    eval_prompts = [r.prompt for r in load_prompts("shapes:eval")]
+    pool_prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=cfg.base_samples)]
+    pool = base_samples(pool_prompts, cfg.sample_steps, cfg.seed)
+    pool_labels = judge_labels(pool, pool_prompts)
+    held_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(cfg.held_out_samples)]
+    held = base_samples(held_prompts, cfg.sample_steps, cfg.seed + 1)
+    held_labels = judge_labels(held, held_prompts)
+    r_pool, r_prompts = rendered_pairs(rng, cfg.rendered)
+    r_labels = judge_labels(r_pool, r_prompts)
+    log.info("base samples and rendered scenes drawn and judged in %.0fs", time.time() - t0)
+
+    model = ShapesScorer(cfg.model)
+    tok = ShapesTokenizer(cfg.model.vocabulary, cfg.model.max_prompt_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    half = cfg.batch_size // 2
+    for step in range(cfg.steps):
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.from_numpy(rng.integers(len(pool), size=half))
+        ridx = torch.from_numpy(rng.integers(len(r_pool), size=cfg.batch_size - half))
+        images = torch.cat([pool[idx], r_pool[ridx]])
+        prompts = [pool_prompts[i] for i in idx.tolist()] + [r_prompts[i] for i in ridx.tolist()]
+        labels = torch.cat([pool_labels[idx], r_labels[ridx]])
+        loss = F.binary_cross_entropy_with_logits(model(images, tok(prompts)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 250 == 0 or step == cfg.steps - 1:
+            log.info("step %d loss %.4f lr %.2e (%.0fs)", step, loss.item(), lr, time.time() - t0)
+    model.eval()
+    with torch.no_grad():
+        held_scores = torch.sigmoid(torch.cat([model(held[i : i + 256], tok(held_prompts[i : i + 256]))
+                                               for i in range(0, len(held), 256)]))  # fmt: skip
+    report = {
+        **agreement(held_scores, held_labels, held_prompts),
+        "held_out": "base-model samples on the evaluation prompts (never trained on)",
+        "mean_score": float(held_scores.mean()),
+        "mean_label": float(held_labels.mean()),
+        "seconds": time.time() - t0,
+        "config": dataclasses.asdict(cfg),
+    }
+    save_scorer(model, cfg.out, report=json.dumps({k: v for k, v in report.items() if k != "config"}))
+    Path(cfg.out).with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    return report

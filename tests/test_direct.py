@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+
+from rewardflow.algorithms import draft as draft_mod
+from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
+from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
+from rewardflow.cli import main
+from rewardflow.rewards import REWARDS
+from rewardflow.sampling.grad import truncated_euler
+from rewardflow.types import RewardOutput
+from tests.conftest import make_policy
+
+PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square"]
+
+
+class Brightness:
+    """A differentiable toy reward: mean pixel value."""
+
+    name = "brightness"
+    differentiable = True
+
+    def __call__(self, images, prompts, metadata):
+        return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)), details={})
+
+
+def grad_of(policy, loss_fn, cond, seed=0):
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+    seen, step = [], opt.step
+
+    def capture(*a, **k):
+        seen.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None]))
+        return step(*a, **k)
+
+    opt.step = capture
+    cfg = loss_fn.cfg
+    direct_train_step(policy, opt, cond, loss_fn, cfg, generator=torch.Generator().manual_seed(seed))
+    return seen[0]
+
+
+def draft_fn(reward, cfg):
+    fn = draft_loss(reward, cfg)
+    fn.cfg = cfg
+    return fn
+
+
+def test_draft_k_equal_to_all_steps_is_full_backprop(tiny_config):
+    policy = make_policy(tiny_config)
+    cond = policy.encode_prompts(PROMPTS)
+    cfg = DraftConfig(num_steps=4, k=4, micro_batch=4, guidance_scale=2.0, grad_clip=1e9)
+    got = grad_of(policy, draft_fn(Brightness(), cfg), cond)
+    # by hand: an Euler loop with every step in the graph
+    policy.module.zero_grad()
+    x = policy.noise(4, torch.Generator().manual_seed(0))
+    sig = cfg.sigmas
+    for i in range(4):
+        x = x + (sig[i + 1] - sig[i]) * policy.velocity(x, sig[i], cond, 2.0)
+    (-policy.decode(x).mean(dim=(1, 2, 3)).mean()).backward()
+    want = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+    assert got.norm() > 0 and torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    # DRaFT-1 is another gradient, and checkpointing does not change it
+    one = grad_of(policy, draft_fn(Brightness(), DraftConfig(num_steps=4, k=1, micro_batch=4, grad_clip=1e9)), cond)
+    assert not torch.allclose(one, got)
+    plain = DraftConfig(num_steps=4, k=1, micro_batch=4, grad_clip=1e9, checkpointing=False)
+    assert torch.allclose(grad_of(policy, draft_fn(Brightness(), plain), cond), one, atol=1e-7)
+
+
+def test_method_samples(tiny_config):
+    policy = make_policy(tiny_config)
+    cond = policy.encode_prompts(PROMPTS)
+
+    def velocity(x, s):
+        return policy.velocity(x, s, cond, 1.0)
+
+    x = policy.noise(4, torch.Generator().manual_seed(0))
+    real = truncated_euler(velocity, x, DraftConfig(num_steps=6).sigmas, grad_from=6)
+    lv = DraftConfig(method="draft-lv", num_steps=6, lv_samples=3).sample(velocity, x, torch.Generator())
+    assert len(lv) == 4 and torch.allclose(lv[0], real, atol=1e-6)  # the base term is the real sample
+    no_base = DraftConfig(method="draft-lv", num_steps=6, lv_samples=3, lv_include_base=False)
+    assert len(no_base.sample(velocity, x, torch.Generator())) == 3
+    refl = DraftConfig(method="refl", num_steps=6, refl_last=1).sample(velocity, x, torch.Generator())[0]
+    with torch.no_grad():  # stop at the last step: its clean prediction is the last Euler step itself
+        assert torch.allclose(refl, real, atol=1e-5)
+    starts = set()
+    cfg = DraftConfig(method="alignprop", num_steps=6, alignprop_min=3)
+    for seed in range(30):
+        starts.add(int(torch.randint(3, 6, (1,), generator=torch.Generator().manual_seed(seed))))
+    assert starts == {3, 4, 5} and cfg.sample(velocity, x, torch.Generator())[0].requires_grad
+
+
+def test_leapalign_step_trains_and_logs_its_diagnostics(tiny_config):
+    policy = make_policy(tiny_config)
+    cond = policy.encode_prompts(PROMPTS)
+    cfg = LeapAlignConfig(num_steps=5, micro_batch=2, optimizer_steps=2)
+    fn = leapalign_loss(Brightness(), cfg)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    metrics, finals, reward = direct_train_step(policy, opt, cond, fn, cfg, generator=torch.Generator())
+    assert {"loss", "d_j", "d_0", "weight", "k", "j", "grad_norm"} <= set(metrics)
+    assert 0 <= metrics["k"] < metrics["j"] < 5 and metrics["weight"] <= 1 / (2 * cfg.tau)
+    assert finals.shape[0] == 4 and not finals.requires_grad and reward.scores.shape == (4,)
+    assert any(not torch.equal(a, p) for a, p in zip(before, policy.trainable_parameters()))
+    pairs = {cfg.draw_pair(torch.Generator().manual_seed(s)) for s in range(200)}
+    assert pairs == {(k, j) for k in range(5) for j in range(k + 1, 5)}  # every pair, k may be 0 and j the last
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (DraftConfig, {"method": "dpo"}, "draft.method"),
+        (DraftConfig, {"k": 0}, "draft.k"),
+        (DraftConfig, {"num_steps": 5, "k": 6}, "draft.k"),
+        (DraftConfig, {"hinge": 0.0}, "draft.hinge"),
+        (DraftConfig, {"method": "alignprop", "alignprop_min": 20}, "draft.alignprop_min"),
+        (DraftConfig, {"method": "refl", "num_steps": 4, "refl_last": 5}, "draft.refl_last"),
+        (LeapAlignConfig, {"alpha": 1.5}, "leapalign.alpha"),
+        (LeapAlignConfig, {"tau": 0.0}, "leapalign.tau"),
+        (LeapAlignConfig, {"num_steps": 5, "pair_min": 4}, "leapalign.pair_min"),
+    ],
+)
+def test_bad_direct_configs_are_named(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_direct_methods_train_end_to_end_and_refuse_a_non_differentiable_reward(
+    tmp_path,
+    tiny_run_args,
+    capsys,
+    monkeypatch,  # noqa: F811
+):
+    monkeypatch.setitem(REWARDS, "brightness", lambda cfg: Brightness())
+    monkeypatch.setattr("rewardflow.rewards.differentiable_rewards", lambda: ["shapes-score", "brightness"])
+    small = ["--draft.num-steps", "3", "--draft.micro-batch", "4", "--leapalign.num-steps", "3",
+             "--leapalign.micro-batch", "4", "--reward.names", "brightness"]  # fmt: skip
+    for algorithm in ("draft", "leapalign"):
+        run = tmp_path / algorithm
+        args = ["--algorithm", algorithm, *small, *tiny_run_args]
+        assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), *args]) == 0
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train_rows = [m for m in rows if "reward" in m]
+        assert len(train_rows) == 2 and {"loss", "grad_norm", "judge/strict", "judge/reward"} <= set(train_rows[0])
+    bad = tmp_path / "bad"
+    args = ["--algorithm", "draft", "--draft.micro-batch", "4", *tiny_run_args]
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(bad), *args]) == 2
+    err = capsys.readouterr().err
+    assert "reward 'shapes-judge' is not differentiable" in err and "brightness" in err
+    assert not bad.exists()
+    assert draft_mod.reward_loss(torch.tensor([0.2, 0.9]), 0.5).tolist() == pytest.approx([0.3, 0.0])
