@@ -29,15 +29,16 @@ from rewardflow.train import load_trained_policy, train
 
 
 @torch.no_grad()
-def kl_to_base(run_dir: Path, seed: int = 0) -> float:
+def kl_to_base(run_dir: Path, seed: int = 0, probe: grpo.GRPOConfig | None = None) -> float:
     """Mean code-form KL per trained step between the tuned policy (EMA weights) and the base.
 
-    Measured along Flow-GRPO SDE rollouts of the tuned policy at the evaluation's CFG scale, for every
-    algorithm (for DiffusionNFT, which never uses this SDE, it is a distance between the two models).
+    Measured along Flow-GRPO SDE rollouts of the tuned policy: with ``probe``'s SDE and CFG scale when given
+    (one probe for every run makes runs comparable), else with the run's own ``grpo`` section at the
+    evaluation's CFG scale (for DiffusionNFT, which never uses this SDE, it is a distance between the models).
     """
     policy, cfg = load_trained_policy(run_dir)
     prompts = [r.prompt for r in load_prompts(cfg.eval.prompts)]
-    gcfg = dataclasses.replace(cfg.grpo, guidance_scale=cfg.eval.guidance_scale)
+    gcfg = probe or dataclasses.replace(cfg.grpo, guidance_scale=cfg.eval.guidance_scale)
     n = len(prompts)
     cond = policy.encode_prompts(prompts)
     batch = grpo.collect(policy, cond, gcfg, torch.Generator().manual_seed(seed))

@@ -31,11 +31,16 @@ import torch  # noqa: E402
 from shapes_grpo import kl_to_base, machine  # noqa: E402
 from sweep import apply_overrides  # noqa: E402
 
+from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
 from rewardflow.data.prompts import load_prompts  # noqa: E402
 from rewardflow.evaluate import generate  # noqa: E402
 from rewardflow.models.protocol import FlowPolicy  # noqa: E402
 from rewardflow.presets import get_preset  # noqa: E402
 from rewardflow.train import build_policy, load_trained_policy  # noqa: E402
+
+# One KL probe for every method: Flow-GRPO's SDE (a = 1.0, 10 steps, all 9 SDE steps) without CFG, so the
+# number is a distance between the tuned and the base model that does not depend on a method's own sampler.
+KL_PROBE = GRPOConfig(num_steps=10, noise_level=1.0, guidance_scale=1.0, micro_batch=60)
 
 METHODS = {
     "Flow-GRPO": "shapes_grpo_cpu",
@@ -135,7 +140,8 @@ def summarise(name: str, preset: str, run: Path, target_gain: float) -> dict:
         "eval_guidance": base["settings"]["guidance_scale"],
         "time_to_target": None if hit is None else {"minutes": hit["minutes"], "iteration": hit["iteration"]},
         "best": {"strict": best["strict"], "iteration": best["iteration"]},
-        "kl_to_base": kl_to_base(run),
+        "kl_to_base": kl_to_base(run, probe=KL_PROBE),
+        "stopped": "iterations" if last["iteration"] >= cfg.iterations else "time",
         "diversity_base": diversity(build_policy(cfg), cfg.eval),
         "diversity_tuned": diversity(tuned, cfg.eval),
     }
@@ -161,8 +167,18 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def strict_at(points: list[dict], minutes: float) -> float:
+    """Strict accuracy at ``minutes`` of training, linearly interpolated between evaluations."""
+    for a, b in zip(points, points[1:]):
+        if a["minutes"] <= minutes <= b["minutes"]:
+            f = (minutes - a["minutes"]) / max(1e-9, b["minutes"] - a["minutes"])
+            return a["strict"] + f * (b["strict"] - a["strict"])
+    return points[-1]["strict"]
+
+
 def report(results: list[dict], args: argparse.Namespace, runs: Path) -> str:
     ev = results[0]["points"][0]["settings"]
+    common = min(r["points"][-1]["minutes"] for r in results)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     gain = 100 * args.target_gain
     lines = [
@@ -175,19 +191,27 @@ def report(results: list[dict], args: argparse.Namespace, runs: Path) -> str:
         f"- Machine: {machine()}; {args.threads} thread(s) per run, {args.parallel} run(s) at a time",
         f"- Each method: its preset, stopped after {args.minutes:g} minutes of wall-clock (evaluations included) or "
         f"at its last iteration; accuracy of the EMA weights on {ev['num_prompts']} evaluation prompts x "
-        f"{ev['per']} samples, {ev['num_steps']} Euler steps",
+        f"{ev['per']} samples, {ev['num_steps']} Euler steps, at each preset's evaluation CFG (the base scores "
+        "differ with it); minutes are training-loop minutes, evaluations excluded",
+        "- KL to base: code form per step along one probe SDE for every method (Flow-GRPO's, a = 1.0, 10 steps, "
+        "no CFG) on the evaluation prompts; diversity: mean RMS pixel distance between two samples of one prompt",
         "",
-        f"| method | preset | iterations | s/it | base | last | best (it) | time to +{gain:.0f} pts | KL to base "
-        "| diversity base -> last |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | preset | eval CFG | iterations (stopped by) | training min | s/it | base | strict at "
+        f"{common:.1f} min | last | best (it) | time to +{gain:.0f} pts | KL to base | diversity base -> last |",
+        "|---" * 13 + "|",
     ]
     for r in results:
         p0, pn = r["points"][0], r["points"][-1]
         ttt = r["time_to_target"]
-        ttt_s = "not reached" if ttt is None else f"{ttt['minutes']:.1f} min ({ttt['iteration']} it)"
+        ttt_s = (
+            f"not in {pn['minutes']:.1f} min" if ttt is None else f"{ttt['minutes']:.1f} min ({ttt['iteration']} it)"
+        )
+        at = strict_at(r["points"], common)
         lines.append(
-            f"| {r['method']} | `{r['preset']}` | {r['iterations']} | {r['sec_per_iteration']:.1f} | "
-            f"{p0['strict']:.3f} | {pn['strict']:.3f} ({100 * (pn['strict'] - p0['strict']):+.1f}) | "
+            f"| {r['method']} | `{r['preset']}` | {r['eval_guidance']:g} | {r['iterations']} ({r['stopped']}) | "
+            f"{pn['minutes']:.1f} | {r['sec_per_iteration']:.1f} | {p0['strict']:.3f} | "
+            f"{at:.3f} ({100 * (at - p0['strict']):+.1f}) | "
+            f"{pn['strict']:.3f} ({100 * (pn['strict'] - p0['strict']):+.1f}) | "
             f"{r['best']['strict']:.3f} ({r['best']['iteration']}) | {ttt_s} | {r['kl_to_base']:.2e} | "
             f"{r['diversity_base']:.3f} -> {r['diversity_tuned']:.3f} |"
         )
@@ -204,11 +228,12 @@ def report(results: list[dict], args: argparse.Namespace, runs: Path) -> str:
     by = {r["method"]: r for r in results}
     if "Flow-GRPO" in by and "DiffusionNFT" in by:
         g, n = by["Flow-GRPO"]["time_to_target"], by["DiffusionNFT"]["time_to_target"]
+        head = f"NFT / Flow-GRPO training time to +{gain:.0f} points over each one's own base"
         if g and n:
-            ratio = f"NFT / Flow-GRPO training time to +{gain:.0f} points: **{n['minutes'] / g['minutes']:.2f}**"
+            ratio = f"{head}: **{n['minutes'] / g['minutes']:.2f}**"
         else:
-            ratio = f"NFT / Flow-GRPO training time to +{gain:.0f} points: not measurable (a method did not get there)"
-        lines += ["", ratio]
+            ratio = f"{head}: not measurable (a method did not get there)"
+        lines += ["", ratio + " (NFT's base is evaluated without CFG, Flow-GRPO's with CFG 4.5)."]
     return "\n".join(lines) + "\n"
 
 

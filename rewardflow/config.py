@@ -83,6 +83,8 @@ class RewardConfig:
     of each reward's own group advantages (DanceGRPO, MixGRPO). One reward: the same either way."""
     extra_object_penalty: float = 0.25
     """shapes-judge: score subtracted per detected object the prompt did not ask for."""
+    score_checkpoint: str = "shipped"
+    """shapes-score: the learned scorer's checkpoint ("shipped", or a file from ``rewardflow reward-model``)."""
 
     def __post_init__(self) -> None:
         if not self.names or len(set(self.names)) != len(self.names):
@@ -208,4 +210,8 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
 
 def from_yaml(text: str) -> TrainConfig:
     """Rebuild a TrainConfig from ``config.yaml``; unknown fields raise naming the field."""
-    return _build(TrainConfig, yaml.safe_load(text), "")
+    raw = yaml.safe_load(text)
+    reward = raw.get("reward") if isinstance(raw, dict) else None
+    if isinstance(reward, dict) and "name" in reward:  # run folders written before several rewards existed
+        reward["names"] = [reward.pop("name")]
+    return _build(TrainConfig, raw, "")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rewardflow.algorithms.draft import DraftConfig
 from rewardflow.algorithms.grpo import GRPOConfig
+from rewardflow.algorithms.leapalign import LeapAlignConfig
 from rewardflow.algorithms.nft import NFTConfig
-from rewardflow.config import ModelConfig, OptimConfig, TrainConfig
+from rewardflow.config import ModelConfig, OptimConfig, RewardConfig, TrainConfig
 from rewardflow.evaluate import EvalConfig
 
 
@@ -123,6 +125,56 @@ def shapes_mix_cpu() -> TrainConfig:
     return cfg
 
 
+def shapes_draft_cpu() -> TrainConfig:
+    """DRaFT-1 against the learned ``shapes-score`` reward: the reward's gradient through the last Euler step.
+
+    32 images per iteration (16 prompts x 2), 20 Euler steps with CFG 4.5 (evaluation: 40), loss ``-r``, one
+    optimizer step per iteration, full fine-tune at lr 1e-5 with EMA. The judge scores every training batch
+    as a monitor (``judge/*``), so the gap between the learned reward and the truth shows while it trains.
+    """
+    cfg = shapes_grpo_cpu()
+    cfg.run_dir = "runs/shapes_draft_cpu"
+    cfg.algorithm = "draft"
+    cfg.iterations, cfg.group_size, cfg.save_every, cfg.eval_every = 60, 2, 20, 20
+    cfg.optim = OptimConfig(lr=1e-5)
+    cfg.reward = RewardConfig(names=("shapes-score",))
+    cfg.draft = DraftConfig(method="draft", k=1, num_steps=20, micro_batch=16, optimizer_steps=1)
+    return cfg
+
+
+def shapes_draft_lv_cpu() -> TrainConfig:
+    """DRaFT-LV: ``shapes_draft_cpu`` with 2 re-noised gradient samples at the last sigma (plus the real one)."""
+    cfg = shapes_draft_cpu()
+    cfg.run_dir = "runs/shapes_draft_lv_cpu"
+    cfg.draft.method = "draft-lv"
+    return cfg
+
+
+def shapes_refl_cpu() -> TrainConfig:
+    """ReFL: ``shapes_draft_cpu`` stopped at a random one of the last 5 of 20 steps, scored on its clean prediction."""
+    cfg = shapes_draft_cpu()
+    cfg.run_dir = "runs/shapes_refl_cpu"
+    cfg.draft.method, cfg.draft.refl_last = "refl", 5
+    return cfg
+
+
+def shapes_alignprop_cpu() -> TrainConfig:
+    """AlignProp: ``shapes_draft_cpu`` with the gradient through a random number of the last 1-5 of 20 steps."""
+    cfg = shapes_draft_cpu()
+    cfg.run_dir = "runs/shapes_alignprop_cpu"
+    cfg.draft.method, cfg.draft.alignprop_min = "alignprop", 15
+    return cfg
+
+
+def shapes_leapalign_cpu() -> TrainConfig:
+    """LeapAlign: ``shapes_draft_cpu``'s recipe with two leaps from a random pair of the 20 steps (alpha 0.3)."""
+    cfg = shapes_draft_cpu()
+    cfg.run_dir = "runs/shapes_leapalign_cpu"
+    cfg.algorithm = "leapalign"
+    cfg.leapalign = LeapAlignConfig(num_steps=20, alpha=0.3, tau=0.1, micro_batch=16, optimizer_steps=1)
+    return cfg
+
+
 def shapes_grpo_smoke() -> TrainConfig:
     """Two tiny iterations with a tiny evaluation: checks the whole pipeline in about a minute."""
     cfg = shapes_grpo_cpu()
@@ -143,6 +195,11 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "shapes_grpo_fast_cpu": shapes_grpo_fast_cpu,
     "shapes_dance_cpu": shapes_dance_cpu,
     "shapes_mix_cpu": shapes_mix_cpu,
+    "shapes_draft_cpu": shapes_draft_cpu,
+    "shapes_draft_lv_cpu": shapes_draft_lv_cpu,
+    "shapes_refl_cpu": shapes_refl_cpu,
+    "shapes_alignprop_cpu": shapes_alignprop_cpu,
+    "shapes_leapalign_cpu": shapes_leapalign_cpu,
     "shapes_grpo_smoke": shapes_grpo_smoke,
 }
 

@@ -223,7 +223,7 @@ def _loop(
             "time_iteration": time.time() - t0,
         }
         append_jsonl(metrics_path, record)
-        shown = {k: f"{update[k]:.2e}" for k in ("kl", "ref_loss", "loss") if k in update}
+        shown = {k: f"{update[k]:.2e}" for k in ("kl", "clip_frac", "ref_loss", "loss") if k in update}
         bar.set_postfix(reward=f"{record['reward']:.3f}", **shown)
         done = it + 1
         if done == 1 or done % cfg.save_every == 0:
@@ -305,7 +305,9 @@ def direct_iteration(
         loss_fn = draft_loss(reward_fn, cfg.draft)
     else:
         loss_fn = leapalign_loss(reward_fn, cfg.leapalign)
-    update, final, reward = direct_train_step(policy, optimizer, cond, loss_fn, cfg.algo, ema.step, generator=gen)
+    update, final, reward = direct_train_step(
+        policy, optimizer, cond, metadata, loss_fn, cfg.algo, ema.step, generator=gen
+    )
     images = policy.decode(final)
     judged = ShapesJudgeReward(cfg.reward.extra_object_penalty)(images, cond.prompts, metadata)
     update.update({f"judge/{k}": v.mean().item() for k, v in judged.details.items()})

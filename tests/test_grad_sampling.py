@@ -9,6 +9,7 @@ from rewardflow.sampling.grad import (
     leap_distance,
     leap_rollout,
     renoised_last_step,
+    stopped_euler,
     truncated_euler,
 )
 from rewardflow.sampling.schedules import sd3_schedule
@@ -63,24 +64,28 @@ def test_truncated_euler_gradient_matches_finite_differences(grad_from):
     assert got.abs().max() > 0
 
 
-def test_stop_at_returns_the_clean_prediction_with_one_step_of_gradient():
+def test_stopped_euler_returns_the_clean_prediction_with_one_step_of_gradient():
     m = 3
 
     def loss(theta):
-        return (W * truncated_euler(velocity_fn(theta), X_INIT, SIGMAS, grad_from=m, stop_at=m)).sum()
+        return (W * stopped_euler(velocity_fn(theta), X_INIT, SIGMAS, m)[0]).sum()
 
     with torch.no_grad():
         x = X_INIT
         for i in range(m):
             x = x + (SIGMAS[i + 1] - SIGMAS[i]) * velocity_fn(THETA0)(x, SIGMAS[i])
     expected_value = x - SIGMAS[m] * velocity_fn(THETA0)(x, SIGMAS[m])
-    assert torch.allclose(truncated_euler(velocity_fn(THETA0), X_INIT, SIGMAS, grad_from=m, stop_at=m), expected_value)
+    prediction, real = stopped_euler(velocity_fn(THETA0), X_INIT, SIGMAS, m)
+    assert torch.allclose(prediction, expected_value)
+    assert torch.allclose(real, truncated_euler(velocity_fn(THETA0), X_INIT, SIGMAS, grad_from=T), atol=1e-12)
     # d/dtheta of x_m - s v_theta(x_m, s) with x_m fixed: -s (x_m, s, tanh x_m) weighted by W
     s = SIGMAS[m]
     by_hand = -s * torch.stack([(W * x).sum(), (W * s).sum(), (W * torch.tanh(x)).sum()])
     assert torch.allclose(autograd(loss, THETA0), by_hand, atol=1e-12)
+    with pytest.raises(ValueError, match="stop"):
+        stopped_euler(velocity_fn(THETA0), X_INIT, SIGMAS, T)
     with pytest.raises(ValueError, match="grad_from"):
-        truncated_euler(velocity_fn(THETA0), X_INIT, SIGMAS, grad_from=4, stop_at=2)
+        truncated_euler(velocity_fn(THETA0), X_INIT, SIGMAS, grad_from=T + 1)
 
 
 def test_checkpointing_changes_memory_not_gradients():

@@ -181,15 +181,22 @@ def test_timestep_fraction_keeps_the_ratio_exactly_one_at_mixed_timesteps(tiny_c
     assert grpo.train_step(policy, sgd, batch, torch.randn(8), cfg)["ratio_dev"] == 0.0
 
 
-def test_timestep_fraction_loss_is_the_mean_over_drawn_terms(tiny_config):
+def test_timestep_fraction_loss_is_the_mean_over_drawn_terms(tiny_config, monkeypatch):
     """One drawn step per row: the gradient of the mean of those rows' own terms (normalised by 1 term)."""
     policy = make_policy(tiny_config)
     cfg = GRPOConfig(num_steps=9, micro_batch=8, optimizer_steps=1, timestep_fraction=1 / 8, grad_clip=1e9)
     batch = _batch(policy, cfg, seed=5)
     adv = torch.linspace(-1, 1, 8)
+    drawn, real = [], grpo.step_terms
+
+    def spy(policy, batch, rows, j, cfg, need_reference):
+        drawn.append(j.clone())
+        return real(policy, batch, rows, j, cfg, need_reference)
+
+    monkeypatch.setattr(grpo, "step_terms", spy)
     got = update_gradient(policy, batch, adv, cfg, generator=torch.Generator().manual_seed(0))
-    # The same draw by hand: each row's first step in a random permutation of the 8 SDE steps.
-    j = torch.rand((8, 8), generator=torch.Generator().manual_seed(0)).argsort(dim=1)[:, 0]
+    monkeypatch.setattr(grpo, "step_terms", real)
+    (j,) = drawn  # one forward: every row at its own drawn step
     assert len(set(j.tolist())) > 1
     policy.module.zero_grad()
     log_prob, _ = grpo.step_terms(policy, batch, slice(0, 8), j, cfg, need_reference=True)
@@ -216,23 +223,26 @@ def test_selected_rows_train_near_on_policy(tiny_config):
     policy = make_policy(tiny_config)
     cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, sde_type="dance", best_worst_k=2)
     batch = _batch(policy, cfg)
-    keep = grpo.best_worst_rows(torch.randn(8), torch.arange(2).repeat_interleave(4), 2)
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    keep = grpo.best_worst_rows(adv, torch.arange(2).repeat_interleave(4), 2)
     sub = batch.select(keep)
     assert sub.cond.prompts == [batch.cond.prompts[i] for i in keep.tolist()]
     assert len(keep) == 4 and torch.equal(sub.xs, batch.xs[keep])
-    metrics = grpo.train_step(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), sub, torch.randn(4), cfg)
+    metrics = grpo.train_step(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), sub, adv[keep], cfg)
     assert metrics["ratio_dev"] < 1e-5
 
 
 def test_cps_rollouts_keep_the_ratio_exactly_one(tiny_config):
     policy = make_policy(tiny_config)
-    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, sde_type="cps", noise_level=0.8)
+    cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, sde_type="cps", noise_level=0.8, kl_form="paper")
     batch = _batch(policy, cfg)
     for j in batch.trained_steps:
         log_prob, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
         assert torch.equal(log_prob, batch.log_probs[0:4, j]) and torch.equal(kl, torch.zeros(4))
     with pytest.raises(ValueError, match="CPS"):
         GRPOConfig(sde_type="cps", noise_level=1.5)
+    with pytest.raises(ValueError, match="kl_form 'paper'"):
+        GRPOConfig(sde_type="cps", noise_level=0.8, kl_beta=0.04)  # the code form has no g for CPS
 
 
 def test_mixgrpo_progressive_window_slides_and_rolls_back():
@@ -255,9 +265,11 @@ def test_mixgrpo_decay_window_stays_shorter_as_it_moves():
     starts = [cfg.window_start(it) for it in range(13)]
     assert starts == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 0]
     with pytest.raises(ValueError, match="window_iters_min"):
-        GRPOConfig(window_schedule="decay", window_iters=2, window_iters_min=3)
+        GRPOConfig(sde_window=1, window_schedule="decay", window_iters=2, window_iters_min=3)
     with pytest.raises(ValueError, match="window_schedule"):
-        GRPOConfig(window_schedule="cosine")
+        GRPOConfig(sde_window=1, window_schedule="cosine")
+    with pytest.raises(ValueError, match="needs a window"):
+        GRPOConfig(window_schedule="progressive")
 
 
 def test_lora_training_leaves_base_weights_frozen(tiny_config):

@@ -46,7 +46,7 @@ GRPO_VARIANTS = {
     "dance": {"sde_type": "dance", "noise_level": 0.7, "same_initial_noise": True, "timestep_fraction": 0.6},
     "mix": {"sde_type": "dance", "noise_level": 0.7, "sde_window": 2, "window_schedule": "progressive",
             "window_iters": 2},
-    "cps": {"sde_type": "cps", "noise_level": 0.8},
+    "cps": {"sde_type": "cps", "noise_level": 0.8, "kl_form": "paper"},
 }  # fmt: skip
 
 

@@ -37,6 +37,8 @@ def test_weighted_rewards_sum_keep_components_and_merge_details():
     assert torch.allclose(out.scores, torch.tensor([2.0 - 0.5, 0.0 - 2.0]))
     assert torch.equal(out.components["a"], a.scores) and torch.equal(out.components["b"], b.scores)
     assert set(out.details) == {"hits", "b/hits", "size"}  # a shared detail name is prefixed by its reward
+    renamed = WeightedRewards([a, b], [1.0, 1.0], ["first", "second"])(torch.zeros(2, 3, 4, 4), ["x", "y"], [{}, {}])
+    assert set(renamed.components) == {"first", "second"}  # keyed by the configured names
     with pytest.raises(ValueError, match="one weight per reward"):
         WeightedRewards([a, b], [1.0])
     bad = Fixed("bad", [float("nan"), 1.0])
@@ -61,9 +63,11 @@ def test_advantage_aggregation_by_hand():
     # the sum is clipped again
     big = aggregate_advantages(s, {"r1": r1, "r2": r2}, {"r1": 9.0, "r2": 0.0}, groups, "advantage", clip=5.0)
     assert big.abs().max() <= 5.0
-    # one reward: both conventions agree
-    one = aggregate_advantages(r1, {"r1": r1}, {"r1": 1.0}, groups, "advantage")
-    assert torch.equal(one, group_advantages(r1, groups))
+    # one reward: both conventions agree (the weighted sum 2 r1 normalises to r1's advantages)
+    by_reward = aggregate_advantages(2 * r1, {"r1": r1}, {"r1": 2.0}, groups, "reward", global_std=False)
+    by_adv = aggregate_advantages(2 * r1, {"r1": r1}, {"r1": 2.0}, groups, "advantage", global_std=False)
+    assert torch.allclose(by_reward, by_adv, atol=1e-3)
+    assert torch.allclose(by_reward, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-3)
 
 
 def test_reward_config_errors_name_the_field():
@@ -81,3 +85,11 @@ def test_reward_config_errors_name_the_field():
     out = both(torch.zeros(2, 3, 32, 32), ["a circle", "two squares"], [{}, {}])
     assert set(out.components) == {"shapes-judge", "jpeg-compressibility"}
     assert torch.allclose(out.scores, out.components["shapes-judge"] + 0.1 * out.components["jpeg-compressibility"])
+
+
+def test_run_configs_written_with_one_reward_name_still_load():
+    from rewardflow.config import TrainConfig, from_yaml, to_yaml
+
+    old = to_yaml(TrainConfig()).replace("  names:\n  - shapes-judge\n", "  name: shapes-judge\n")
+    assert "name: shapes-judge" in old
+    assert from_yaml(old).reward.names == ("shapes-judge",)

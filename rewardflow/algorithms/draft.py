@@ -33,7 +33,7 @@ import torch
 from rewardflow.algorithms.batching import check_split, mean_metrics, micro_batches, optimizer_step
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
-from rewardflow.sampling.grad import Velocity, checkpointed, renoised_last_step, truncated_euler
+from rewardflow.sampling.grad import Velocity, checkpointed, renoised_last_step, stopped_euler, truncated_euler
 from rewardflow.sampling.schedules import sd3_schedule
 from rewardflow.types import RewardOutput
 
@@ -92,20 +92,28 @@ class DraftConfig:
     def sigmas(self) -> torch.Tensor:
         return sd3_schedule(self.num_steps, self.shift)
 
-    def sample(self, velocity: Velocity, x: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
-        """The samples whose rewards make the loss (each with its gradient path), for one micro-batch."""
+    def sample(
+        self, velocity: Velocity, x: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The samples whose rewards make one micro-batch's loss, and the real sample of its trajectory.
+
+        Each scored sample carries its method's gradient path; the real sample is detached (it is what the judge
+        monitors and the sample grids show).
+        """
         sigmas, steps = self.sigmas, self.num_steps
-        if self.method == "draft":
-            return [truncated_euler(velocity, x, sigmas, grad_from=steps - self.k)]
-        if self.method == "alignprop":
-            start = int(torch.randint(self.alignprop_min, steps, (1,), generator=generator))
-            return [truncated_euler(velocity, x, sigmas, grad_from=start)]
+        if self.method in ("draft", "alignprop"):
+            start = steps - self.k
+            if self.method == "alignprop":
+                start = int(torch.randint(self.alignprop_min, steps, (1,), generator=generator))
+            x0 = truncated_euler(velocity, x, sigmas, grad_from=start)
+            return [x0], x0.detach()
         if self.method == "refl":
             stop = int(torch.randint(steps - self.refl_last, steps, (1,), generator=generator))
-            return [truncated_euler(velocity, x, sigmas, grad_from=stop, stop_at=stop)]
+            prediction, real = stopped_euler(velocity, x, sigmas, stop)
+            return [prediction], real
         last = truncated_euler(velocity, x, sigmas, grad_from=steps - 1)  # the real sample, last step with grad
         extra = renoised_last_step(velocity, last, float(sigmas[-2]), self.lv_samples, generator)
-        return [last, *extra] if self.lv_include_base else extra
+        return ([last, *extra] if self.lv_include_base else extra), last.detach()
 
 
 def check_direct_common(cfg: DraftConfig | object, section: str) -> None:
@@ -143,9 +151,10 @@ def bind_velocity(policy: FlowPolicy, cond: Conditioning, guidance_scale: float,
     return checkpointed(velocity) if checkpointing else velocity
 
 
-# (policy, cond rows, generator) -> (loss, final samples [B, ...] detached, reward of the finals, extra metrics)
+# (policy, cond rows, metadata rows, generator) -> (loss, real samples [B, ...] detached, their reward, metrics)
 MicroBatchLoss = Callable[
-    [FlowPolicy, Conditioning, torch.Generator | None], tuple[torch.Tensor, torch.Tensor, RewardOutput, dict]
+    [FlowPolicy, Conditioning, list[dict], torch.Generator | None],
+    tuple[torch.Tensor, torch.Tensor, RewardOutput, dict],
 ]
 
 
@@ -153,14 +162,15 @@ def direct_train_step(
     policy: FlowPolicy,
     optimizer: torch.optim.Optimizer,
     cond: Conditioning,
+    metadata: list[dict],
     loss_fn: MicroBatchLoss,
     cfg: DraftConfig | object,
     after_optimizer_step: Callable[[], None] | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, RewardOutput]:
-    """One iteration of a direct-gradient method over every micro-batch of ``cond``.
+    """One iteration of a direct-gradient method over every micro-batch of ``cond`` (with its ``metadata``).
 
-    Returns the metrics, the final samples [N, ...] (detached) and their reward (scores detached).
+    Returns the metrics, the real samples [N, ...] (detached) and the reward of what was scored (detached).
     """
     n = len(cond)
     cfg.check_batch(n)
@@ -169,7 +179,7 @@ def direct_train_step(
     finals, outs, grad_norms = [], [], []
     optimizer.zero_grad(set_to_none=True)
     for c, rows in enumerate(chunks):
-        loss, final, out, extra = loss_fn(policy, cond.index(rows), generator)
+        loss, final, out, extra = loss_fn(policy, cond.index(rows), metadata[rows], generator)
         (loss / per_opt).backward()
         sums["loss"] += loss.detach()
         for key, value in extra.items():
@@ -187,16 +197,17 @@ def direct_train_step(
 
 
 def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
-    """The per-micro-batch loss of ``cfg.method``: mean over images and gradient samples of the reward loss."""
+    """The per-micro-batch loss of ``cfg.method``: mean over images and gradient samples of the reward loss.
 
-    def loss_fn(policy: FlowPolicy, cond: Conditioning, generator: torch.Generator | None):
+    The logged reward is that of the first scored sample: the real one, except for ReFL (its clean
+    prediction) and DRaFT-LV without the base term (a re-noised one).
+    """
+
+    def loss_fn(policy: FlowPolicy, cond: Conditioning, metadata: list[dict], generator: torch.Generator | None):
         velocity = bind_velocity(policy, cond, cfg.guidance_scale, cfg.checkpointing)
-        samples = cfg.sample(velocity, policy.noise(len(cond), generator), generator)
-        prompts, meta = cond.prompts, [{} for _ in cond.prompts]
-        outs = [reward_fn(policy.decode(x), prompts, meta) for x in samples]
+        samples, real = cfg.sample(velocity, policy.noise(len(cond), generator), generator)
+        outs = [reward_fn(policy.decode(x), cond.prompts, metadata) for x in samples]
         loss = torch.stack([reward_loss(o.scores, cfg.hinge).mean() for o in outs]).mean()
-        # The first sample is the real one for every method but ReFL (its clean prediction) and draft-lv
-        # without the base term (a re-noised one): what was scored is what is logged.
-        return loss, samples[0].detach(), outs[0], {}
+        return loss, real, outs[0], {}
 
     return loss_fn

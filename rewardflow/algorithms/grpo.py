@@ -137,6 +137,13 @@ class GRPOConfig:
                 "grpo.window_stride must be >= 1 and 1 <= grpo.window_iters_min <= grpo.window_iters, got "
                 f"{self.window_stride}, {self.window_iters_min}, {self.window_iters}"
             )
+        if self.sde_type == "cps" and self.kl_form == "code" and self.kl_beta > 0:
+            raise ValueError(
+                "grpo.kl_form 'code' divides by g^2 = std^2 / dt, which CPS does not have (its noise does not scale "
+                "with dt); use grpo.kl_form 'paper' with grpo.sde_type 'cps'"
+            )
+        if self.window_schedule != "random" and not self.sde_window:
+            raise ValueError(f"grpo.window_schedule {self.window_schedule!r} needs a window (grpo.sde_window > 0)")
         if self.best_worst_k < 0 or self.best_worst_k % 2:
             raise ValueError(f"grpo.best_worst_k must be 0 or a positive even number, got {self.best_worst_k}")
         if self.kl_form not in ("code", "paper"):

@@ -90,13 +90,13 @@ class LeapAlignConfig:
 def leapalign_loss(reward_fn: RewardFn, cfg: LeapAlignConfig) -> MicroBatchLoss:
     """Per micro-batch: the consistency-weighted mean of the reward loss on the (connected) real samples."""
 
-    def loss_fn(policy: FlowPolicy, cond: Conditioning, generator: torch.Generator | None):
+    def loss_fn(policy: FlowPolicy, cond: Conditioning, metadata: list[dict], generator: torch.Generator | None):
         k, j = cfg.draw_pair(generator)
         velocity = bind_velocity(policy, cond, cfg.guidance_scale, cfg.checkpointing)
         out = leap_rollout(
             velocity, policy.noise(len(cond), generator), cfg.sigmas, k, j, alpha=cfg.alpha, tau=cfg.tau
         )
-        reward = reward_fn(policy.decode(out.x0), cond.prompts, [{} for _ in cond.prompts])
+        reward = reward_fn(policy.decode(out.x0), cond.prompts, metadata)
         loss = (out.weight * reward_loss(reward.scores, cfg.hinge)).mean()
         extra = {"d_j": out.d_j.mean(), "d_0": out.d_0.mean(), "weight": out.weight.mean(), "k": k, "j": j}
         return loss, out.x0.detach(), reward, extra

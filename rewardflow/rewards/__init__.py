@@ -17,14 +17,14 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "shapes-judge": lambda cfg: ShapesJudgeReward(cfg.extra_object_penalty),
     "jpeg-compressibility": lambda cfg: JpegSize(sign=-1.0),
     "jpeg-incompressibility": lambda cfg: JpegSize(sign=1.0),
-    "shapes-score": lambda cfg: _shapes_score(),
+    "shapes-score": lambda cfg: _shapes_score(cfg.score_checkpoint),
 }
 
 
-def _shapes_score() -> RewardFn:
+def _shapes_score(checkpoint: str) -> RewardFn:
     from rewardflow.rewards.shapes_score import ShapesScoreReward  # torch model: built only when asked for
 
-    return ShapesScoreReward()
+    return ShapesScoreReward(checkpoint)
 
 
 def differentiable_rewards() -> list[str]:
@@ -37,4 +37,4 @@ def build_reward(cfg: RewardConfig) -> WeightedRewards:
     unknown = [n for n in cfg.names if n not in REWARDS]
     if unknown:
         raise ValueError(f"reward.names has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
-    return WeightedRewards([REWARDS[n](cfg) for n in cfg.names], list(cfg.resolved_weights))
+    return WeightedRewards([REWARDS[n](cfg) for n in cfg.names], list(cfg.resolved_weights), list(cfg.names))

@@ -16,25 +16,27 @@ class WeightedRewards:
     Details of the parts are merged (a name two parts share is prefixed by the reward's name).
     """
 
-    def __init__(self, rewards: list[RewardFn], weights: list[float]) -> None:
+    def __init__(self, rewards: list[RewardFn], weights: list[float], names: list[str] | None = None) -> None:
         if len(rewards) != len(weights) or not rewards:
             raise ValueError(f"need one weight per reward, got {len(rewards)} rewards and {len(weights)} weights")
         self.rewards, self.weights = rewards, weights
-        self.name = "+".join(r.name for r in rewards)
+        # The keys of ``components``: the configured names, by which advantage weights are looked up.
+        self.names = names or [r.name for r in rewards]
+        self.name = "+".join(self.names)
         self.differentiable = all(getattr(r, "differentiable", False) for r in rewards)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         total, components, details = None, {}, {}
-        for reward, w in zip(self.rewards, self.weights):
+        for name, reward, w in zip(self.names, self.rewards, self.weights):
             out = reward(images, prompts, metadata)
-            scores = out.scores.float()
+            scores = out.scores.float().to(images.device)  # a judge scores on the CPU, a network where it runs
             if scores.shape != (len(prompts),) or not torch.isfinite(scores).all():
                 raise ValueError(
-                    f"reward {reward.name!r} returned scores {tuple(scores.shape)} with non-finite "
+                    f"reward {name!r} returned scores {tuple(scores.shape)} with non-finite "
                     f"values or not one per image ({len(prompts)})"
                 )
-            components[reward.name] = scores
+            components[name] = scores
             total = w * scores if total is None else total + w * scores
             for k, v in out.details.items():
-                details[f"{reward.name}/{k}" if k in details else k] = v
+                details[f"{name}/{k}" if k in details else k] = v
         return RewardOutput(scores=total, details=details, components=components)

@@ -104,6 +104,8 @@ def load_scorer(path: str | Path = SHIPPED) -> ShapesScorer:
         from importlib import resources
 
         path = Path(str(resources.files("rewardflow") / "assets" / "shapes_score.safetensors"))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"shapes-score checkpoint {path} does not exist; `rewardflow reward-model` trains one")
     state, meta = load_safetensors_checked(path, expected_format=FORMAT)
     raw = json.loads(meta["config"])
     raw["vocabulary"] = tuple(raw["vocabulary"])

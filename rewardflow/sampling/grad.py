@@ -5,8 +5,9 @@ graph keeps its gradient and what the reward is computed on. These functions tak
 callable (the caller binds the model, prompts and guidance) and a sigma grid from 1 down to 0:
 
 - :func:`truncated_euler`: steps before ``grad_from`` run without gradient, later ones with it, through the
-  model and through the latent chain between them (DRaFT full = 0, DRaFT-K = T - K, AlignProp = random);
-  ``stop_at`` instead returns the one-step clean prediction ``x - sigma v`` at that step (ReFL).
+  model and through the latent chain between them (DRaFT full = 0, DRaFT-K = T - K, AlignProp = random).
+- :func:`stopped_euler`: ReFL's one-step clean prediction ``x - sigma v`` at a chosen step, with that one model
+  call's gradient, and the real sample the trajectory goes on to (no gradient).
 - :func:`renoised_last_step`: DRaFT-LV's extra gradient samples at the last grid level.
 - :func:`leap_rollout`: LeapAlign's two-leap surrogate with connectors (forward value = the real trajectory,
   gradient = the leaps).
@@ -44,7 +45,6 @@ def truncated_euler(
     sigmas: torch.Tensor,
     *,
     grad_from: int = 0,
-    stop_at: int | None = None,
 ) -> torch.Tensor:
     """Euler ODE sample whose steps ``grad_from ..`` carry gradient.
 
@@ -53,23 +53,39 @@ def truncated_euler(
         x: initial noise [B, ...] at ``sigmas[0]``.
         sigmas: the grid [T+1].
         grad_from: the first step with gradient (0: every step; T: none).
-        stop_at: return the clean prediction ``x - sigma v`` at this step instead of finishing the chain.
 
     Returns:
-        The final sample (or the clean prediction) [B, ...] in the dtype of ``x`` and ``v``.
+        The final sample [B, ...] in the dtype of ``x`` and ``v``.
     """
     steps = len(sigmas) - 1
-    if not 0 <= grad_from <= steps or (stop_at is not None and not grad_from <= stop_at < steps):
-        raise ValueError(f"need 0 <= grad_from <= stop_at < {steps}, got grad_from={grad_from}, stop_at={stop_at}")
+    if not 0 <= grad_from <= steps:
+        raise ValueError(f"need 0 <= grad_from <= {steps}, got {grad_from}")
     grad = torch.is_grad_enabled()
     for i in range(steps):
         s, sn = sigmas[i], sigmas[i + 1]
         with torch.set_grad_enabled(i >= grad_from and grad):
-            v = velocity(x, s)
-            if stop_at == i:
-                return x - s * v
-            x = x + (sn - s) * v
+            x = x + (sn - s) * velocity(x, s)
     return x
+
+
+def stopped_euler(
+    velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReFL's sample: the clean prediction at step ``stop``, and the real sample.
+
+    Returns ``x_m - sigma_m v(x_m)`` at ``m = stop`` (with the gradient of that model call only) and the sample
+    the Euler trajectory reaches from there (no gradient).
+    """
+    steps = len(sigmas) - 1
+    if not 0 <= stop < steps:
+        raise ValueError(f"need 0 <= stop < {steps}, got {stop}")
+    with torch.no_grad():
+        for i in range(stop):
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])
+    v = velocity(x, sigmas[stop])
+    prediction = x - sigmas[stop] * v
+    final = (x + (sigmas[stop + 1] - sigmas[stop]) * v).detach()
+    return prediction, truncated_euler(velocity, final, sigmas[stop + 1 :], grad_from=steps - stop - 1)
 
 
 def renoised_last_step(
