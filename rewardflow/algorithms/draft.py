@@ -41,14 +41,47 @@ METHODS = ("draft", "draft-lv", "refl", "alignprop")
 
 
 @dataclass
-class DraftConfig:
-    """Settings of the DRaFT family (defaults: DRaFT-1 scaled to the Shapes world)."""
+class DirectConfig:
+    """Settings every direct-gradient method shares (its config section is ``SECTION``)."""
 
-    method: Literal["draft", "draft-lv", "refl", "alignprop"] = "draft"
+    SECTION = "direct"
     num_steps: int = 20
     """Euler steps of the training sampler."""
     shift: float = 3.0
     guidance_scale: float = 4.5
+    hinge: float | None = None
+    """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
+    checkpointing: bool = True
+    """Recompute each grad-carrying model call in the backward pass instead of storing its activations."""
+    micro_batch: int = 16
+    optimizer_steps: int = 1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        if self.num_steps < 2:
+            raise ValueError(f"{s}.num_steps must be >= 2, got {self.num_steps}")
+        if self.hinge is not None and self.hinge <= 0:
+            raise ValueError(f"{s}.hinge must be > 0 (or unset for the loss -r), got {self.hinge}")
+        if self.guidance_scale < 1 or self.shift <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"{s}.guidance_scale must be >= 1, {s}.shift and {s}.grad_clip > 0")
+        if self.micro_batch < 1 or self.optimizer_steps < 1:
+            raise ValueError(f"{s}.micro_batch and {s}.optimizer_steps must be >= 1")
+
+    def check_batch(self, rows: int) -> None:
+        check_split(rows, self.micro_batch, self.optimizer_steps, self.SECTION)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return sd3_schedule(self.num_steps, self.shift)
+
+
+@dataclass
+class DraftConfig(DirectConfig):
+    """Settings of the DRaFT family (defaults: DRaFT-1 scaled to the Shapes world)."""
+
+    SECTION = "draft"
+    method: Literal["draft", "draft-lv", "refl", "alignprop"] = "draft"
     k: int = 1
     """``draft``: how many of the last steps carry gradient (``num_steps``: full backprop)."""
     lv_samples: int = 2
@@ -59,18 +92,11 @@ class DraftConfig:
     """``refl``: the stop step is drawn among the last this many steps (ImageReward: the last 10 of 40)."""
     alignprop_min: int = 10
     """``alignprop``: the first grad-carrying step is drawn in ``[alignprop_min, num_steps)``."""
-    hinge: float | None = None
-    """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
-    checkpointing: bool = True
-    micro_batch: int = 16
-    optimizer_steps: int = 1
-    grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"draft.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.num_steps < 2:
-            raise ValueError(f"draft.num_steps must be >= 2, got {self.num_steps}")
         # The fields of the chosen method must fit the grid (the others are not used).
         m, steps = self.method, self.num_steps
         if m == "draft" and not 1 <= self.k <= steps:
@@ -83,14 +109,6 @@ class DraftConfig:
             )
         if m == "draft-lv" and self.lv_samples < 1:
             raise ValueError(f"draft.lv_samples must be >= 1, got {self.lv_samples}")
-        check_direct_common(self, "draft")
-
-    def check_batch(self, rows: int) -> None:
-        check_split(rows, self.micro_batch, self.optimizer_steps, "draft")
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift)
 
     def sample(
         self, velocity: Velocity, x: torch.Tensor, generator: torch.Generator | None
@@ -114,16 +132,6 @@ class DraftConfig:
         last = truncated_euler(velocity, x, sigmas, grad_from=steps - 1)  # the real sample, last step with grad
         extra = renoised_last_step(velocity, last, float(sigmas[-2]), self.lv_samples, generator)
         return ([last, *extra] if self.lv_include_base else extra), last.detach()
-
-
-def check_direct_common(cfg: DraftConfig | object, section: str) -> None:
-    """Checks shared by the direct-gradient configs (``section`` names the config section in messages)."""
-    if cfg.hinge is not None and cfg.hinge <= 0:
-        raise ValueError(f"{section}.hinge must be > 0 (or unset for the loss -r), got {cfg.hinge}")
-    if cfg.guidance_scale < 1 or cfg.shift <= 0 or cfg.grad_clip <= 0:
-        raise ValueError(f"{section}.guidance_scale must be >= 1, {section}.shift and {section}.grad_clip > 0")
-    if cfg.micro_batch < 1 or cfg.optimizer_steps < 1:
-        raise ValueError(f"{section}.micro_batch and {section}.optimizer_steps must be >= 1")
 
 
 def check_differentiable(reward_fn: RewardFn, algorithm: str) -> None:
@@ -164,7 +172,7 @@ def direct_train_step(
     cond: Conditioning,
     metadata: list[dict],
     loss_fn: MicroBatchLoss,
-    cfg: DraftConfig | object,
+    cfg: DirectConfig,
     after_optimizer_step: Callable[[], None] | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, RewardOutput]:

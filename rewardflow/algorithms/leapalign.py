@@ -26,21 +26,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardflow.algorithms.batching import check_split
-from rewardflow.algorithms.draft import MicroBatchLoss, bind_velocity, check_direct_common, reward_loss
+from rewardflow.algorithms.draft import DirectConfig, MicroBatchLoss, bind_velocity, reward_loss
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import leap_rollout
-from rewardflow.sampling.schedules import sd3_schedule
 
 
 @dataclass
-class LeapAlignConfig:
+class LeapAlignConfig(DirectConfig):
     """LeapAlign's settings (alpha 0.3 and tau 0.1 as in the reimplementation's config)."""
 
-    num_steps: int = 20
-    shift: float = 3.0
-    guidance_scale: float = 4.5
+    SECTION = "leapalign"
     alpha: float = 0.3
     """Gradient discount of the nested term: 0 = input stop-gradient (DRTune), 1 = exact two-leap backprop."""
     tau: float = 0.1
@@ -48,15 +44,9 @@ class LeapAlignConfig:
     pair_min: int = 0
     pair_max: int = 0
     """Steps ``k < j`` are drawn in ``[pair_min, pair_max)``; 0 means ``num_steps``."""
-    hinge: float | None = None
-    checkpointing: bool = True
-    micro_batch: int = 16
-    optimizer_steps: int = 1
-    grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.num_steps < 2:
-            raise ValueError(f"leapalign.num_steps must be >= 2, got {self.num_steps}")
+        super().__post_init__()
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"leapalign.alpha must be in [0, 1], got {self.alpha}")
         if self.tau <= 0:
@@ -67,18 +57,10 @@ class LeapAlignConfig:
                 f"leapalign.pair_min / pair_max must leave two steps in [0, {self.num_steps}), got "
                 f"[{self.pair_min}, {self.pair_max})"
             )
-        check_direct_common(self, "leapalign")
-
-    def check_batch(self, rows: int) -> None:
-        check_split(rows, self.micro_batch, self.optimizer_steps, "leapalign")
 
     @property
     def pair_range(self) -> tuple[int, int]:
         return self.pair_min, self.pair_max or self.num_steps
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift)
 
     def draw_pair(self, generator: torch.Generator | None = None) -> tuple[int, int]:
         """Two distinct steps ``k < j``, uniform over the pairs of the range."""
