@@ -116,7 +116,8 @@ def shapes_mix_cpu() -> TrainConfig:
     a window of 2 of the 10 steps, moved by 1 every 9 iterations, so that 72 iterations sweep all 8 places
     once. ODE outside the window, only the window trained, eta 0.7, shared initial noise per group. KL beta
     0.04 as in ``shapes_dance_cpu`` (MixGRPO's default is 0). MixGRPO-Flash's higher-order ODE after the window
-    is not used: 10 Euler steps are already few.
+    is not used: 10 Euler steps are already few. Measured in the side-by-side study (docs/results.md): it did
+    not raise accuracy (-0.7 points; +1.1 at best while the window sat on the early steps).
     """
     cfg = shapes_dance_cpu()
     cfg.run_dir = "runs/shapes_mix_cpu"
