@@ -46,29 +46,22 @@ class Brightness:
         return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))
 
 
-def child(variant: str, steps: int, batch: int, device: str) -> dict:
+def step_memory(policy, algorithm: str, cfg, reward, prompts: list[str], device: str) -> dict:
+    """Saved-for-backward bytes (and the GPU peak on CUDA) of one direct-gradient step on ``prompts``.
+
+    ``cfg`` is the algorithm's section (``DraftConfig`` or ``LeapAlignConfig``); the weights do not change
+    (learning rate 0). A first, unmeasured step does the lazy initialisation.
+    """
     import torch
 
-    from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
-    from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
-    from rewardflow.models.tiny_dit import load_policy
+    from rewardflow.algorithms.draft import direct_train_step, draft_loss
+    from rewardflow.algorithms.leapalign import leapalign_loss
 
-    torch.manual_seed(0)
-    policy = load_policy("base", autocast=True, device=device)
-    algorithm, kwargs = VARIANTS[variant]
-    if algorithm == "draft":
-        kw = dict(kwargs)
-        if kw.get("k") == 0:
-            kw["k"] = steps
-        cfg = DraftConfig(num_steps=steps, micro_batch=batch, refl_last=min(5, steps), **kw)
-        loss_fn = draft_loss(Brightness(), cfg)
-    else:
-        cfg = LeapAlignConfig(num_steps=steps, micro_batch=batch)
-        loss_fn = leapalign_loss(Brightness(), cfg)
-    cond = policy.encode_prompts(["a red circle left of a blue square"] * batch)
+    loss_fn = draft_loss(reward, cfg) if algorithm == "draft" else leapalign_loss(reward, cfg)
+    cond = policy.encode_prompts(prompts)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
     gen = torch.Generator().manual_seed(0)
-    meta = [{}] * batch
+    meta = [{}] * len(prompts)
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -81,22 +74,37 @@ def child(variant: str, steps: int, batch: int, device: str) -> dict:
 
     direct_train_step(policy, opt, cond, meta, loss_fn, cfg, generator=gen)  # warm-up: lazy initialisation
     peak_gpu = None
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     t0 = time.time()
     direct_train_step(policy, opt, cond, meta, measured, cfg, generator=gen)
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak_gpu = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return {
-        "variant": variant,
-        "steps": steps,
-        "saved_mib": sum(saved.values()) / 2**20,
-        "peak_gpu_mib": peak_gpu,
-        "seconds": time.time() - t0,
-    }
+    return {"saved_mib": sum(saved.values()) / 2**20, "peak_gpu_mib": peak_gpu, "seconds": time.time() - t0}
+
+
+def child(variant: str, steps: int, batch: int, device: str) -> dict:
+    import torch
+
+    from rewardflow.algorithms.draft import DraftConfig
+    from rewardflow.algorithms.leapalign import LeapAlignConfig
+    from rewardflow.models.tiny_dit import load_policy
+
+    torch.manual_seed(0)
+    policy = load_policy("base", autocast=True, device=device)
+    algorithm, kwargs = VARIANTS[variant]
+    if algorithm == "draft":
+        kw = dict(kwargs)
+        if kw.get("k") == 0:
+            kw["k"] = steps
+        cfg = DraftConfig(num_steps=steps, micro_batch=batch, refl_last=min(5, steps), **kw)
+    else:
+        cfg = LeapAlignConfig(num_steps=steps, micro_batch=batch)
+    prompts = ["a red circle left of a blue square"] * batch
+    return {"variant": variant, "steps": steps, **step_memory(policy, algorithm, cfg, Brightness(), prompts, device)}
 
 
 def main() -> None:

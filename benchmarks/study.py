@@ -1,12 +1,18 @@
-"""The side-by-side study: Flow-GRPO, Flow-GRPO-Fast, DanceGRPO, MixGRPO and DiffusionNFT from the same base.
+"""Side-by-side studies from the same base: the online methods, or the direct-gradient methods.
+
+``--family online`` (default): Flow-GRPO, Flow-GRPO-Fast, DanceGRPO, MixGRPO and DiffusionNFT.
+``--family direct``: DRaFT-1, DRaFT-LV, ReFL, AlignProp and LeapAlign against the learned ``shapes-score``.
 
 Each method's Shapes preset trains into its own run folder for the same wall-clock budget (or until its
 iterations are done), evaluated every few iterations. Then, per method: strict and clean accuracy (per
 category) against iterations and against training minutes, the training time to a target gain over the
-method's own base evaluation, the KL of the last checkpoint to the base, and sample diversity. Writes a
-Markdown report, the raw numbers as JSON and a plot.
+method's own base evaluation, the KL of the last checkpoint to the base, and sample diversity. For the direct
+family also the learned reward on the evaluation images at each evaluation (next to the judge's accuracy, the
+truth it stands in for), where the judge's accuracy peaked while the learned reward went on rising, and the
+activation memory of one training step. Writes a Markdown report, the raw numbers as JSON and a plot.
 
     python benchmarks/study.py --minutes 24 --parallel 2 --threads 1 --out benchmarks/results
+    python benchmarks/study.py --family direct --minutes 12 --parallel 2 --threads 1
 
 On a CPU give each run one thread and run no more at a time than cores, so every method gets one core;
 training minutes exclude the evaluations. ``--report-only --runs DIR`` re-reads the runs of an earlier study.
@@ -28,26 +34,37 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from direct_memory import step_memory  # noqa: E402
 from shapes_grpo import kl_to_base, machine  # noqa: E402
-from sweep import apply_overrides  # noqa: E402
 
 from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
+from rewardflow.config import DIRECT, apply_overrides  # noqa: E402
 from rewardflow.data.prompts import load_prompts  # noqa: E402
 from rewardflow.evaluate import generate  # noqa: E402
 from rewardflow.models.protocol import FlowPolicy  # noqa: E402
 from rewardflow.presets import get_preset  # noqa: E402
+from rewardflow.rewards import build_reward  # noqa: E402
 from rewardflow.train import build_policy, load_trained_policy  # noqa: E402
 
 # One KL probe for every method: Flow-GRPO's SDE (a = 1.0, 10 steps, all 9 SDE steps) without CFG, so the
 # number is a distance between the tuned and the base model that does not depend on a method's own sampler.
 KL_PROBE = GRPOConfig(num_steps=10, noise_level=1.0, guidance_scale=1.0, micro_batch=60)
 
-METHODS = {
-    "Flow-GRPO": "shapes_grpo_cpu",
-    "Flow-GRPO-Fast": "shapes_grpo_fast_cpu",
-    "DanceGRPO": "shapes_dance_cpu",
-    "MixGRPO": "shapes_mix_cpu",
-    "DiffusionNFT": "shapes_nft_cpu",
+FAMILIES = {
+    "online": {
+        "Flow-GRPO": "shapes_grpo_cpu",
+        "Flow-GRPO-Fast": "shapes_grpo_fast_cpu",
+        "DanceGRPO": "shapes_dance_cpu",
+        "MixGRPO": "shapes_mix_cpu",
+        "DiffusionNFT": "shapes_nft_cpu",
+    },
+    "direct": {
+        "DRaFT-1": "shapes_draft_cpu",
+        "DRaFT-LV": "shapes_draft_lv_cpu",
+        "ReFL": "shapes_refl_cpu",
+        "AlignProp": "shapes_alignprop_cpu",
+        "LeapAlign": "shapes_leapalign_cpu",
+    },
 }
 
 
@@ -75,7 +92,7 @@ def run_all(presets: list[str], runs: Path, args: argparse.Namespace) -> None:
         if (runs / p).exists():
             raise FileExistsError(f"{runs / p} exists (an earlier study?); pick another --runs folder")
     runs.mkdir(parents=True, exist_ok=True)
-    kept = ("minutes", "parallel", "threads", "eval_every", "set")
+    kept = ("family", "minutes", "parallel", "threads", "eval_every", "set")
     (runs / "study_args.json").write_text(json.dumps({k: getattr(args, k) for k in kept}, indent=2))
     queue, active = list(presets), {}
     while queue or active:
@@ -119,6 +136,7 @@ def curve(run: Path) -> list[dict]:
                 "strict": rep["overall"],
                 "clean": rep["clean_overall"],
                 "categories": rep["categories"],
+                "rewards": rep.get("rewards", {}),
                 "settings": {**rep["settings"], "num_prompts": rep["num_prompts"], "per": rep["samples_per_prompt"]},
             }
         )
@@ -131,7 +149,16 @@ def summarise(name: str, preset: str, run: Path, target_gain: float) -> dict:
     hit = next((p for p in points if p["strict"] >= base["strict"] + target_gain), None)
     best = max(points, key=lambda p: p["strict"])
     tuned, cfg = load_trained_policy(run)
+    extra = {}
+    if cfg.algorithm in DIRECT:
+        prompts = [r.prompt for r in load_prompts(cfg.eval.prompts)][: cfg.algo.micro_batch]
+        reward = build_reward(cfg.reward)
+        extra["step_memory"] = step_memory(
+            build_policy(cfg), cfg.algorithm, cfg.algo, reward, prompts, str(cfg.model.resolved_device())
+        )
+        extra["learned"] = learned_vs_judge(points, cfg.reward.names[0])
     return {
+        **extra,
         "method": name,
         "preset": preset,
         "points": points,
@@ -147,8 +174,33 @@ def summarise(name: str, preset: str, run: Path, target_gain: float) -> dict:
     }
 
 
+def learned_vs_judge(points: list[dict], name: str) -> dict:
+    """The learned reward at the base, at the judge's best evaluation and at the last, and how it moved after."""
+    best = max(points, key=lambda p: p["strict"])
+    first, last = points[0], points[-1]
+    return {
+        "name": name,
+        "base": first["rewards"][name],
+        "at_best_judge": best["rewards"][name],
+        "last": last["rewards"][name],
+        "best_judge_iteration": best["iteration"],
+        "judge_after_best": last["strict"] - best["strict"],
+    }
+
+
 def plot(results: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    if "learned" in results[0]:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+        for r in results:
+            name = r["learned"]["name"]
+            axes[2].plot(
+                [p["rewards"][name] for p in r["points"]], [p["strict"] for p in r["points"]], marker="o", ms=3
+            )
+        axes[2].set_xlabel(f"learned reward ({results[0]['learned']['name']}) on the evaluation images")
+        axes[2].set_ylabel("judge strict accuracy")
+        axes[2].grid(alpha=0.3)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
         xs_it = [p["iteration"] for p in r["points"]]
         xs_min = [p["minutes"] for p in r["points"]]
@@ -161,6 +213,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[0].set_ylabel("strict accuracy (Shapes evaluation set)")
     for ax in axes:
         ax.grid(alpha=0.3)
+    axes[1].sharey(axes[0])
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -176,18 +229,39 @@ def strict_at(points: list[dict], minutes: float) -> float:
     return points[-1]["strict"]
 
 
+def learned_table(results: list[dict]) -> list[str]:
+    name = results[0]["learned"]["name"]
+    lines = [
+        "",
+        f"Learned reward (`{name}`, mean on the evaluation images) against the judge's strict accuracy, and the "
+        "activation memory one training step keeps for its backward pass (its micro-batch, on the run's device):",
+        "",
+        f"| method | {name} base -> last | judge best (it) | {name} at the judge's best | judge last - best | "
+        "step memory |",
+        "|---" * 6 + "|",
+    ]
+    for r in results:
+        ln, mem = r["learned"], r["step_memory"]
+        gpu = "" if mem["peak_gpu_mib"] is None else f", GPU peak {mem['peak_gpu_mib']:.0f} MiB"
+        lines.append(
+            f"| {r['method']} | {ln['base']:.3f} -> {ln['last']:.3f} | {r['best']['strict']:.3f} "
+            f"({ln['best_judge_iteration']}) | {ln['at_best_judge']:.3f} | {100 * ln['judge_after_best']:+.1f} pts | "
+            f"{mem['saved_mib']:.1f} MiB{gpu} |"
+        )
+    return lines
+
+
 def report(results: list[dict], args: argparse.Namespace, runs: Path) -> str:
     ev = results[0]["points"][0]["settings"]
     common = min(r["points"][-1]["minutes"] for r in results)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     gain = 100 * args.target_gain
     lines = [
-        f"### Side-by-side study ({dt.date.today().isoformat()}, commit {commit})",
+        f"### Side-by-side study of the {args.family} methods ({dt.date.today().isoformat()}, commit {commit})",
         "",
-        f"- Command: `python benchmarks/study.py --minutes {args.minutes:g} --parallel {args.parallel} "
-        f"--threads {args.threads} --eval-every {args.eval_every} --target-gain {args.target_gain:g}"
-        + "".join(f" --set {o}" for o in args.set)
-        + f"` (runs in `{runs}`)",
+        f"- Command: `python benchmarks/study.py --family {args.family} --minutes {args.minutes:g} "
+        f"--parallel {args.parallel} --threads {args.threads} --eval-every {args.eval_every} "
+        f"--target-gain {args.target_gain:g}" + "".join(f" --set {o}" for o in args.set) + f"` (runs in `{runs}`)",
         f"- Machine: {machine()}; {args.threads} thread(s) per run, {args.parallel} run(s) at a time",
         f"- Each method: its preset, stopped after {args.minutes:g} minutes of wall-clock (evaluations included) or "
         f"at its last iteration; accuracy of the EMA weights on {ev['num_prompts']} evaluation prompts x "
@@ -225,6 +299,8 @@ def report(results: list[dict], args: argparse.Namespace, runs: Path) -> str:
             + " | ".join(f"{p0['categories'][c]:.2f} -> {pn['categories'][c]:.2f}" for c in cats)
             + " |"
         )
+    if "learned" in results[0]:
+        lines += learned_table(results)
     by = {r["method"]: r for r in results}
     if "Flow-GRPO" in by and "DiffusionNFT" in by:
         g, n = by["Flow-GRPO"]["time_to_target"], by["DiffusionNFT"]["time_to_target"]
@@ -239,7 +315,13 @@ def report(results: list[dict], args: argparse.Namespace, runs: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--family", choices=list(FAMILIES), default="online")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated (default: all of the family's): "
+        + "; ".join(f"{f}: {', '.join(m)}" for f, m in FAMILIES.items()),
+    )
     parser.add_argument("--minutes", type=float, default=24.0, help="wall-clock budget per method")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
@@ -258,18 +340,19 @@ def main() -> None:
 
         train(study_config(args.child, runs, args))
         return
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    methods = FAMILIES[args.family]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] or list(methods)
+    unknown = [m for m in names if m not in methods]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    presets = [METHODS[m] for m in names]
+        raise ValueError(f"unknown {args.family} methods {unknown}; choose from {', '.join(methods)}")
+    presets = [methods[m] for m in names]
     if not args.report_only:
         run_all(presets, runs, args)
     elif (runs / "study_args.json").is_file():  # report the settings the runs were made with
         vars(args).update(json.loads((runs / "study_args.json").read_text()))
     if args.threads:
         torch.set_num_threads(args.threads * args.parallel)
-    results = [summarise(m, METHODS[m], runs / METHODS[m], args.target_gain) for m in names]
+    results = [summarise(m, methods[m], runs / methods[m], args.target_gain) for m in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / f"study-{stamp}.png")

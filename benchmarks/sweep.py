@@ -23,35 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rewardflow.config import TrainConfig, from_yaml, to_yaml
+from rewardflow.config import apply_overrides
 from rewardflow.presets import get_preset
-
-
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """``cfg`` with ``section.field=value`` overrides (values parsed as YAML), re-validated."""
-    raw = yaml.safe_load(to_yaml(cfg))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form section.field=value")
-        *path, last = key.strip().split(".")
-        node = raw
-        for part in path:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"override {item!r}: no config section {part!r}")
-            node = node[part]
-        if last not in node:
-            raise ValueError(f"override {item!r}: unknown field {last!r}; allowed: {sorted(node)}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML reads "1e-3" as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        node[last] = parsed
-    return from_yaml(yaml.safe_dump(raw))
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:

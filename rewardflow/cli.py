@@ -40,6 +40,8 @@ class EvalArgs:
     num_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    rewards: tuple[str, ...] | None = None
+    """Registered rewards to score the images with besides the judge (default: the run's ``eval.rewards``)."""
     grid: str | None = None
     """Optional PNG path for a grid of the samples."""
     device: str | None = None
@@ -76,18 +78,19 @@ def _cmd_eval(argv: list[str]) -> None:
     chosen = [x for x in (args.run_dir, args.base or None, args.checkpoint) if x]
     if len(chosen) != 1:
         raise ValueError("give exactly one of --run-dir DIR, --base, --checkpoint FILE")
-    base_eval = EvalConfig()
+    base_eval, reward_cfg = EvalConfig(), None
     if args.run_dir:
         from rewardflow.train import load_trained_policy
 
         policy, cfg = load_trained_policy(args.run_dir, device=args.device)
-        base_eval = cfg.eval
+        base_eval, reward_cfg = cfg.eval, cfg.reward
     else:
         device = ModelConfig(device=args.device or "cpu").resolved_device()
         policy = load_policy(args.checkpoint or "base", autocast=True, device=device)
-    overrides = {k: getattr(args, k) for k in ("prompts", "samples_per_prompt", "num_steps", "guidance_scale", "seed")}
+    fields = ("prompts", "samples_per_prompt", "num_steps", "guidance_scale", "seed", "rewards")
+    overrides = {k: getattr(args, k) for k in fields}
     eval_cfg = dataclasses.replace(base_eval, **{k: v for k, v in overrides.items() if v is not None})
-    report, images = evaluate(policy, eval_cfg)
+    report, images = evaluate(policy, eval_cfg, reward_cfg)
     text = json.dumps(report, indent=2)
     out = args.out or (str(Path(args.run_dir) / "eval" / "final.json") if args.run_dir else None)
     if out:

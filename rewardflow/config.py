@@ -215,3 +215,31 @@ def from_yaml(text: str) -> TrainConfig:
     if isinstance(reward, dict) and "name" in reward:  # run folders written before several rewards existed
         reward["names"] = [reward.pop("name")]
     return _build(TrainConfig, raw, "")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``cfg`` with ``section.field=value`` overrides (values parsed as YAML), every check run again.
+
+    An unknown section or field is named with the allowed ones; the result is a new config.
+    """
+    raw = yaml.safe_load(to_yaml(cfg))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form section.field=value")
+        *path, last = key.strip().split(".")
+        node = raw
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {item!r}: no config section {part!r}")
+            node = node[part]
+        if last not in node:
+            raise ValueError(f"override {item!r}: unknown field {last!r}; allowed: {sorted(node)}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML reads "1e-3" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[last] = parsed
+    return from_yaml(yaml.safe_dump(raw))

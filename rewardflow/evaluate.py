@@ -7,9 +7,10 @@ and the mean number of detections per image make reward hacking (extra objects, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from rewardflow.sampling.rollout import rollout
 from rewardflow.sampling.schedules import sd3_schedule
 from rewardflow.shapes.grammar import CATEGORIES, COLORS, SHAPES, parse_prompt
 from rewardflow.shapes.judge import Verdict, judge_images
+
+if TYPE_CHECKING:
+    from rewardflow.config import RewardConfig
 
 
 @dataclass
@@ -33,11 +37,19 @@ class EvalConfig:
     guidance_scale: float = 4.5
     seed: int = 20261122
     batch_size: int = 120
+    rewards: tuple[str, ...] = ()
+    """Registered rewards scored on the evaluation images besides the judge (their means in the report's
+    ``rewards``), e.g. the learned reward a direct-gradient run optimises, to see it next to the truth."""
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "num_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        from rewardflow.rewards import REWARDS
+
+        unknown = [n for n in self.rewards if n not in REWARDS]
+        if unknown:
+            raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
 
 
 @torch.no_grad()
@@ -95,14 +107,28 @@ def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_
     }
 
 
-def evaluate(policy: FlowPolicy, cfg: EvalConfig) -> tuple[dict[str, Any], torch.Tensor]:
-    """Sample ``samples_per_prompt`` images per prompt, judge them; returns (report, images)."""
+def evaluate(
+    policy: FlowPolicy, cfg: EvalConfig, reward_cfg: RewardConfig | None = None
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample ``samples_per_prompt`` images per prompt, judge them; returns (report, images).
+
+    ``cfg.rewards`` are built with ``reward_cfg``'s settings (a run's own, so its learned reward's checkpoint).
+    """
     records = load_prompts(cfg.prompts)
     check_prompts(records, cfg.prompts, parse_prompt)
     prompts = [r.prompt for r in records for _ in range(cfg.samples_per_prompt)]
     images = generate(policy, prompts, cfg)
     verdicts = judge_images([parse_prompt(p) for p in prompts], images.numpy())
     report = summarize(records, verdicts, cfg.samples_per_prompt)
+    if cfg.rewards:
+        from rewardflow.config import RewardConfig
+        from rewardflow.rewards import build_reward
+
+        rcfg = dataclasses.replace(reward_cfg or RewardConfig(), names=cfg.rewards, weights=())
+        metadata = [r.metadata for r in records for _ in range(cfg.samples_per_prompt)]
+        with torch.no_grad():
+            scored = build_reward(rcfg)(images, prompts, metadata)
+        report["rewards"] = {n: s.mean().item() for n, s in scored.components.items()}
     report["settings"] = {
         "num_steps": cfg.num_steps,
         "shift": cfg.shift,

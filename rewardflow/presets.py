@@ -131,7 +131,8 @@ def shapes_draft_cpu() -> TrainConfig:
 
     32 images per iteration (16 prompts x 2), 20 Euler steps with CFG 4.5 (evaluation: 40), loss ``-r``, one
     optimizer step per iteration, full fine-tune at lr 1e-5 with EMA. The judge scores every training batch
-    as a monitor (``judge/*``), so the gap between the learned reward and the truth shows while it trains.
+    as a monitor (``judge/*``), and each evaluation scores the learned reward next to the judge's accuracy, so
+    the gap between the learned reward and the truth shows while it trains.
     """
     cfg = shapes_grpo_cpu()
     cfg.run_dir = "runs/shapes_draft_cpu"
@@ -140,6 +141,7 @@ def shapes_draft_cpu() -> TrainConfig:
     cfg.optim = OptimConfig(lr=1e-5)
     cfg.reward = RewardConfig(names=("shapes-score",))
     cfg.draft = DraftConfig(method="draft", k=1, num_steps=20, micro_batch=16, optimizer_steps=1)
+    cfg.eval = EvalConfig(samples_per_prompt=4, rewards=("shapes-score",))
     return cfg
 
 

@@ -83,16 +83,18 @@ def run_eval(policy: TinyDiTPolicy, ema: EMA, cfg: TrainConfig, run: Path, itera
     """Evaluate the EMA weights; write ``eval/iter_XXXXX.json`` and a sample grid."""
     t0 = time.time()
     with ema.swapped():
-        report, images = evaluate(policy, cfg.eval)
+        report, images = evaluate(policy, cfg.eval, cfg.reward)
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / f"iter_{iteration:05d}.json").write_text(json.dumps(report, indent=2))
     per = cfg.eval.samples_per_prompt
     save_grid(images[:: per * 3][:48], run / "samples" / f"eval_{iteration:05d}.png")
+    extra = "".join(f" {n} {v:.3f}" for n, v in report.get("rewards", {}).items())
     log.info(
-        "eval at iteration %d: strict %.3f clean %.3f (%.0fs)",
+        "eval at iteration %d: strict %.3f clean %.3f%s (%.0fs)",
         iteration,
         report["overall"],
         report["clean_overall"],
+        extra,
         time.time() - t0,
     )
     return {"iteration": iteration, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}}

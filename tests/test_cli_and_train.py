@@ -100,8 +100,10 @@ def test_eval_command_writes_the_report(tmp_path, tiny_run_args, capsys):
     assert 0.0 <= report["overall"] <= 1.0
     ckpt = tiny_run_args[1]
     prompts = tiny_run_args[3]
-    assert main(["eval", "--checkpoint", ckpt, "--prompts", prompts, "--num-steps", "2", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["samples_per_prompt"] == 4
+    args = ["--prompts", prompts, "--num-steps", "2", "--rewards", "jpeg-compressibility", "--out", str(out)]
+    assert main(["eval", "--checkpoint", ckpt, *args]) == 0
+    report = json.loads(out.read_text())
+    assert report["samples_per_prompt"] == 4 and report["rewards"]["jpeg-compressibility"] < 0  # minus kilobytes
 
 
 def test_eval_bad_inputs(tmp_path, capsys):
@@ -252,3 +254,17 @@ def test_two_rewards_with_advantage_aggregation_and_best_worst_selection(tmp_pat
         main(["train", "shapes_grpo_smoke", "--run-dir", str(tmp_path / "bad"), "--grpo.best-worst-k", "6"])
     assert "at most group_size" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_dotted_overrides_rebuild_and_recheck_the_config():
+    from rewardflow.config import apply_overrides
+    from rewardflow.presets import get_preset
+
+    cfg = apply_overrides(get_preset("shapes_draft_cpu"), ["draft.k=3", "optim.lr=1e-4", "eval.rewards=[]"])
+    assert (cfg.draft.k, cfg.optim.lr, cfg.eval.rewards) == (3, 1e-4, ())
+    with pytest.raises(ValueError, match=r"unknown field 'kk'; allowed: \["):
+        apply_overrides(cfg, ["draft.kk=3"])
+    with pytest.raises(ValueError, match="no config section 'drft'"):
+        apply_overrides(cfg, ["drft.k=3"])
+    with pytest.raises(ValueError, match="rows per rank"):  # the construction checks run again
+        apply_overrides(cfg, ["draft.micro_batch=7"])

@@ -77,3 +77,34 @@ def test_shapes_reward_penalises_extra_objects():
     assert two.scores.tolist() == pytest.approx([1.0, 0.5 - 0.25 * 1])
     with pytest.raises(ValueError, match="extra_object_penalty"):
         ShapesJudgeReward(-1.0)
+
+
+def test_evaluation_scores_extra_rewards_on_its_images(tiny_policy, tmp_path, monkeypatch):
+    from rewardflow.config import RewardConfig
+    from rewardflow.evaluate import EvalConfig, evaluate
+    from rewardflow.rewards import REWARDS
+    from rewardflow.types import RewardOutput
+
+    seen = {}
+
+    class Brightness:
+        name = "brightness"
+
+        def __init__(self, cfg):
+            seen["penalty"] = cfg.extra_object_penalty  # built with the run's reward settings
+
+        def __call__(self, images, prompts, metadata):
+            seen["prompts"], seen["metadata"] = prompts, metadata
+            return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))
+
+    monkeypatch.setitem(REWARDS, "brightness", Brightness)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a circle", "category": "single_object"}\n{"prompt": "a red square"}\n')
+    cfg = EvalConfig(prompts=str(prompts), samples_per_prompt=2, num_steps=2, rewards=("brightness",))
+    report, images = evaluate(tiny_policy, cfg, RewardConfig(extra_object_penalty=0.5))
+    assert report["rewards"]["brightness"] == pytest.approx(images.mean().item(), rel=1e-6)
+    assert seen["penalty"] == 0.5 and seen["prompts"] == ["a circle"] * 2 + ["a red square"] * 2
+    assert seen["metadata"][0]["category"] == "single_object"
+    assert "rewards" not in evaluate(tiny_policy, EvalConfig(prompts=str(prompts), num_steps=2))[0]
+    with pytest.raises(ValueError, match=r"eval.rewards has unknown rewards \['nope'\]; registered rewards: "):
+        EvalConfig(rewards=("nope",))
