@@ -15,7 +15,7 @@ def tiny_config() -> TinyDiTConfig:
     return TinyDiTConfig(dim=32, depth=2, heads=2, text_depth=1)
 
 
-def make_policy(config: TinyDiTConfig, seed: int = 0, reference: bool = True) -> TinyDiTPolicy:
+def make_module(config: TinyDiTConfig, seed: int = 0) -> TinyDiT:
     """A random tiny DiT whose output layers are randomised too (zero-init would make v constant)."""
     torch.manual_seed(seed)
     model = TinyDiT(config)
@@ -23,11 +23,15 @@ def make_policy(config: TinyDiTConfig, seed: int = 0, reference: bool = True) ->
         for name, p in model.named_parameters():
             if "modulation" in name or "final_linear" in name:
                 p.normal_(0, 0.05)
-    ref = None
-    if reference:
-        ref = TinyDiT(config)
-        ref.load_state_dict(model.state_dict())
-        ref.requires_grad_(False)
+    return model
+
+
+def make_policy(config: TinyDiTConfig, seed: int = 0) -> TinyDiTPolicy:
+    """A full fine-tune of :func:`make_module` with a frozen reference copy."""
+    model = make_module(config, seed)
+    ref = TinyDiT(config)
+    ref.load_state_dict(model.state_dict())
+    ref.requires_grad_(False)
     return TinyDiTPolicy(model, reference=ref)
 
 

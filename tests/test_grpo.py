@@ -7,7 +7,7 @@ from rewardflow.algorithms import grpo
 from rewardflow.algorithms.grpo import GRPOConfig, clipped_policy_loss
 from rewardflow.models.lora import add_lora
 from rewardflow.models.tiny_dit import TinyDiTPolicy
-from tests.conftest import make_policy
+from tests.conftest import make_module, make_policy
 
 PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square and a white circle"]
 
@@ -273,9 +273,9 @@ def test_mixgrpo_decay_window_stays_shorter_as_it_moves():
 
 
 def test_lora_training_leaves_base_weights_frozen(tiny_config):
-    policy = make_policy(tiny_config, reference=False)
-    add_lora(policy.module, rank=2, alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"])
-    policy = TinyDiTPolicy(policy.module)
+    module = make_module(tiny_config)
+    add_lora(module, rank=2, alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"])
+    policy = TinyDiTPolicy(module)
     base = {k: v.clone() for k, v in policy.module.state_dict().items() if "lora_" not in k}
     cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=2, kl_beta=0.1)
     batch = _batch(policy, cfg)
@@ -289,12 +289,12 @@ def test_lora_training_leaves_base_weights_frozen(tiny_config):
 
 def test_full_finetune_reference_copy_stays_frozen(tiny_config):
     policy = make_policy(tiny_config)
-    ref_before = copy.deepcopy(policy._reference.state_dict())
+    ref_before = copy.deepcopy(policy.weights._reference.state_dict())
     cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=2)
     grpo.train_step(
         policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), _batch(policy, cfg), torch.randn(8), cfg
     )
-    assert all(torch.equal(v, policy._reference.state_dict()[k]) for k, v in ref_before.items())
+    assert all(torch.equal(v, policy.weights._reference.state_dict()[k]) for k, v in ref_before.items())
 
 
 def test_config_validation():

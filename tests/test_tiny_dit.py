@@ -75,7 +75,7 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path, tiny_config):
 
 
 def test_lora_starts_as_identity_and_can_be_disabled(tiny_config):
-    policy = make_policy(tiny_config, reference=False)
+    policy = make_policy(tiny_config)
     cond = policy.encode_prompts(["a circle"])
     x = torch.randn(1, 3, 32, 32)
     before = policy.velocity(x, 0.3, cond)

@@ -1,17 +1,26 @@
-"""peft glue: add LoRA adapters to any ``nn.Module`` and switch them off for the reference policy."""
+"""peft glue: add LoRA adapters to any ``nn.Module``, switch them off (the reference policy), keep a second one.
+
+The trained adapter is named ``"default"`` (peft's default name); DiffusionNFT's old policy is an adapter
+``"old"`` on the same layers.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+TRAINED_ADAPTER = "default"
+OLD_ADAPTER = "old"
+
 
 def add_lora(
-    module: nn.Module, rank: int, alpha: float, target_modules: list[str], adapter_name: str = "default"
+    module: nn.Module, rank: int, alpha: float, target_modules: list[str], adapter_name: str = TRAINED_ADAPTER
 ) -> nn.Module:
     """Inject a LoRA adapter (Gaussian-initialised A, zero B, so the model is unchanged at start).
 
@@ -26,6 +35,47 @@ def add_lora(
 
 def _lora_layers(module: nn.Module) -> list[BaseTunerLayer]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(module: nn.Module) -> bool:
+    """Whether ``module`` carries peft adapters."""
+    return bool(_lora_layers(module))
+
+
+@torch.no_grad()
+def add_adapter_copy(module: nn.Module, source: str, name: str) -> None:
+    """Add adapter ``name`` to every layer that has adapter ``source``, as a frozen copy of it.
+
+    ``source`` stays the active adapter and keeps its ``requires_grad``.
+    """
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+    first = next(iter(layers.values()))
+    config = LoraConfig(
+        r=first.r[source], lora_alpha=first.lora_alpha[source], target_modules=list(layers), init_lora_weights=False
+    )
+    with warnings.catch_warnings():  # peft warns that the model gets a second adapter: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, module, adapter_name=name)
+    params = dict(module.named_parameters())
+    for n, p in params.items():
+        if f".{name}." in n:
+            p.copy_(params[n.replace(f".{name}.", f".{source}.")])
+            p.requires_grad_(False)
+    for layer in layers.values():
+        layer.set_adapter(source)  # peft activates the newest adapter; keep the trained one active
+
+
+@contextmanager
+def use_adapter(module: nn.Module, name: str, back_to: str) -> Iterator[None]:
+    """Run with adapter ``name`` active (frozen) inside the context, then with ``back_to`` (trainable) again."""
+    layers = _lora_layers(module)
+    for layer in layers:
+        layer.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_adapter(back_to)
 
 
 @contextmanager

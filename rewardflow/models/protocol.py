@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -95,3 +95,25 @@ class FlowPolicy(Protocol):
     def soft_update_old(self, eta: float) -> None:
         """``theta_old <- eta theta_old + (1 - eta) theta``."""
         ...
+
+
+def guided_velocity(
+    forward: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor | float,
+    cond: Conditioning,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """``v(x, sigma)`` in float32 from a network call ``forward(x, sigma [B], tensors)``, with CFG when asked.
+
+    The shared part of every adapter's :meth:`FlowPolicy.velocity`: ``sigma`` (a float or [B]) is expanded to
+    [B] float32; guidance 1 is one conditional pass; otherwise one batched pass over ``[uncond; cond]``, combined
+    as ``v_u + w (v_c - v_u)`` in float32.
+    """
+    sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
+    if guidance_scale == 1.0:
+        return forward(x, sig, cond.tensors).float()
+    both = {k: torch.cat([cond.null_tensors[k], v]) for k, v in cond.tensors.items()}
+    v_uncond, v_cond = forward(torch.cat([x, x]), torch.cat([sig, sig]), both).float().chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -14,12 +14,9 @@ Design (all sizes from :class:`TinyDiTConfig`):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewardflow.models.protocol import Conditioning
+from rewardflow.models.protocol import Conditioning, guided_velocity
+from rewardflow.models.weights import PolicyWeights
 from rewardflow.shapes.grammar import VOCABULARY, PromptError, normalize
 
 
@@ -266,11 +264,9 @@ class TinyDiTPolicy:
     def __init__(self, model: TinyDiT, reference: TinyDiT | None = None, autocast: bool = False) -> None:
         self.module = model
         self.tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
-        self._reference = reference
-        self._in_reference = False
-        self._old: TinyDiT | None = None
-        self._in_old = False
+        self.weights = PolicyWeights(model, reference)
         self.autocast = autocast
+        self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         tokens = self.tokenizer(prompts).to(self.device)
@@ -280,28 +276,16 @@ class TinyDiTPolicy:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def _net(self) -> nn.Module:
-        if self._in_old:
-            if self._old is None:
-                raise RuntimeError("no old policy: call init_old() first")
-            return self._old
-        return self._reference if self._in_reference and self._reference is not None else self.module
-
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
     ) -> torch.Tensor:
-        b = x.shape[0]
-        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sig = sig.expand(b) if sig.ndim == 0 else sig
-        tokens = cond.tensors["tokens"]
-        net = self._net()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if guidance_scale == 1.0:
-                return net(x, sig, tokens).float()
-            # CFG: one batched pass over [uncond; cond]; the combination is done in float32.
-            both = net(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([cond.null_tensors["tokens"], tokens]))
-        v_uncond, v_cond = both.float().chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
+        net = self.weights.active()
+
+        def forward(x: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                return net(x, sig, tensors["tokens"])
+
+        return guided_velocity(forward, x, sigma, cond, guidance_scale)
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.module.config
@@ -311,55 +295,6 @@ class TinyDiTPolicy:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def named_trainable_state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
-
-    def init_old(self) -> None:
-        """Create the old (rollout) policy as a frozen copy of the current network, adapters included.
-
-        A copy is cheap for the tiny DiT; the diffusers adapters keep the old policy as a second adapter.
-        """
-        self._old = copy.deepcopy(self.module).requires_grad_(False).eval()
-
-    @contextmanager
-    def old(self) -> Iterator[None]:
-        """Within the context, :meth:`velocity` is the old policy (see :meth:`init_old`)."""
-        self._in_old = True
-        try:
-            yield
-        finally:
-            self._in_old = False
-
-    def named_old_state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The old policy's copies of the trainable weights, by the same names as :meth:`named_trainable_state`."""
-        if self._old is None:
-            raise RuntimeError("no old policy: call init_old() first")
-        old = dict(self._old.named_parameters())
-        return ((n, old[n]) for n, _ in self.named_trainable_state())
-
-    @torch.no_grad()
-    def soft_update_old(self, eta: float) -> None:
-        """``theta_old <- eta theta_old + (1 - eta) theta`` on the trainable weights (eta 0 copies theta)."""
-        for (_, old), (_, new) in zip(self.named_old_state(), self.named_trainable_state()):
-            old.lerp_(new.detach(), 1.0 - eta)
-
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        from rewardflow.models.lora import adapters_disabled
-
-        if self._reference is not None:
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self._in_reference = False
-        else:
-            with adapters_disabled(self.module):
-                yield
 
 
 BASE_CHECKPOINT = "base"
