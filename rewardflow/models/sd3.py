@@ -1,0 +1,156 @@
+"""Stable Diffusion 3 / 3.5 behind :class:`~rewardflow.models.protocol.FlowPolicy`, through diffusers.
+
+The policy is diffusers' ``SD3Transformer2DModel``; the VAE (with its scaling and shift factors) and the three
+text encoders (two CLIPs and T5) come from the same ``StableDiffusion3Pipeline`` and stay frozen. Prompts are
+encoded by the pipeline's own ``encode_prompt`` (once per distinct prompt of a batch, so a GRPO group of G
+copies costs one encoding), with the negative prompt for CFG. The model is called with diffusers' timestep
+``1000 * sigma`` and predicts the rectified-flow velocity ``eps - x0`` in our convention, so the sampling and
+algorithm code is the one the tiny DiT runs. Only this file (and the other adapters) import diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewardflow.models.diffusers_io import load_pipeline
+from rewardflow.models.protocol import Conditioning, guided_velocity
+from rewardflow.models.weights import PolicyWeights
+
+# Flow-GRPO's LoRA targets on SD3.5: every attention projection of the joint blocks, image and text streams.
+SD3_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
+class SD3Policy:
+    """SD3 / SD3.5 as a flow policy.
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` whose transformer is the trained network (LoRA adapters or all
+            weights trainable); its VAE and text encoders are frozen.
+        reference: a frozen copy of the transformer for a full fine-tune; None with LoRA (adapters off).
+        resolution: image side in pixels (the latent is ``resolution / vae_scale_factor``).
+        negative_prompt: the unconditional branch's prompt for CFG (SD3's default is empty).
+        max_sequence_length: T5 tokens per prompt.
+        autocast: run the transformer under bfloat16 autocast (for float32 weights); step math stays float32.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        reference: nn.Module | None = None,
+        resolution: int = 512,
+        negative_prompt: str = "",
+        max_sequence_length: int = 256,
+        autocast: bool = False,
+    ) -> None:
+        self.pipe, self.module = pipe, pipe.transformer
+        self.weights = PolicyWeights(pipe.transformer, reference)
+        factor = pipe.vae_scale_factor
+        if resolution % (factor * self.module.config.patch_size):
+            raise ValueError(
+                f"resolution {resolution} must be a multiple of {factor * self.module.config.patch_size} "
+                "(the VAE's downscaling times the transformer's patch size)"
+            )
+        self.latent_size = resolution // factor
+        self.negative_prompt, self.max_sequence_length, self.autocast = negative_prompt, max_sequence_length, autocast
+        self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("encode_prompts needs a non-empty list of prompt strings")
+        distinct = list(dict.fromkeys(prompts))
+        embeds, null_embeds, pooled, null_pooled = self.pipe.encode_prompt(
+            prompt=distinct,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=True,
+            negative_prompt=[self.negative_prompt] * len(distinct),
+            max_sequence_length=self.max_sequence_length,
+        )
+        where = {p: i for i, p in enumerate(distinct)}
+        rows = torch.tensor([where[p] for p in prompts], device=embeds.device)
+        return Conditioning(
+            list(prompts),
+            {"embeds": embeds[rows], "pooled": pooled[rows]},
+            {"embeds": null_embeds[rows], "pooled": null_pooled[rows]},
+        )
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        net = self.weights.active()
+        dtype = self.module.dtype
+
+        def forward(x: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                return net(
+                    hidden_states=x.to(dtype),
+                    timestep=1000.0 * sig,  # diffusers' SD3 timestep convention
+                    encoder_hidden_states=tensors["embeds"].to(dtype),
+                    pooled_projections=tensors["pooled"].to(dtype),
+                    return_dict=False,
+                )[0]
+
+        return guided_velocity(forward, x, sigma, cond, guidance_scale)
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        gen_device = generator.device if generator is not None else self.device
+        shape = (batch, self.module.config.in_channels, self.latent_size, self.latent_size)
+        return torch.randn(shape, generator=generator, device=gen_device).to(self.device)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from clean latents (differentiable, for the direct-gradient methods)."""
+        vae = self.pipe.vae
+        latents = x / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def load_sd3_policy(
+    path: str | Path,
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    resolution: int | None = None,
+    gradient_checkpointing: bool = False,
+    **policy_kwargs,
+) -> SD3Policy:
+    """An SD3 / SD3.5 policy from a local diffusers folder, ready to fine-tune.
+
+    ``lora_rank > 0`` adds LoRA on :data:`SD3_LORA_TARGETS` (alpha defaults to 2 * rank) and the reference is
+    the transformer with adapters off; ``lora_rank == 0`` trains every transformer weight against a frozen copy.
+    ``resolution`` defaults to the transformer's native size. Offline, nothing is downloaded.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe, reference = load_pipeline(
+        StableDiffusion3Pipeline,
+        path,
+        "stabilityai/stable-diffusion-3.5-medium",
+        SD3_LORA_TARGETS,
+        lora_rank,
+        lora_alpha,
+        device,
+        dtype,
+        gradient_checkpointing,
+    )
+    size = resolution or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    return SD3Policy(pipe, reference=reference, resolution=size, **policy_kwargs)

@@ -1,0 +1,261 @@
+"""The SD3 and FLUX adapters on tiny random pipelines built from config and loaded from disk (no download).
+
+The tests shared by both adapters take the ``adapter`` fixture; the ones about one model's conventions
+(SD3's timestep, FLUX's packing, guidance embedding and shift) follow at the end.
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from rewardflow.algorithms import grpo, nft  # noqa: E402
+from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss  # noqa: E402
+from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
+from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss  # noqa: E402
+from rewardflow.algorithms.nft import NFTConfig  # noqa: E402
+from rewardflow.models.diffusers_io import save_lora  # noqa: E402
+from rewardflow.models.flux import load_flux_policy, pack, unpack  # noqa: E402
+from rewardflow.models.protocol import Conditioning, FlowPolicy  # noqa: E402
+from rewardflow.models.sd3 import load_sd3_policy  # noqa: E402
+from rewardflow.sampling.rollout import rollout  # noqa: E402
+from rewardflow.sampling.schedules import sd3_schedule, uniform  # noqa: E402
+from rewardflow.types import RewardOutput  # noqa: E402
+from tests.tiny_diffusers import save_tiny_flux, save_tiny_sd3  # noqa: E402
+
+PROMPTS = ["a red cube", "two dogs on grass"]
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3") / "model")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "model")
+
+
+class Adapter:
+    """How to load one adapter's tiny model, and the settings its pipeline needs to match ours."""
+
+    def __init__(self, name, folder, load, guidance, shift):
+        self.name, self.folder, self._load, self.guidance, self._shift = name, folder, load, guidance, shift
+
+    def load(self, lora: bool = True, **kwargs):
+        kwargs = {"lora_rank": 4 if lora else 0, "max_sequence_length": 16, "resolution": 32, **kwargs}
+        return self._load(self.folder, **kwargs)
+
+    def shift(self, policy) -> float:
+        return policy.shift if self._shift is None else self._shift
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def adapter(request, sd3_dir, flux_dir):
+    if request.param == "sd3":
+        return Adapter("sd3", sd3_dir, load_sd3_policy, 4.5, 3.0)
+    return Adapter("flux", flux_dir, load_flux_policy, 3.5, None)
+
+
+def _policy(sd3_dir, lora: bool = True):
+    return load_sd3_policy(sd3_dir, lora_rank=4 if lora else 0, max_sequence_length=16)
+
+
+def _pipeline_latents(policy, x0, steps, guidance):
+    """The pipeline's own Euler ODE sample from ``x0`` on our sigmas (it shifts them itself), as [B, C, H, W]."""
+    kwargs = dict(sigmas=uniform(steps)[:-1].tolist(), guidance_scale=guidance, output_type="latent",
+                  max_sequence_length=16, height=32, width=32)  # fmt: skip
+    packed = "guidance_embeds" in policy.pipe.transformer.config
+    out = policy.pipe(PROMPTS, latents=pack(x0) if packed else x0.clone(), **kwargs).images
+    return unpack(out, *x0.shape[-2:]) if packed else out
+
+
+class Brightness:
+    name = "brightness"
+    differentiable = True
+
+    def __call__(self, images, prompts, metadata):
+        return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))
+
+
+def test_shapes_dtypes_and_prompt_encoding(adapter):
+    policy = adapter.load()
+    assert isinstance(policy, FlowPolicy)
+    cond = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    tokens = {"sd3": 77 + 16, "flux": 16}[adapter.name]  # SD3: CLIP tokens then T5's; FLUX: T5's only
+    pooled = {"sd3": 64, "flux": 32}[adapter.name]  # SD3: both CLIPs' projections; FLUX: one CLIP's
+    assert cond.tensors["embeds"].shape == (3, tokens, 64) and cond.tensors["pooled"].shape == (3, pooled)
+    assert torch.equal(cond.tensors["embeds"][0], cond.tensors["embeds"][2])  # one encoding per distinct prompt
+    assert not torch.equal(cond.tensors["embeds"][0], cond.tensors["embeds"][1])
+    x = policy.noise(3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 4, 16, 16)
+    v = policy.velocity(x, torch.tensor([0.9, 0.5, 0.1]), cond, guidance_scale=adapter.guidance)
+    assert v.dtype == torch.float32 and v.shape == x.shape and torch.isfinite(v).all()
+    images = policy.decode(x)
+    assert images.shape == (3, 3, 32, 32) and 0.0 <= images.min() and images.max() <= 1.0
+    with pytest.raises(ValueError, match="must be a multiple of"):
+        adapter.load(resolution=34)
+
+
+def test_velocity_is_the_transformer_at_1000_sigma_and_cfg_combines_it(sd3_dir):
+    policy = _policy(sd3_dir)
+    cond = policy.encode_prompts(PROMPTS)
+    x, sigma = policy.noise(2, torch.Generator().manual_seed(1)), torch.tensor([0.8, 0.3])
+
+    def raw(tensors):
+        return policy.module(
+            hidden_states=x, timestep=1000 * sigma, encoder_hidden_states=tensors["embeds"],
+            pooled_projections=tensors["pooled"], return_dict=False,
+        )[0]  # fmt: skip
+
+    v_c, v_u = raw(cond.tensors), raw(cond.null_tensors)
+    assert torch.allclose(policy.velocity(x, sigma, cond, guidance_scale=1.0), v_c, atol=1e-6)
+    guided = policy.velocity(x, sigma, cond, guidance_scale=4.5)
+    assert torch.allclose(guided, v_u + 4.5 * (v_c - v_u), atol=1e-5)
+    unconditional = Conditioning(cond.prompts, cond.null_tensors, cond.null_tensors)
+    assert torch.allclose(policy.velocity(x, sigma, unconditional, guidance_scale=4.5), v_u, atol=1e-5)
+
+
+def test_our_euler_ode_sample_equals_the_diffusers_pipeline(adapter):
+    """Same initial latents and sigmas, with guidance: our rollout and the diffusers pipeline agree.
+
+    The pipeline's scheduler applies its shift (SD3's fixed 3.0; FLUX's exp(mu) for 64 image tokens) to the
+    sigmas it is given and appends the final 0; we shift ours by the same amount.
+    """
+    policy = adapter.load()
+    cond = policy.encode_prompts(PROMPTS)
+    x0 = policy.noise(2, torch.Generator().manual_seed(2))
+    sigmas = sd3_schedule(4, adapter.shift(policy))
+    ours = rollout(policy, cond, sigmas, torch.zeros(4), guidance_scale=adapter.guidance, x_init=x0).final
+    theirs = _pipeline_latents(policy, x0, 4, adapter.guidance)
+    assert (ours - x0).abs().mean() > 0.1  # the sample moved
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_on_policy_ratio_is_exactly_one_through_the_adapter(adapter):
+    policy = adapter.load()
+    cfg = GRPOConfig(num_steps=3, micro_batch=2, optimizer_steps=1, guidance_scale=adapter.guidance)
+    batch = grpo.collect(policy, policy.encode_prompts(PROMPTS * 2), cfg, torch.Generator().manual_seed(0))
+    for start in (0, 2):
+        for j in batch.trained_steps:
+            log_prob, kl = grpo.step_terms(policy, batch, slice(start, start + 2), j, cfg, need_reference=True)
+            assert torch.equal(log_prob, batch.log_probs[start : start + 2, j])
+            assert torch.equal(kl, torch.zeros(2))
+
+
+def _base_and_trainable(policy):
+    state = policy.module.state_dict()
+    trainable = {n for n, _ in policy.named_trainable_state()}
+    return {k: v.clone() for k, v in state.items() if k not in trainable}, {
+        n: t.detach().clone() for n, t in policy.named_trainable_state()
+    }
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "nft", "draft", "leapalign"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_one_training_step_of_every_algorithm_moves_only_the_trainable_weights(adapter, algorithm, lora):
+    policy = adapter.load(lora=lora)
+    frozen_parts = {name: copy.deepcopy(getattr(policy.pipe, name).state_dict()) for name in ("vae", "text_encoder")}
+    base, trainable = _base_and_trainable(policy)
+    if lora:
+        assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
+    cond = policy.encode_prompts(PROMPTS * 2)
+    gen = torch.Generator().manual_seed(0)
+    if algorithm == "grpo":
+        cfg = GRPOConfig(num_steps=3, micro_batch=2, optimizer_steps=2, guidance_scale=adapter.guidance, kl_beta=0.04)
+        grpo.train_step(policy, opt, grpo.collect(policy, cond, cfg, gen), torch.tensor([1.0, -1.0, 0.5, -0.5]), cfg)
+    elif algorithm == "nft":
+        policy.init_old()
+        cfg = NFTConfig(num_steps=3, micro_batch=2, optimizer_steps=1)
+        nft.train_step(policy, opt, nft.collect(policy, cond, cfg, gen), torch.tensor([1.0, 0.0, 0.7, 0.2]), cfg)
+        old = dict(policy.named_old_state())
+        assert all(torch.equal(old[n], t) for n, t in trainable.items())  # the old policy did not move
+    else:
+        if algorithm == "draft":
+            cfg = DraftConfig(num_steps=3, micro_batch=2, k=2)
+            loss_fn = draft_loss(Brightness(), cfg)
+        else:
+            cfg = LeapAlignConfig(num_steps=3, micro_batch=2)
+            loss_fn = leapalign_loss(Brightness(), cfg)
+        direct_train_step(policy, opt, cond, [{}] * 4, loss_fn, cfg, generator=gen)
+    state = policy.module.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in base.items())
+    assert any(not torch.equal(t, state[n]) for n, t in trainable.items())
+    for name, before in frozen_parts.items():
+        after = getattr(policy.pipe, name).state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), name
+    if not lora:  # the reference copy stayed where it started
+        with policy.reference():
+            ref = policy.weights.active().state_dict()
+        assert all(torch.equal(t, ref[n]) for n, t in trainable.items())
+
+
+def test_saved_lora_loads_in_a_plain_diffusers_pipeline_and_changes_its_output(adapter, tmp_path):
+    policy = adapter.load()
+    with torch.no_grad():
+        for n, p in policy.module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_lora(policy, tmp_path / "lora")
+    plain = adapter.load(lora=False)  # a fresh pipeline from the same folder, without our adapters
+    x0 = policy.noise(2, torch.Generator().manual_seed(3))
+    before = _pipeline_latents(plain, x0, 3, adapter.guidance)
+    plain.pipe.load_lora_weights(tmp_path / "lora")
+    after = _pipeline_latents(plain, x0, 3, adapter.guidance)
+    assert not torch.allclose(before, after, atol=1e-4)
+    sigmas = sd3_schedule(3, adapter.shift(policy))
+    ours = rollout(policy, policy.encode_prompts(PROMPTS), sigmas, torch.zeros(3), guidance_scale=adapter.guidance,
+                   x_init=x0).final  # fmt: skip
+    assert torch.allclose(ours, after, atol=1e-5)  # the pipeline now samples what we trained
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_lora(adapter.load(lora=False), tmp_path / "full")
+
+
+def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-3.5-medium"):
+        load_sd3_policy(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download black-forest-labs/FLUX.1-dev"):
+        load_flux_policy(tmp_path / "nowhere")
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="holds a FluxPipeline, but this model kind needs a StableDiffusion3Pipeline"):
+        load_sd3_policy(other)
+
+
+def test_flux_packing_round_trips_and_matches_the_pipeline():
+    from diffusers import FluxPipeline
+
+    x = torch.randn(2, 4, 6, 8)
+    assert torch.equal(unpack(pack(x), 6, 8), x)
+    assert torch.equal(pack(x), FluxPipeline._pack_latents(x, 2, 4, 6, 8))
+    with pytest.raises(ValueError, match="even height and width"):
+        pack(torch.randn(1, 4, 5, 8))
+
+
+def test_flux_guidance_is_embedded_for_a_distilled_model_and_true_cfg_otherwise(flux_dir, tmp_path):
+    policy = load_flux_policy(flux_dir, lora_rank=2, resolution=32, max_sequence_length=16)
+    cond = policy.encode_prompts(PROMPTS)
+    assert policy.guidance == "embedded" and cond.null_tensors == {}
+    x = policy.noise(2, torch.Generator().manual_seed(4))
+    assert not torch.allclose(policy.velocity(x, 0.5, cond, 1.0), policy.velocity(x, 0.5, cond, 3.5), atol=1e-5)
+    plain = load_flux_policy(save_tiny_flux(tmp_path / "cfg", guidance_embeds=False), lora_rank=2, resolution=32,
+                             max_sequence_length=16)  # fmt: skip
+    assert plain.guidance == "cfg"
+    cond = plain.encode_prompts(PROMPTS)
+    v_c = plain.velocity(x, 0.5, cond, 1.0)
+    v_u = plain.velocity(x, 0.5, Conditioning(cond.prompts, cond.null_tensors, cond.null_tensors), 1.0)
+    assert torch.allclose(plain.velocity(x, 0.5, cond, 3.5), v_u + 3.5 * (v_c - v_u), atol=1e-5)
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        load_flux_policy(tmp_path / "cfg", lora_rank=2, resolution=32, guidance="embedded")
+
+
+def test_flux_shift_is_exp_mu_of_the_image_tokens(flux_dir):
+    policy = load_flux_policy(flux_dir, lora_rank=2, resolution=32)
+    mu = 0.5 + (1.15 - 0.5) * (64 - 16) / (256 - 16)  # 16x16 latents -> 64 tokens, the tiny scheduler's anchors
+    assert policy.shift == pytest.approx(math.exp(mu))

@@ -1,0 +1,126 @@
+"""Tiny random diffusers pipelines built from config, offline (no download, no tokenizer files).
+
+The tokenizers are character-level: a CLIP BPE tokenizer with no merges over the 256 byte characters, and a
+T5 unigram tokenizer over lowercase letters, digits and punctuation. Saved with ``save_pretrained``, a folder
+loads through the same ``from_pretrained`` code as a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _byte_characters() -> list[str]:
+    """GPT-2 / CLIP's printable stand-in for each byte, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b if b in printable else next(extra)) for b in range(256)]
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = _byte_characters()
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'\""]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline of about 0.4M parameters: 32x32 images, 16x16x4 latents, patch 2."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok, t5tok = clip_tokenizer(), t5_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           num_hidden_layers=2, projection_dim=32, max_position_embeddings=77,
+                           bos_token_id=512, eos_token_id=513, pad_token_id=513)
+        )  # fmt: skip
+
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))  # fmt: skip
+    vae = _tiny_vae()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises the output layer: randomise it so v depends on the input
+        for name, p in transformer.named_parameters():
+            if "proj_out" in name or "norm_out" in name:
+                p.normal_(0, 0.05)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5tok,
+    )  # fmt: skip
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline of about 0.1M parameters: 32x32 images, 16x16x4 latents packed into 64 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok, t5tok = clip_tokenizer(), t5_tokenizer()
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_hidden_layers=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                       pad_token_id=513)
+    )  # fmt: skip
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))  # fmt: skip
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )  # fmt: skip
+    with torch.no_grad():  # randomise the zero-initialised output layer so that v depends on the input
+        for name, p in transformer.named_parameters():
+            if "proj_out" in name or "norm_out" in name:
+                p.normal_(0, 0.05)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=_tiny_vae(), text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+        tokenizer_2=t5tok, transformer=transformer,
+    )  # fmt: skip
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1, scaling_factor=1.5,
+    )  # fmt: skip
+
+
+def save_tiny_flux(path: Path, guidance_embeds: bool = True) -> Path:
+    tiny_flux_pipeline(guidance_embeds=guidance_embeds).save_pretrained(path)
+    return path
+
+
+def save_tiny_sd3(path: Path) -> Path:
+    tiny_sd3_pipeline().save_pretrained(path)
+    return path
