@@ -1,7 +1,7 @@
-"""The SD3 and FLUX adapters on tiny random pipelines built from config and loaded from disk (no download).
+"""The SD3, FLUX and SD 1.x adapters on tiny random pipelines built from config and loaded from disk (no download).
 
-The tests shared by both adapters take the ``adapter`` fixture; the ones about one model's conventions
-(SD3's timestep, FLUX's packing, guidance embedding and shift) follow at the end.
+The tests shared by all adapters take the ``adapter`` fixture; the ones about one model's conventions
+(SD3's timestep, FLUX's packing, guidance embedding and shift, SD 1.x's change of variables) follow at the end.
 """
 
 import copy
@@ -21,11 +21,12 @@ from rewardflow.algorithms.nft import NFTConfig  # noqa: E402
 from rewardflow.models.diffusers_io import save_lora  # noqa: E402
 from rewardflow.models.flux import load_flux_policy, pack, unpack  # noqa: E402
 from rewardflow.models.protocol import Conditioning, FlowPolicy  # noqa: E402
+from rewardflow.models.sd1 import load_sd1_policy  # noqa: E402
 from rewardflow.models.sd3 import load_sd3_policy  # noqa: E402
 from rewardflow.sampling.rollout import rollout  # noqa: E402
 from rewardflow.sampling.schedules import sd3_schedule, uniform  # noqa: E402
 from rewardflow.types import RewardOutput  # noqa: E402
-from tests.tiny_diffusers import save_tiny_flux, save_tiny_sd3  # noqa: E402
+from tests.tiny_diffusers import save_tiny_flux, save_tiny_sd1, save_tiny_sd3  # noqa: E402
 
 PROMPTS = ["a red cube", "two dogs on grass"]
 
@@ -40,38 +41,59 @@ def flux_dir(tmp_path_factory):
     return save_tiny_flux(tmp_path_factory.mktemp("flux") / "model")
 
 
-class Adapter:
-    """How to load one adapter's tiny model, and the settings its pipeline needs to match ours."""
+@pytest.fixture(scope="module")
+def sd1_dir(tmp_path_factory):
+    return save_tiny_sd1(tmp_path_factory.mktemp("sd1") / "model")
 
-    def __init__(self, name, folder, load, guidance, shift):
-        self.name, self.folder, self._load, self.guidance, self._shift = name, folder, load, guidance, shift
+
+class Adapter:
+    """One adapter's tiny model, and how to sample it our way and the diffusers pipeline's way."""
+
+    def __init__(self, name, folder, load, guidance, embeds_shape, pooled_dim, load_kwargs):
+        self.name, self.folder, self._load, self.guidance = name, folder, load, guidance
+        self.embeds_shape, self.pooled_dim, self._kwargs = embeds_shape, pooled_dim, load_kwargs
 
     def load(self, lora: bool = True, **kwargs):
-        kwargs = {"lora_rank": 4 if lora else 0, "max_sequence_length": 16, "resolution": 32, **kwargs}
-        return self._load(self.folder, **kwargs)
+        return self._load(self.folder, **{"lora_rank": 4 if lora else 0, "resolution": 32, **self._kwargs, **kwargs})
 
-    def shift(self, policy) -> float:
-        return policy.shift if self._shift is None else self._shift
+    def sigmas(self, policy, steps: int) -> torch.Tensor:
+        if self.name == "sd1":
+            return policy.schedule(steps)  # the DDIM timesteps' sigmas
+        return sd3_schedule(steps, 3.0 if self.name == "sd3" else policy.shift)
+
+    def ours(self, policy, eps: torch.Tensor, steps: int) -> torch.Tensor:
+        """Our Euler ODE sample from pure noise ``eps`` (at SD 1.x's noisiest timestep: ``eps / (a + b)``)."""
+        sigmas = self.sigmas(policy, steps)
+        x_init = eps
+        if self.name == "sd1":
+            _, a, b = policy.vp_state(sigmas[:1])
+            x_init = eps / (a + b)
+        return rollout(policy, policy.encode_prompts(PROMPTS), sigmas, torch.zeros(steps),
+                       guidance_scale=self.guidance, x_init=x_init).final  # fmt: skip
+
+    def theirs(self, policy, eps: torch.Tensor, steps: int) -> torch.Tensor:
+        """The diffusers pipeline's sample from ``eps``: Euler on our (unshifted) sigmas, or DDIM for SD 1.x."""
+        kwargs = dict(guidance_scale=self.guidance, output_type="latent", height=32, width=32)
+        if self.name == "sd1":
+            return policy.pipe(PROMPTS, num_inference_steps=steps, latents=eps.clone(), **kwargs).images
+        # The scheduler applies its shift (SD3's 3.0, FLUX's exp(mu)) to the sigmas it is given and appends 0.
+        kwargs |= dict(sigmas=uniform(steps)[:-1].tolist(), max_sequence_length=16)
+        if self.name == "sd3":
+            return policy.pipe(PROMPTS, latents=eps.clone(), **kwargs).images
+        return unpack(policy.pipe(PROMPTS, latents=pack(eps), **kwargs).images, *eps.shape[-2:])
 
 
-@pytest.fixture(params=["sd3", "flux"])
-def adapter(request, sd3_dir, flux_dir):
+@pytest.fixture(params=["sd3", "flux", "sd1"])
+def adapter(request, sd3_dir, flux_dir, sd1_dir):
     if request.param == "sd3":
-        return Adapter("sd3", sd3_dir, load_sd3_policy, 4.5, 3.0)
-    return Adapter("flux", flux_dir, load_flux_policy, 3.5, None)
+        return Adapter("sd3", sd3_dir, load_sd3_policy, 4.5, (77 + 16, 64), 64, {"max_sequence_length": 16})
+    if request.param == "flux":
+        return Adapter("flux", flux_dir, load_flux_policy, 3.5, (16, 64), 32, {"max_sequence_length": 16})
+    return Adapter("sd1", sd1_dir, load_sd1_policy, 4.5, (77, 32), None, {})
 
 
-def _policy(sd3_dir, lora: bool = True):
-    return load_sd3_policy(sd3_dir, lora_rank=4 if lora else 0, max_sequence_length=16)
-
-
-def _pipeline_latents(policy, x0, steps, guidance):
-    """The pipeline's own Euler ODE sample from ``x0`` on our sigmas (it shifts them itself), as [B, C, H, W]."""
-    kwargs = dict(sigmas=uniform(steps)[:-1].tolist(), guidance_scale=guidance, output_type="latent",
-                  max_sequence_length=16, height=32, width=32)  # fmt: skip
-    packed = "guidance_embeds" in policy.pipe.transformer.config
-    out = policy.pipe(PROMPTS, latents=pack(x0) if packed else x0.clone(), **kwargs).images
-    return unpack(out, *x0.shape[-2:]) if packed else out
+def _eps(policy, seed: int) -> torch.Tensor:
+    return torch.randn(2, *policy.noise(1).shape[1:], generator=torch.Generator().manual_seed(seed))
 
 
 class Brightness:
@@ -86,9 +108,10 @@ def test_shapes_dtypes_and_prompt_encoding(adapter):
     policy = adapter.load()
     assert isinstance(policy, FlowPolicy)
     cond = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
-    tokens = {"sd3": 77 + 16, "flux": 16}[adapter.name]  # SD3: CLIP tokens then T5's; FLUX: T5's only
-    pooled = {"sd3": 64, "flux": 32}[adapter.name]  # SD3: both CLIPs' projections; FLUX: one CLIP's
-    assert cond.tensors["embeds"].shape == (3, tokens, 64) and cond.tensors["pooled"].shape == (3, pooled)
+    # SD3: CLIP tokens then T5's, both CLIPs' projections pooled; FLUX: T5's tokens, one CLIP pooled; SD 1.x: CLIP.
+    assert cond.tensors["embeds"].shape == (3, *adapter.embeds_shape)
+    if adapter.pooled_dim:
+        assert cond.tensors["pooled"].shape == (3, adapter.pooled_dim)
     assert torch.equal(cond.tensors["embeds"][0], cond.tensors["embeds"][2])  # one encoding per distinct prompt
     assert not torch.equal(cond.tensors["embeds"][0], cond.tensors["embeds"][1])
     x = policy.noise(3, torch.Generator().manual_seed(0))
@@ -102,7 +125,7 @@ def test_shapes_dtypes_and_prompt_encoding(adapter):
 
 
 def test_velocity_is_the_transformer_at_1000_sigma_and_cfg_combines_it(sd3_dir):
-    policy = _policy(sd3_dir)
+    policy = load_sd3_policy(sd3_dir, lora_rank=4, max_sequence_length=16)
     cond = policy.encode_prompts(PROMPTS)
     x, sigma = policy.noise(2, torch.Generator().manual_seed(1)), torch.tensor([0.8, 0.3])
 
@@ -121,19 +144,16 @@ def test_velocity_is_the_transformer_at_1000_sigma_and_cfg_combines_it(sd3_dir):
 
 
 def test_our_euler_ode_sample_equals_the_diffusers_pipeline(adapter):
-    """Same initial latents and sigmas, with guidance: our rollout and the diffusers pipeline agree.
+    """Same initial noise and timesteps, with guidance: our rollout and the diffusers pipeline agree.
 
-    The pipeline's scheduler applies its shift (SD3's fixed 3.0; FLUX's exp(mu) for 64 image tokens) to the
-    sigmas it is given and appends the final 0; we shift ours by the same amount.
+    SD3 and FLUX: the pipeline's Euler sampler on the same shifted sigmas. SD 1.x: the pipeline's DDIM sampler,
+    which our Euler steps reproduce through the change of variables (rewardflow/models/sd1.py).
     """
     policy = adapter.load()
-    cond = policy.encode_prompts(PROMPTS)
-    x0 = policy.noise(2, torch.Generator().manual_seed(2))
-    sigmas = sd3_schedule(4, adapter.shift(policy))
-    ours = rollout(policy, cond, sigmas, torch.zeros(4), guidance_scale=adapter.guidance, x_init=x0).final
-    theirs = _pipeline_latents(policy, x0, 4, adapter.guidance)
-    assert (ours - x0).abs().mean() > 0.1  # the sample moved
-    assert torch.allclose(ours, theirs, atol=1e-5)
+    eps = _eps(policy, 2)
+    ours, theirs = adapter.ours(policy, eps, 4), adapter.theirs(policy, eps, 4)
+    assert (ours - eps).abs().mean() > 0.1  # the sample moved
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
 def test_on_policy_ratio_is_exactly_one_through_the_adapter(adapter):
@@ -203,15 +223,12 @@ def test_saved_lora_loads_in_a_plain_diffusers_pipeline_and_changes_its_output(a
                 p.normal_(0, 0.05)
     save_lora(policy, tmp_path / "lora")
     plain = adapter.load(lora=False)  # a fresh pipeline from the same folder, without our adapters
-    x0 = policy.noise(2, torch.Generator().manual_seed(3))
-    before = _pipeline_latents(plain, x0, 3, adapter.guidance)
+    eps = _eps(policy, 3)
+    before = adapter.theirs(plain, eps, 3)
     plain.pipe.load_lora_weights(tmp_path / "lora")
-    after = _pipeline_latents(plain, x0, 3, adapter.guidance)
-    assert not torch.allclose(before, after, atol=1e-4)
-    sigmas = sd3_schedule(3, adapter.shift(policy))
-    ours = rollout(policy, policy.encode_prompts(PROMPTS), sigmas, torch.zeros(3), guidance_scale=adapter.guidance,
-                   x_init=x0).final  # fmt: skip
-    assert torch.allclose(ours, after, atol=1e-5)  # the pipeline now samples what we trained
+    after = adapter.theirs(plain, eps, 3)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(adapter.ours(policy, eps, 3), after, atol=1e-4)  # the pipeline samples what we trained
     with pytest.raises(ValueError, match="no LoRA adapters"):
         save_lora(adapter.load(lora=False), tmp_path / "full")
 
@@ -259,3 +276,50 @@ def test_flux_shift_is_exp_mu_of_the_image_tokens(flux_dir):
     policy = load_flux_policy(flux_dir, lora_rank=2, resolution=32)
     mu = 0.5 + (1.15 - 0.5) * (64 - 16) / (256 - 16)  # 16x16 latents -> 64 tokens, the tiny scheduler's anchors
     assert policy.shift == pytest.approx(math.exp(mu))
+
+
+def test_sd1_flow_coordinates_hit_the_training_timesteps(sd1_dir):
+    policy = load_sd1_policy(sd1_dir, lora_rank=2, resolution=32)
+    alphas = policy.pipe.scheduler.alphas_cumprod.double()
+    k = torch.tensor([0, 1, 250, 751, 999])
+    a, b = alphas[k].sqrt(), (1 - alphas[k]).sqrt()
+    t, a_ours, b_ours = policy.vp_state((b / (a + b)).float())
+    assert torch.allclose(t, k.float(), atol=1e-3)
+    assert torch.allclose(a_ours.double(), a, atol=1e-6) and torch.allclose(b_ours.double(), b, atol=1e-6)
+    assert policy.sigma_max == pytest.approx(float(b[-1] / (a[-1] + b[-1])))
+    t_top, _, _ = policy.vp_state(torch.tensor([1.0]))  # above sigma_max: the noisiest timestep
+    assert t_top.item() == pytest.approx(999.0)
+    ddim_t = torch.tensor([751.0, 501.0, 251.0, 1.0])  # DDIM with 4 steps, "leading" spacing, offset 1
+    assert torch.allclose(policy.vp_state(policy.schedule(4)[:-1])[0], ddim_t, atol=1e-3)
+    assert policy.schedule(4)[-1] == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sd1_euler_step_is_the_ddim_step(sd1_dir, prediction):
+    """One Euler step of the flow, mapped back, equals diffusers' DDIM step (eta 0) with CFG."""
+    from diffusers import DDIMScheduler
+
+    from rewardflow.models.sd1 import SD1Policy
+
+    base = load_sd1_policy(sd1_dir, lora_rank=2, resolution=32)
+    pipe = base.pipe
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
+    policy = SD1Policy(pipe, resolution=32)
+    ddim = pipe.scheduler
+    ddim.set_timesteps(5)
+    sigmas = policy.schedule(5)
+    cond = policy.encode_prompts(PROMPTS)
+    x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    for i in (0, 2, 4):  # the first, a middle and the last step (to clean latents)
+        t = ddim.timesteps[i]
+        out = pipe.unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat(
+            [cond.null_tensors["embeds"], cond.tensors["embeds"]])).sample  # fmt: skip
+        out_u, out_c = out.chunk(2)
+        theirs = ddim.step(out_u + 4.5 * (out_c - out_u), t, x_t).prev_sample
+        _, a, b = policy.vp_state(sigmas[i : i + 2])
+        y = x_t / (a[0] + b[0])
+        y_next = y + (sigmas[i + 1] - sigmas[i]) * policy.velocity(y, sigmas[i], cond, guidance_scale=4.5)
+        assert torch.allclose(y_next * (a[1] + b[1]), theirs, atol=1e-4), (
+            i,
+            (y_next * (a[1] + b[1]) - theirs).abs().max(),
+        )

@@ -106,13 +106,13 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )  # fmt: skip
 
 
-def _tiny_vae():
+def _tiny_vae(shift_factor: float | None = 0.1):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1, scaling_factor=1.5,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=1.5,
     )  # fmt: skip
 
 
@@ -123,4 +123,44 @@ def save_tiny_flux(path: Path, guidance_embeds: bool = True) -> Path:
 
 def save_tiny_sd3(path: Path) -> Path:
     tiny_sd3_pipeline().save_pretrained(path)
+    return path
+
+
+def tiny_sd1_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline with a tiny epsilon-prediction UNet and SD 1.x's DDIM noise schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_hidden_layers=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                       pad_token_id=513)
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )  # fmt: skip
+    with torch.no_grad():  # randomise the zero-initialised output layer so that eps depends on the input
+        for name, p in unet.named_parameters():
+            if "conv_out" in name:
+                p.normal_(0, 0.05)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+    )  # SD 1.x's betas; final alpha 1 so that DDIM ends on clean latents
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(shift_factor=None), text_encoder=clip, tokenizer=tok, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def save_tiny_sd1(path: Path) -> Path:
+    tiny_sd1_pipeline().save_pretrained(path)
     return path

@@ -30,11 +30,11 @@ def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
     return root
 
 
-def freeze_all_but_transformer(pipe) -> None:
-    """The VAE and text encoders of ``pipe`` frozen and in eval mode; progress bars off."""
+def freeze_all_but(pipe, net: str) -> None:
+    """Every network of ``pipe`` but ``net`` (the VAE, the text encoders) frozen and in eval mode; no progress bars."""
     pipe.set_progress_bar_config(disable=True)
     for name, part in pipe.components.items():
-        if name != "transformer" and hasattr(part, "requires_grad_"):
+        if name != net and hasattr(part, "requires_grad_"):
             part.requires_grad_(False).eval()
 
 
@@ -50,10 +50,13 @@ def save_lora(policy, directory: str | Path) -> Path:
 
     if not has_lora(policy.module):
         raise ValueError("this policy has no LoRA adapters (a full fine-tune): use policy.module.save_pretrained")
+    net = "unet" if policy.module is getattr(policy.pipe, "unet", None) else "transformer"
     policy.pipe.save_lora_weights(
         directory,
-        transformer_lora_layers=get_peft_model_state_dict(policy.module, adapter_name=TRAINED_ADAPTER),
-        transformer_lora_adapter_metadata=policy.module.peft_config[TRAINED_ADAPTER].to_dict(),
+        **{
+            f"{net}_lora_layers": get_peft_model_state_dict(policy.module, adapter_name=TRAINED_ADAPTER),
+            f"{net}_lora_adapter_metadata": policy.module.peft_config[TRAINED_ADAPTER].to_dict(),
+        },
     )
     return Path(directory)
 
@@ -68,20 +71,21 @@ def load_pipeline(
     device,
     dtype,
     gradient_checkpointing: bool,
+    net: str = "transformer",
 ):
-    """A pipeline from a local folder with its transformer ready to train; returns (pipe, reference).
+    """A pipeline from a local folder with its denoising network ``net`` ready to train; returns (pipe, reference).
 
-    ``lora_rank > 0``: LoRA on ``lora_targets`` (alpha defaults to 2 * rank), the reference is the transformer with
-    adapters off (None). Otherwise every transformer weight trains against a frozen copy (the reference).
+    ``lora_rank > 0``: LoRA on ``lora_targets`` (alpha defaults to 2 * rank), the reference is the network with
+    adapters off (None). Otherwise every weight of the network trains against a frozen copy (the reference).
     """
     root = check_model_dir(path, pipeline_cls.__name__, example)
     pipe = pipeline_cls.from_pretrained(root, dtype=dtype, local_files_only=True).to(device)
-    freeze_all_but_transformer(pipe)
-    transformer = pipe.transformer
+    freeze_all_but(pipe, net)
+    network = getattr(pipe, net)
     if gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        network.enable_gradient_checkpointing()
     if lora_rank > 0:
-        add_lora(transformer, lora_rank, lora_alpha or 2.0 * lora_rank, list(lora_targets))
+        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(lora_targets))
         return pipe, None
-    transformer.requires_grad_(True)
-    return pipe, copy.deepcopy(transformer).requires_grad_(False).eval()
+    network.requires_grad_(True)
+    return pipe, copy.deepcopy(network).requires_grad_(False).eval()

@@ -1,0 +1,176 @@
+"""Stable Diffusion 1.x / 2.x (a variance-preserving UNet) presented as a rectified-flow policy.
+
+The change of variables. A VP model sees ``x_t = a_t x0 + b_t eps`` with ``a_t^2 + b_t^2 = 1``
+(``a_t = sqrt(alphas_cumprod[t])``). Dividing by ``a_t + b_t`` gives
+
+    y = x_t / (a_t + b_t) = (1 - s) x0 + s eps,    s = b_t / (a_t + b_t),
+
+a point of the rectified-flow path at ``sigma = s``. So a flow state ``(y, s)`` is the VP state
+``x_t = (a + b) y`` at the timestep ``t`` whose noise-to-signal ratio ``b_t / a_t`` is ``r = s / (1 - s)``
+(``a = 1 / sqrt(1 + r^2)``, ``b = r a``; ``t`` interpolated in ``log r`` over the training timesteps, so the
+UNet is called at a fractional timestep between grid points). The UNet's prediction gives ``x0_hat`` and
+``eps_hat`` (from epsilon or v prediction) and the flow velocity is ``v = eps_hat - x0_hat``. An Euler step
+of this flow from ``s`` to ``s'`` lands on ``(1 - s') x0_hat + s' eps_hat``, which is exactly DDIM's
+deterministic step from ``t`` to ``t'`` divided by ``a' + b'``: DRaFT's DDIM sampler and every method of
+this library run on SD 1.x through the same code (tests/test_diffusers_adapters.py checks it against
+diffusers' DDIMScheduler).
+
+The noisiest state the UNet knows is ``t = T - 1`` (``s = sigma_max``, about 0.94 for SD 1.x, not 1): samplers
+start there from ``eps / (a + b)``, as the SD pipelines start from pure noise at their first timestep;
+:meth:`SD1Policy.schedule` gives the sigmas of the pipeline's own DDIM timesteps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewardflow.models.diffusers_io import load_pipeline
+from rewardflow.models.protocol import Conditioning, guided_velocity
+from rewardflow.models.weights import PolicyWeights
+
+# DRaFT's and the diffusers LoRA scripts' targets on the SD UNet: the attention projections.
+SD1_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class SD1Policy:
+    """An epsilon- (or v-) prediction UNet as a flow policy; see the module docstring for the mapping.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` whose UNet is the trained network; VAE and text encoder frozen.
+        reference: a frozen copy of the UNet for a full fine-tune; None with LoRA (adapters off).
+        resolution: image side in pixels.
+        negative_prompt: the unconditional prompt for CFG (empty by default, as in the SD pipelines).
+        autocast: run the UNet under bfloat16 autocast (for float32 weights); step math stays float32.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        reference: nn.Module | None = None,
+        resolution: int = 512,
+        negative_prompt: str = "",
+        autocast: bool = False,
+    ) -> None:
+        self.pipe, self.module = pipe, pipe.unet
+        self.weights = PolicyWeights(pipe.unet, reference)
+        self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
+        factor = pipe.vae_scale_factor * 2 ** (len(self.module.config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"resolution {resolution} must be a multiple of {factor} (VAE and UNet downscaling)")
+        self.latent_size = resolution // pipe.vae_scale_factor
+        self.negative_prompt, self.autocast = negative_prompt, autocast
+        self.prediction = pipe.scheduler.config.prediction_type
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"scheduler prediction_type {self.prediction!r}: only epsilon and v_prediction are mapped"
+            )
+        alphas = pipe.scheduler.alphas_cumprod.double()
+        self._log_ratio = (0.5 * torch.log((1 - alphas) / alphas)).float()  # log(b_t / a_t), increasing in t
+        ratio = torch.exp(self._log_ratio[-1].double())
+        self.sigma_max = float(ratio / (1 + ratio))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def vp_state(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, a, b)`` for flow sigmas [B]: the (fractional) UNet timestep and the VP coefficients.
+
+        Sigmas above :attr:`sigma_max` are treated as ``sigma_max`` (the noisiest timestep the UNet knows).
+        """
+        s = sigma.double().clamp(0.0, self.sigma_max)
+        ratio = s / (1 - s)
+        a = 1 / torch.sqrt(1 + ratio**2)
+        log_r = torch.log(ratio.clamp_min(1e-12))
+        table = self._log_ratio.double().to(s.device)
+        k = torch.searchsorted(table, log_r).clamp(1, len(table) - 1)
+        lo, hi = table[k - 1], table[k]
+        t = (k - 1) + ((log_r - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return t.float(), a.float(), (ratio * a).float()
+
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        """Flow sigmas [num_steps + 1] of the pipeline's DDIM timesteps (its spacing), ending at 0."""
+        from diffusers import DDIMScheduler
+
+        ddim = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        ddim.set_timesteps(num_steps)
+        ratio = torch.exp(self._log_ratio.double()[ddim.timesteps])
+        return torch.cat([ratio / (1 + ratio), torch.zeros(1, dtype=torch.float64)]).float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("encode_prompts needs a non-empty list of prompt strings")
+        distinct = list(dict.fromkeys(prompts))
+        embeds, null_embeds = self.pipe.encode_prompt(
+            distinct, self.device, 1, True, negative_prompt=[self.negative_prompt] * len(distinct)
+        )
+        where = {p: i for i, p in enumerate(distinct)}
+        rows = torch.tensor([where[p] for p in prompts], device=embeds.device)
+        return Conditioning(list(prompts), {"embeds": embeds[rows]}, {"embeds": null_embeds[rows]})
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        net = self.weights.active()
+        dtype = self.module.dtype
+
+        def forward(y: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            t, a, b = (c.view(-1, *[1] * (y.ndim - 1)) for c in self.vp_state(sig))
+            x_t = (a + b) * y.float()
+            with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = net(x_t.to(dtype), t.flatten(), encoder_hidden_states=tensors["embeds"].to(dtype))
+            out = out.sample.float()
+            if self.prediction == "epsilon":
+                eps, x0 = out, (x_t - b * out) / a
+            else:  # v prediction: v_vp = a eps - b x0
+                eps, x0 = a * out + b * x_t, a * x_t - b * out
+            return eps - x0
+
+        return guided_velocity(forward, x, sigma, cond, guidance_scale)
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The flow state at :attr:`sigma_max` for pure noise at the UNet's noisiest timestep: ``eps / (a + b)``."""
+        gen_device = generator.device if generator is not None else self.device
+        shape = (batch, self.module.config.in_channels, self.latent_size, self.latent_size)
+        _, a, b = self.vp_state(torch.tensor([self.sigma_max]))
+        return (torch.randn(shape, generator=generator, device=gen_device) / (a + b)).to(self.device)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from clean latents (at sigma 0 the flow state is the VP latent itself)."""
+        vae = self.pipe.vae
+        latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def load_sd1_policy(
+    path: str | Path,
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    resolution: int | None = None,
+    gradient_checkpointing: bool = False,
+    **policy_kwargs,
+) -> SD1Policy:
+    """An SD 1.x / 2.x policy from a local diffusers folder, ready to fine-tune (LoRA or full, as for SD3)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe, reference = load_pipeline(
+        StableDiffusionPipeline,
+        path,
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        SD1_LORA_TARGETS,
+        lora_rank,
+        lora_alpha,
+        device,
+        dtype,
+        gradient_checkpointing,
+        net="unet",
+    )
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return SD1Policy(pipe, reference=reference, resolution=size, **policy_kwargs)
