@@ -70,7 +70,7 @@ def _cmd_eval(argv: list[str]) -> None:
     import dataclasses
 
     from rewardflow.config import ModelConfig
-    from rewardflow.evaluate import EvalConfig, evaluate
+    from rewardflow.evaluate import EvalConfig, evaluate, headline
     from rewardflow.models.tiny_dit import load_policy
     from rewardflow.utils.logging import save_grid
 
@@ -96,7 +96,7 @@ def _cmd_eval(argv: list[str]) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
-        print(f"overall {report['overall']:.3f}  clean {report['clean_overall']:.3f}  -> {out}")
+        print(f"{headline(report)}  -> {out}")
     else:
         print(text)
     if args.grid:

@@ -23,8 +23,18 @@ DIRECT = ("draft", "leapalign")
 class ModelConfig:
     """Which model to fine-tune and how."""
 
+    kind: Literal["tiny-dit", "sd3", "flux"] = "tiny-dit"
+    """The Shapes tiny DiT, or a diffusers model from ``path``: Stable Diffusion 3 / 3.5, FLUX.1 (docs/models.md)."""
     checkpoint: str = "base"
-    """A tiny-DiT checkpoint path, or "base" for the shipped Shapes base model."""
+    """tiny-dit: a checkpoint path, or "base" for the shipped Shapes base model."""
+    path: str = ""
+    """sd3 / flux: the local diffusers model folder (model_index.json and its subfolders)."""
+    resolution: int = 0
+    """sd3 / flux: image side in pixels (0: the model's native size)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """sd3 / flux: the weights' dtype (step math is float32 either way)."""
+    gradient_checkpointing: bool = False
+    """sd3 / flux: activation checkpointing in the transformer (less memory, one more forward per backward)."""
     lora_rank: int = 0
     """0 trains every weight (against a frozen reference copy); > 0 trains LoRA adapters of this rank."""
     lora_alpha: float = 0.0
@@ -36,6 +46,15 @@ class ModelConfig:
     drawn on the CPU either way, so a seed gives the same noise on every device."""
 
     def __post_init__(self) -> None:
+        if self.kind not in ("tiny-dit", "sd3", "flux"):
+            raise ValueError(f"model.kind must be 'tiny-dit', 'sd3' or 'flux', got {self.kind!r}")
+        if self.kind != "tiny-dit" and not self.path:
+            raise ValueError(f"model.kind {self.kind!r} needs model.path, the local diffusers model folder")
+        if self.dtype not in ("float32", "bfloat16") or self.resolution < 0:
+            raise ValueError(
+                f"model.dtype must be 'float32' or 'bfloat16' and model.resolution >= 0, got {self.dtype!r}, "
+                f"{self.resolution}"
+            )
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
         name, _, index = str(self.device).partition(":")
@@ -159,6 +178,16 @@ class TrainConfig:
     def algo(self) -> GRPOConfig | NFTConfig | DraftConfig | LeapAlignConfig:
         """The settings of the chosen algorithm."""
         return getattr(self, self.algorithm)
+
+    @property
+    def uses_shapes_prompts(self) -> bool:
+        """Whether the training prompts must be in the Shapes grammar.
+
+        They must when the tiny DiT's tokenizer, a Shapes reward, or the judge's monitor of a direct-gradient run
+        (``eval.judge``) reads them.
+        """
+        shapes_reward = any(n.startswith("shapes-") for n in self.reward.names)
+        return self.model.kind == "tiny-dit" or shapes_reward or (self.algorithm in DIRECT and self.eval.judge)
 
     @property
     def rows_per_iter(self) -> int:

@@ -40,6 +40,9 @@ class EvalConfig:
     rewards: tuple[str, ...] = ()
     """Registered rewards scored on the evaluation images besides the judge (their means in the report's
     ``rewards``), e.g. the learned reward a direct-gradient run optimises, to see it next to the truth."""
+    judge: bool = True
+    """Judge the images with the Shapes judge (the prompts must be in its grammar); off for prompts of the
+    world at large, which are then scored by ``rewards`` only."""
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "num_steps", "batch_size"):
@@ -50,6 +53,15 @@ class EvalConfig:
         unknown = [n for n in self.rewards if n not in REWARDS]
         if unknown:
             raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
+        if not self.judge and not self.rewards:
+            raise ValueError("eval.judge is off and eval.rewards is empty: the evaluation would score nothing")
+
+
+def headline(report: dict[str, Any]) -> str:
+    """One line of an evaluation report: strict and clean accuracy (when judged), then each reward's mean."""
+    parts = [f"strict {report['overall']:.3f}  clean {report['clean_overall']:.3f}"] if "overall" in report else []
+    parts += [f"{n} {v:.3f}" for n, v in report.get("rewards", {}).items()]
+    return "  ".join(parts)
 
 
 @torch.no_grad()
@@ -115,11 +127,14 @@ def evaluate(
     ``cfg.rewards`` are built with ``reward_cfg``'s settings (a run's own, so its learned reward's checkpoint).
     """
     records = load_prompts(cfg.prompts)
-    check_prompts(records, cfg.prompts, parse_prompt)
+    if cfg.judge:
+        check_prompts(records, cfg.prompts, parse_prompt)
     prompts = [r.prompt for r in records for _ in range(cfg.samples_per_prompt)]
     images = generate(policy, prompts, cfg)
-    verdicts = judge_images([parse_prompt(p) for p in prompts], images.numpy())
-    report = summarize(records, verdicts, cfg.samples_per_prompt)
+    report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": cfg.samples_per_prompt}
+    if cfg.judge:
+        verdicts = judge_images([parse_prompt(p) for p in prompts], images.numpy())
+        report = summarize(records, verdicts, cfg.samples_per_prompt)
     if cfg.rewards:
         from rewardflow.config import RewardConfig
         from rewardflow.rewards import build_reward

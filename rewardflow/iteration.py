@@ -15,7 +15,7 @@ from rewardflow.algorithms.advantages import aggregate_advantages
 from rewardflow.algorithms.draft import direct_train_step, draft_loss
 from rewardflow.algorithms.leapalign import leapalign_loss
 from rewardflow.config import TrainConfig
-from rewardflow.models.tiny_dit import TinyDiTPolicy
+from rewardflow.models.protocol import FlowPolicy
 from rewardflow.rewards import RewardFn
 from rewardflow.rewards.shapes import ShapesJudgeReward
 from rewardflow.utils.ema import EMA
@@ -23,7 +23,7 @@ from rewardflow.utils.ema import EMA
 
 def online_iteration(
     cfg: TrainConfig,
-    policy: TinyDiTPolicy,
+    policy: FlowPolicy,
     optimizer: torch.optim.Optimizer,
     ema: EMA,
     reward_fn: RewardFn,
@@ -72,7 +72,7 @@ def online_iteration(
 
 def direct_iteration(
     cfg: TrainConfig,
-    policy: TinyDiTPolicy,
+    policy: FlowPolicy,
     optimizer: torch.optim.Optimizer,
     ema: EMA,
     reward_fn: RewardFn,
@@ -93,7 +93,8 @@ def direct_iteration(
         policy, optimizer, cond, metadata, loss_fn, cfg.algo, ema.step, generator=gen
     )
     images = policy.decode(final)
-    judged = ShapesJudgeReward(cfg.reward.extra_object_penalty)(images, cond.prompts, metadata)
-    update.update({f"judge/{k}": v.mean().item() for k, v in judged.details.items()})
-    update["judge/reward"] = judged.scores.mean().item()
+    if cfg.eval.judge:
+        judged = ShapesJudgeReward(cfg.reward.extra_object_penalty)(images, cond.prompts, metadata)
+        update.update({f"judge/{k}": v.mean().item() for k, v in judged.details.items()})
+        update["judge/reward"] = judged.scores.mean().item()
     return images, reward, update

@@ -18,9 +18,10 @@ from rewardflow.algorithms.advantages import zero_std_fraction
 from rewardflow.algorithms.draft import check_differentiable
 from rewardflow.config import DIRECT, TrainConfig, from_yaml, to_yaml
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
-from rewardflow.evaluate import evaluate
+from rewardflow.evaluate import evaluate, headline
 from rewardflow.iteration import direct_iteration, online_iteration
-from rewardflow.models.tiny_dit import TinyDiTPolicy, load_policy
+from rewardflow.models.protocol import FlowPolicy
+from rewardflow.models.tiny_dit import load_policy
 from rewardflow.rewards import RewardFn, build_reward
 from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.utils.checkpoint import load_state, load_trainable, save_state_atomic, save_trainable
@@ -71,15 +72,34 @@ def write_run_header(cfg: TrainConfig, run: Path, resume: bool) -> None:
     (run / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def build_policy(cfg: TrainConfig) -> TinyDiTPolicy:
+def build_policy(cfg: TrainConfig) -> FlowPolicy:
     """The policy a run trains, as its ``model`` section describes."""
     m = cfg.model
-    return load_policy(
-        m.checkpoint, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, autocast=m.autocast, device=m.resolved_device()
+    if m.kind == "tiny-dit":
+        return load_policy(
+            m.checkpoint,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
+            autocast=m.autocast,
+            device=m.resolved_device(),
+        )
+    if m.kind == "sd3":
+        from rewardflow.models.sd3 import load_sd3_policy as load
+    else:
+        from rewardflow.models.flux import load_flux_policy as load
+    return load(
+        m.path,
+        lora_rank=m.lora_rank,
+        lora_alpha=m.lora_alpha,
+        device=m.resolved_device(),
+        dtype=getattr(torch, m.dtype),
+        resolution=m.resolution or None,
+        gradient_checkpointing=m.gradient_checkpointing,
+        autocast=m.autocast and m.dtype == "float32",
     )
 
 
-def run_eval(policy: TinyDiTPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int) -> dict[str, Any]:
+def run_eval(policy: FlowPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int) -> dict[str, Any]:
     """Evaluate the EMA weights; write ``eval/iter_XXXXX.json`` and a sample grid."""
     t0 = time.time()
     with ema.swapped():
@@ -88,20 +108,12 @@ def run_eval(policy: TinyDiTPolicy, ema: EMA, cfg: TrainConfig, run: Path, itera
     (run / "eval" / f"iter_{iteration:05d}.json").write_text(json.dumps(report, indent=2))
     per = cfg.eval.samples_per_prompt
     save_grid(images[:: per * 3][:48], run / "samples" / f"eval_{iteration:05d}.png")
-    extra = "".join(f" {n} {v:.3f}" for n, v in report.get("rewards", {}).items())
-    log.info(
-        "eval at iteration %d: strict %.3f clean %.3f%s (%.0fs)",
-        iteration,
-        report["overall"],
-        report["clean_overall"],
-        extra,
-        time.time() - t0,
-    )
+    log.info("eval at iteration %d: %s (%.0fs)", iteration, headline(report), time.time() - t0)
     return {"iteration": iteration, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}}
 
 
 def save(
-    cfg: TrainConfig, policy: TinyDiTPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int
+    cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int
 ) -> None:
     """EMA weights for use (``checkpoints/iter_XXXXX.safetensors``) and a resume state."""
     with ema.swapped():
@@ -129,11 +141,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     before the first file is written, so a failed start leaves the folder as it was.
     """
     records = load_prompts(cfg.train_prompts)
-    check_prompts(records, cfg.train_prompts, parse_prompt)
+    if cfg.uses_shapes_prompts:
+        check_prompts(records, cfg.train_prompts, parse_prompt)
     sampler = GroupedPromptSampler(
         records, cfg.prompts_per_iter, cfg.group_size, cfg.seed, balance_by=cfg.balance_prompts_by
     )
-    check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)
+    if cfg.eval.judge:
+        check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)
     run = check_run_dir(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -185,7 +199,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def _loop(
     cfg: TrainConfig,
     run: Path,
-    policy: TinyDiTPolicy,
+    policy: FlowPolicy,
     optimizer: torch.optim.Optimizer,
     ema: EMA,
     reward_fn: RewardFn,
@@ -237,7 +251,7 @@ def _loop(
     return run
 
 
-def load_trained_policy(run_dir: str | Path, device: str | None = None) -> tuple[TinyDiTPolicy, TrainConfig]:
+def load_trained_policy(run_dir: str | Path, device: str | None = None) -> tuple[FlowPolicy, TrainConfig]:
     """The policy of a run folder with its latest EMA checkpoint loaded, and the run's config.
 
     ``device`` overrides the run's ``model.device`` (a run trained on a GPU can be evaluated on a CPU).

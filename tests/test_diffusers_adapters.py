@@ -234,6 +234,12 @@ def test_saved_lora_loads_in_a_plain_diffusers_pipeline_and_changes_its_output(a
 
 
 def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):
+    from rewardflow.config import ModelConfig
+
+    with pytest.raises(ValueError, match="model.kind 'sd3' needs model.path"):
+        ModelConfig(kind="sd3")
+    with pytest.raises(ValueError, match="model.kind must be 'tiny-dit', 'sd3' or 'flux', got 'sdxl'"):
+        ModelConfig(kind="sdxl", path="x")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-3.5-medium"):
         load_sd3_policy(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download black-forest-labs/FLUX.1-dev"):
@@ -323,3 +329,29 @@ def test_sd1_euler_step_is_the_ddim_step(sd1_dir, prediction):
             i,
             (y_next * (a[1] + b[1]) - theirs).abs().max(),
         )
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(kind, sd3_dir, flux_dir, tmp_path):
+    from rewardflow.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\ntwo dogs on grass\na lighthouse at dusk\n")
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), "--model.kind", kind, "--model.path", str(sd3_dir if kind == "sd3" else flux_dir),
+            "--model.resolution", "32", "--model.lora-rank", "4", "--train-prompts", str(prompts),
+            "--balance-prompts-by", "", "--reward.names", "jpeg-compressibility", "--eval.prompts", str(prompts),
+            "--eval.no-judge", "--eval.rewards", "jpeg-compressibility", "--eval.num-steps", "2",
+            "--eval.samples-per-prompt", "1"]  # fmt: skip
+    assert main(["train", "shapes_grpo_smoke", *args]) == 0
+    report = json.loads((run / "eval" / "iter_00002.json").read_text())
+    assert "overall" not in report and report["rewards"]["jpeg-compressibility"] < 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in rows if "reward" in m]) == 2
+    assert main(["eval", "--run-dir", str(run), "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["rewards"] == report["rewards"]  # same EMA weights
+    wrong = tmp_path / "wrong"
+    args[args.index("--run-dir") + 1] = str(wrong)
+    args[args.index("--model.path") + 1] = str(flux_dir if kind == "sd3" else sd3_dir)
+    assert main(["train", "shapes_grpo_smoke", *args]) == 2
+    assert not wrong.exists()
