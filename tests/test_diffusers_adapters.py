@@ -18,7 +18,7 @@ from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_lo
 from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
 from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss  # noqa: E402
 from rewardflow.algorithms.nft import NFTConfig  # noqa: E402
-from rewardflow.models.diffusers_io import save_lora  # noqa: E402
+from rewardflow.models.diffusers_io import load_lora, save_lora  # noqa: E402
 from rewardflow.models.flux import load_flux_policy, pack, unpack  # noqa: E402
 from rewardflow.models.protocol import Conditioning, FlowPolicy  # noqa: E402
 from rewardflow.models.sd1 import load_sd1_policy  # noqa: E402
@@ -231,6 +231,11 @@ def test_saved_lora_loads_in_a_plain_diffusers_pipeline_and_changes_its_output(a
     assert torch.allclose(adapter.ours(policy, eps, 3), after, atol=1e-4)  # the pipeline samples what we trained
     with pytest.raises(ValueError, match="no LoRA adapters"):
         save_lora(adapter.load(lora=False), tmp_path / "full")
+    again = adapter.load()  # a fresh policy (new random A) takes the saved adapter back exactly
+    load_lora(again, tmp_path / "lora")
+    assert torch.equal(adapter.ours(again, eps, 3), adapter.ours(policy, eps, 3))
+    with pytest.raises(ValueError, match=r"does not fit this policy's adapters .*has shape .*another lora_rank"):
+        load_lora(adapter.load(lora_rank=2), tmp_path / "lora")
 
 
 def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):

@@ -89,3 +89,36 @@ def load_pipeline(
         return pipe, None
     network.requires_grad_(True)
     return pipe, copy.deepcopy(network).requires_grad_(False).eval()
+
+
+def load_lora(policy, directory: str | Path) -> None:
+    """Load a LoRA saved by :func:`save_lora` (diffusers' layout) into the policy's trained adapter.
+
+    Raises:
+        ValueError: the policy has no LoRA adapters, or the file's adapter does not fit them (other layers, another
+            rank): the message names the folder and the first mismatch.
+    """
+    import torch
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not has_lora(policy.module):
+        raise ValueError("this policy has no LoRA adapters to load into (build it with lora_rank > 0)")
+    net = "unet" if policy.module is getattr(policy.pipe, "unet", None) else "transformer"
+    loaded = policy.pipe.lora_state_dict(directory)
+    weights = loaded[0] if isinstance(loaded, tuple) else loaded
+    state = {k.removeprefix(f"{net}."): v for k, v in weights.items() if k.startswith(f"{net}.")}
+    own = get_peft_model_state_dict(policy.module, adapter_name=TRAINED_ADAPTER)
+    problems = [f"{k} is not one of this policy's LoRA weights" for k in sorted(set(state) - set(own))]
+    problems += [f"{k} is missing" for k in sorted(set(own) - set(state))]
+    problems += [
+        f"{k} has shape {tuple(v.shape)}, the policy's {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise ValueError(
+            f"LoRA in {str(directory)!r} does not fit this policy's adapters ({len(problems)} problems; first: "
+            f"{problems[0]}): was it trained on another model or with another lora_rank?"
+        )
+    with torch.no_grad():
+        set_peft_model_state_dict(policy.module, state, adapter_name=TRAINED_ADAPTER)
