@@ -23,10 +23,10 @@ from rewardflow.models.flux import load_flux_policy, pack, unpack  # noqa: E402
 from rewardflow.models.protocol import Conditioning, FlowPolicy  # noqa: E402
 from rewardflow.models.sd1 import load_sd1_policy  # noqa: E402
 from rewardflow.models.sd3 import load_sd3_policy  # noqa: E402
+from rewardflow.models.tiny_diffusers import save_tiny_flux, save_tiny_sd1, save_tiny_sd3  # noqa: E402
 from rewardflow.sampling.rollout import rollout  # noqa: E402
 from rewardflow.sampling.schedules import sd3_schedule, uniform  # noqa: E402
 from rewardflow.types import RewardOutput  # noqa: E402
-from tests.tiny_diffusers import save_tiny_flux, save_tiny_sd1, save_tiny_sd3  # noqa: E402
 
 PROMPTS = ["a red cube", "two dogs on grass"]
 

@@ -1,5 +1,7 @@
 """Tiny random diffusers pipelines built from config, offline (no download, no tokenizer files).
 
+For tests and the CPU run of the throughput benchmark.
+
 The tokenizers are character-level: a CLIP BPE tokenizer with no merges over the 256 byte characters, and a
 T5 unigram tokenizer over lowercase letters, digits and punctuation. Saved with ``save_pretrained``, a folder
 loads through the same ``from_pretrained`` code as a real model.
@@ -20,6 +22,7 @@ def _byte_characters() -> list[str]:
 
 
 def clip_tokenizer():
+    """A character-level CLIP tokenizer (byte characters, no merges), built in memory."""
     from transformers import CLIPTokenizer
 
     chars = _byte_characters()
@@ -29,6 +32,7 @@ def clip_tokenizer():
 
 
 def t5_tokenizer():
+    """A character-level T5 (unigram) tokenizer, built in memory."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -117,11 +121,13 @@ def _tiny_vae(shift_factor: float | None = 0.1):
 
 
 def save_tiny_flux(path: Path, guidance_embeds: bool = True) -> Path:
+    """:func:`tiny_flux_pipeline` saved as a diffusers folder at ``path``."""
     tiny_flux_pipeline(guidance_embeds=guidance_embeds).save_pretrained(path)
     return path
 
 
 def save_tiny_sd3(path: Path) -> Path:
+    """:func:`tiny_sd3_pipeline` saved as a diffusers folder at ``path``."""
     tiny_sd3_pipeline().save_pretrained(path)
     return path
 
@@ -162,5 +168,6 @@ def tiny_sd1_pipeline(seed: int = 0):
 
 
 def save_tiny_sd1(path: Path) -> Path:
+    """:func:`tiny_sd1_pipeline` saved as a diffusers folder at ``path``."""
     tiny_sd1_pipeline().save_pretrained(path)
     return path

@@ -1,0 +1,237 @@
+"""Throughput of the training algorithms on the real SD3.5-Medium and FLUX.1-dev architectures (random weights).
+
+No download: the transformer and VAE are built from their published configs on the meta device, materialised
+on the target device in bf16 and filled with random values (speed does not depend on the values); the text
+encoders are tiny stand-ins, and the prompt embeddings random tensors of the real shapes (333 x 4096 tokens for
+SD3.5 with a 256-token T5, 512 x 4096 for FLUX), since the encoders run once per prompt and are not part of an
+algorithm's cost. Everything runs through the library's own code: the adapters, ``grpo.collect`` /
+``train_step``, ``nft.collect`` / ``train_step`` and ``direct_train_step``.
+
+Per model, fine-tuning mode (LoRA r=32 or full) and algorithm it reports rollout and training images/s, the
+peak GPU memory, the FLOPs of each phase counted by ``torch.utils.flop_counter`` on one untimed run, the model
+FLOP utilisation against ``--peak-tflops`` and the ratio of the measured time to that FLOP floor
+(docs/results.md has the numbers; ../shared/reference/gpu-roofline.md the floor's derivation).
+
+    python benchmarks/throughput.py --size real --device cuda --batch 8 --out benchmarks/results
+    python benchmarks/throughput.py --size tiny --device cpu --batch 2 --steps 3   # the CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rewardflow.algorithms import grpo, nft
+from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
+from rewardflow.algorithms.grpo import GRPOConfig
+from rewardflow.algorithms.nft import NFTConfig
+from rewardflow.models import tiny_diffusers
+from rewardflow.models.flux import FLUX_LORA_TARGETS, FluxPolicy
+from rewardflow.models.lora import add_lora
+from rewardflow.models.protocol import Conditioning
+from rewardflow.models.sd3 import SD3_LORA_TARGETS, SD3Policy
+from rewardflow.types import RewardOutput
+
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+             qk_norm="rms_norm")  # fmt: skip
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))  # fmt: skip
+VAE16 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+# (embedding tokens, embedding width, pooled width, guidance scale, LoRA targets) per model
+SHAPES = {"sd3": (333, 4096, 2048, 4.5, SD3_LORA_TARGETS), "flux": (512, 4096, 768, 3.5, FLUX_LORA_TARGETS)}
+
+
+def random_init(module: torch.nn.Module) -> torch.nn.Module:
+    """Random values everywhere (materialised from meta): matrices N(0, 0.02), norm weights 1, the rest N(0, 1e-2)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 1e-2)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.normal_(0, 1e-2)
+    return module
+
+
+def build(model: str, size: str, device: torch.device, dtype: torch.dtype):
+    """The pipeline (tiny text encoders) and the condition shapes for ``model`` at ``size``."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+    pipe = tiny_diffusers.tiny_sd3_pipeline() if model == "sd3" else tiny_diffusers.tiny_flux_pipeline()
+    if size == "real":
+        cls, config = (SD3Transformer2DModel, SD35M) if model == "sd3" else (FluxTransformer2DModel, FLUX_DEV)
+        with torch.device("meta"):
+            transformer, vae = cls(**config), AutoencoderKL(**VAE16)
+        pipe.transformer = random_init(transformer.to(dtype).to_empty(device=device))
+        pipe.vae = random_init(vae.to(dtype).to_empty(device=device))
+        pipe.vae_scale_factor = 8
+        tokens, width, pooled = SHAPES[model][:3]
+    else:
+        tokens, width, pooled = (93, 64, 64) if model == "sd3" else (16, 64, 32)
+    pipe.to(device=device, dtype=dtype)
+    return pipe, tokens, width, pooled
+
+
+def make_policy(pipe, model: str, mode: str, resolution: int):
+    transformer = pipe.transformer
+    transformer.requires_grad_(False)
+    reference = None
+    if mode == "lora":
+        add_lora(transformer, 32, 64.0, list(SHAPES[model][4]))
+        transformer.to(dtype=pipe.vae.dtype)
+    else:
+        transformer.requires_grad_(True)
+        reference = copy.deepcopy(transformer).requires_grad_(False)
+    cls = SD3Policy if model == "sd3" else FluxPolicy
+    return cls(pipe, reference=reference, resolution=resolution)
+
+
+class MeanPixel:
+    """A differentiable stand-in reward (the direct-gradient step's cost without a reward model's)."""
+
+    name = "mean-pixel"
+    differentiable = True
+
+    def __call__(self, images, prompts, metadata):
+        return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def phases(policy, algorithm: str, cond: Conditioning, steps: int, guidance: float, shift: float, batch: int):
+    """(name, callable) pairs of one iteration of ``algorithm``: rollout then training."""
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
+    adv = torch.linspace(-1, 1, batch)
+    if algorithm == "grpo":
+        cfg = GRPOConfig(num_steps=steps, micro_batch=batch, optimizer_steps=1, guidance_scale=guidance,
+                         kl_beta=0.04, shift=shift)  # fmt: skip
+        state = {}
+
+        def rollout():
+            state["batch"] = grpo.collect(policy, cond, cfg, gen)
+            return policy.decode(state["batch"].xs[:, -1])
+
+        return [
+            ("rollout", torch.no_grad()(rollout)),
+            ("train", lambda: grpo.train_step(policy, opt, state["batch"], adv, cfg)),
+        ]
+    if algorithm == "nft":
+        policy.init_old()
+        cfg = NFTConfig(num_steps=steps, micro_batch=batch, optimizer_steps=1, shift=shift)
+        state = {}
+
+        def rollout():
+            state["batch"] = nft.collect(policy, cond, cfg, gen)
+            return policy.decode(state["batch"].x0)
+
+        r = (adv + 1) / 2
+        return [
+            ("rollout", torch.no_grad()(rollout)),
+            ("train", lambda: nft.train_step(policy, opt, state["batch"], r, cfg)),
+        ]
+    cfg = DraftConfig(num_steps=steps, micro_batch=batch, k=1, guidance_scale=guidance, shift=shift)
+    loss_fn = draft_loss(MeanPixel(), cfg)
+    return [("sample+train", lambda: direct_train_step(policy, opt, cond, [{}] * batch, loss_fn, cfg, generator=gen))]
+
+
+def run(model, size, mode, algorithm, args, device, dtype) -> list[dict]:
+    pipe, tokens, width, pooled = build(model, size, device, dtype)
+    resolution = args.resolution if size == "real" else 32
+    policy = make_policy(pipe, model, mode, resolution)
+    g = torch.Generator().manual_seed(1)
+    rows = [f"prompt {i}" for i in range(args.batch)]
+    tensors = {"embeds": torch.randn(args.batch, tokens, width, generator=g).to(device, dtype),
+               "pooled": torch.randn(args.batch, pooled, generator=g).to(device, dtype)}  # fmt: skip
+    guidance = SHAPES[model][3]
+    cond = Conditioning(rows, tensors, {k: torch.randn_like(v) for k, v in tensors.items()} if model == "sd3" else {})
+    shift = 3.0 if model == "sd3" else policy.shift
+    out = []
+    for name, fn in phases(policy, algorithm, cond, args.steps, guidance, shift, args.batch):
+        for _ in range(args.warmup):
+            fn()
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = sorted(timed(fn, device)[0] for _ in range(args.repeats))[args.repeats // 2]
+        flops = counter.get_total_flops()
+        row = {"model": model, "size": size, "mode": mode, "algorithm": algorithm, "phase": name,
+               "batch": args.batch, "steps": args.steps, "seconds": seconds, "images_per_s": args.batch / seconds,
+               "gflop": flops / 1e9,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}  # fmt: skip
+        if args.peak_tflops:
+            row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
+            row["floor_ratio"] = seconds / (flops / (args.peak_tflops * 1e12))
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["sd3", "flux"], choices=["sd3", "flux"])
+    parser.add_argument("--size", choices=["real", "tiny"], default="real")
+    parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--algorithms", nargs="+", default=["grpo", "nft", "draft"], choices=["grpo", "nft", "draft"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=8, help="images per micro-batch (CFG doubles the model batch)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (H100 bf16 measured: 783.4)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for model in args.models:
+        for mode in args.modes:
+            for algorithm in args.algorithms:
+                rows += run(model, args.size, mode, algorithm, args, device, dtype)
+    head = "| model | mode | algorithm | phase | images/s | GFLOP / call | MFU | x floor | peak GiB |"
+    lines = [head, "|---" * 9 + "|"]
+    for r in rows:
+        mfu = f"{r['mfu']:.2f}" if "mfu" in r else "-"
+        floor = f"{r['floor_ratio']:.1f}" if "floor_ratio" in r else "-"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['algorithm']} | {r['phase']} | {r['images_per_s']:.2f} | "
+                     f"{r['gflop']:.1f} | {mfu} | {floor} | {peak} |")  # fmt: skip
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        (out / f"throughput-{stamp}.json").write_text(json.dumps(rows, indent=2))
+        (out / f"throughput-{stamp}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The benchmarks that must run on a CPU run there (tiny configurations, a few seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_benchmark_runs_every_algorithm_on_the_tiny_models(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--size", "tiny", "--device", "cpu",
+           "--batch", "2", "--steps", "2", "--repeats", "1", "--warmup", "0", "--modes", "lora",
+           "--peak-tflops", "1", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    rows = json.loads(next(tmp_path.glob("throughput-*.json")).read_text())
+    phases = {(r["model"], r["algorithm"], r["phase"]) for r in rows}
+    assert len(phases) == 10  # 2 models x (GRPO and NFT rollout + train, DRaFT sample+train)
+    assert all(r["images_per_s"] > 0 and r["gflop"] > 0 and 0 < r["mfu"] for r in rows)
