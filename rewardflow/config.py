@@ -104,6 +104,14 @@ class RewardConfig:
     """shapes-judge: score subtracted per detected object the prompt did not ask for."""
     score_checkpoint: str = "shipped"
     """shapes-score: the learned scorer's checkpoint ("shipped", or a file from ``rewardflow reward-model``)."""
+    pickscore_model: str = ""
+    """pickscore: local folder of the PickScore CLIP model (yuvalkirstain/PickScore_v1 with its processor)."""
+    clip_model: str = ""
+    """clipscore: local folder of a CLIP model (e.g. openai/clip-vit-large-patch14)."""
+    aesthetic_model: str = ""
+    """aesthetic: local folder of CLIP ViT-L/14 holding the converted ``aesthetic_head.safetensors``."""
+    device: str = "cpu"
+    """Where reward models run ("cpu", "cuda", ...); scores come back on the policy's device."""
 
     def __post_init__(self) -> None:
         if not self.names or len(set(self.names)) != len(self.names):

@@ -18,7 +18,16 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "jpeg-compressibility": lambda cfg: JpegSize(sign=-1.0),
     "jpeg-incompressibility": lambda cfg: JpegSize(sign=1.0),
     "shapes-score": lambda cfg: _shapes_score(cfg.score_checkpoint),
+    "pickscore": lambda cfg: _clip("PickScoreReward", cfg.pickscore_model, cfg.device),
+    "clipscore": lambda cfg: _clip("ClipScoreReward", cfg.clip_model, cfg.device),
+    "aesthetic": lambda cfg: _clip("AestheticReward", cfg.aesthetic_model, cfg.device),
 }
+
+
+def _clip(cls: str, path: str, device: str) -> RewardFn:
+    from rewardflow.rewards import clip  # transformers models: built only when asked for
+
+    return getattr(clip, cls)(path, device)
 
 
 def _shapes_score(checkpoint: str) -> RewardFn:
@@ -29,7 +38,7 @@ def _shapes_score(checkpoint: str) -> RewardFn:
 
 def differentiable_rewards() -> list[str]:
     """Names of the registered rewards whose scores carry gradient to the images."""
-    return ["shapes-score"]
+    return ["shapes-score", "pickscore", "clipscore", "aesthetic"]
 
 
 def build_reward(cfg: RewardConfig) -> WeightedRewards:
