@@ -5,36 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from rewardflow.config import RewardConfig
-from rewardflow.models.tiny_diffusers import clip_tokenizer
+from rewardflow.models.tiny_diffusers import save_tiny_clip
 from rewardflow.rewards import build_reward, differentiable_rewards
-from rewardflow.rewards.clip import AESTHETIC_HEAD, ClipPreprocess, aesthetic_head, convert_aesthetic_head
+from rewardflow.rewards.clip import ClipPreprocess, convert_aesthetic_head
 
 PROMPTS = ["a red cube", "two dogs"]
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-    torch.manual_seed(0)
-    tok = clip_tokenizer()
-    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                          num_hidden_layers=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                          pad_token_id=513)  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                              image_size=24, patch_size=8, projection_dim=16)  # fmt: skip
-    path = tmp_path_factory.mktemp("clip") / "model"
-    CLIPModel(
-        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
-    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(path)
-    head = aesthetic_head(16)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path / AESTHETIC_HEAD))
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model")
 
 
 def test_preprocessing_matches_the_clip_image_processor(clip_dir):

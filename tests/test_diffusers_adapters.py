@@ -360,3 +360,31 @@ def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(kind, sd3
     args[args.index("--model.path") + 1] = str(flux_dir if kind == "sd3" else sd3_dir)
     assert main(["train", "shapes_grpo_smoke", *args]) == 2
     assert not wrong.exists()
+
+
+def test_paper_presets_name_what_they_need_and_run_on_tiny_stand_ins(sd3_dir, flux_dir, tmp_path, monkeypatch, capsys):
+    from rewardflow.cli import main
+    from rewardflow.models.tiny_diffusers import save_tiny_clip
+
+    monkeypatch.chdir(tmp_path)
+    cpu = ["--model.device", "cpu", "--reward.device", "cpu"]
+    for preset in ("sd35m_pickscore_flow_grpo", "sd35m_pickscore_nft"):
+        assert main(["train", preset, *cpu]) == 2  # the prompt files are the first thing it looks for
+        assert "data/pickscore/train.txt" in capsys.readouterr().err
+    (tmp_path / "data" / "pickscore").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "data" / "pickscore" / f"{split}.txt").write_text("a red cube\ntwo dogs on grass\n")
+    assert main(["train", "sd35m_pickscore_flow_grpo", *cpu]) == 2
+    assert "huggingface-cli download stabilityai/stable-diffusion-3.5-medium" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    small = [*cpu, "--model.resolution", "32", "--model.dtype", "float32", "--iterations", "1",
+             "--prompts-per-iter", "2", "--group-size", "2", "--eval.num-steps", "2",
+             "--reward.pickscore-model", str(save_tiny_clip(tmp_path / "clip")), "--grpo.micro-batch", "2",
+             "--nft.micro-batch", "2", "--grpo.num-steps", "3", "--nft.num-steps", "3"]  # fmt: skip
+    assert main(["train", "sd35m_pickscore_flow_grpo", "--model.path", str(flux_dir), *small]) == 2  # wrong kind
+    assert "holds a FluxPipeline, but this model kind needs a StableDiffusion3Pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    for preset in ("sd35m_pickscore_flow_grpo", "sd35m_pickscore_nft"):
+        assert main(["train", preset, *small, "--model.path", str(sd3_dir)]) == 0
+        report = json.loads((tmp_path / "runs" / preset / "eval" / "iter_00001.json").read_text())
+        assert set(report["rewards"]) == {"pickscore"}

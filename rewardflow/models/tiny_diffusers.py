@@ -171,3 +171,31 @@ def save_tiny_sd1(path: Path) -> Path:
     """:func:`tiny_sd1_pipeline` saved as a diffusers folder at ``path``."""
     tiny_sd1_pipeline().save_pretrained(path)
     return path
+
+
+def save_tiny_clip(path: Path, aesthetic_head_width: int | None = 16) -> Path:
+    """A tiny random ``CLIPModel`` with its tokenizer and processor (24 px images) saved at ``path``.
+
+    With ``aesthetic_head_width`` it also holds a random LAION-style aesthetic head, so every CLIP-based reward
+    (PickScore, CLIPScore, aesthetic) loads from the folder.
+    """
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from rewardflow.rewards.clip import AESTHETIC_HEAD, aesthetic_head
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                          pad_token_id=513, projection_dim=16)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=24, patch_size=8, projection_dim=16)  # fmt: skip
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(path)
+    if aesthetic_head_width:
+        head = aesthetic_head(aesthetic_head_width)
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(Path(path) / AESTHETIC_HEAD))
+    return Path(path)
