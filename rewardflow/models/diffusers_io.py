@@ -1,10 +1,14 @@
-"""What the diffusers adapters share: finding a local model folder, freezing a pipeline, saving LoRA weights."""
+"""What the diffusers adapters share: loading a local model folder, noise and decoding, saving and loading LoRA."""
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from rewardflow.models.lora import TRAINED_ADAPTER, add_lora, has_lora
 
@@ -28,6 +32,19 @@ def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
     if kind != pipeline:
         raise ValueError(f"model.path {str(path)!r} holds a {kind}, but this model kind needs a {pipeline}")
     return root
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal latents drawn on the generator's device (the CPU for a seeded run), moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def decode_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] from clean latents: undo the VAE's scaling and shift, decode (differentiable)."""
+    latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
 
 
 def freeze_all_but(pipe, net: str) -> None:
@@ -61,34 +78,51 @@ def save_lora(policy, directory: str | Path) -> Path:
     return Path(directory)
 
 
-def load_pipeline(
-    pipeline_cls,
-    path: str | Path,
-    example: str,
-    lora_targets: tuple[str, ...],
-    lora_rank: int,
-    lora_alpha: float,
-    device,
-    dtype,
-    gradient_checkpointing: bool,
-    net: str = "transformer",
-):
-    """A pipeline from a local folder with its denoising network ``net`` ready to train; returns (pipe, reference).
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between the diffusers adapters when loading: the pipeline, the network, where to get it."""
 
-    ``lora_rank > 0``: LoRA on ``lora_targets`` (alpha defaults to 2 * rank), the reference is the network with
-    adapters off (None). Otherwise every weight of the network trains against a frozen copy (the reference).
+    pipeline: str  # diffusers pipeline class name, also the model_index.json class it must match
+    net: str  # the pipeline attribute that is trained ("transformer" or "unet")
+    lora_targets: tuple[str, ...]
+    example: str  # a hub id to name in the "download it" message
+    native_size: Callable  # pipe -> default resolution in pixels
+
+
+def load_diffusers_policy(
+    spec: ModelSpec,
+    policy_cls,
+    path: str | Path,
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    resolution: int | None = None,
+    gradient_checkpointing: bool = False,
+    **policy_kwargs,
+):
+    """A ``policy_cls`` around the pipeline in a local folder, its network ready to train. Nothing is downloaded.
+
+    ``lora_rank > 0``: LoRA on the spec's targets (alpha defaults to 2 * rank); the reference is the network with
+    adapters off. Otherwise every weight of the network trains against a frozen copy. ``resolution`` defaults to
+    the model's native size; ``policy_kwargs`` go to the policy (negative prompt, sequence length, autocast, ...).
     """
-    root = check_model_dir(path, pipeline_cls.__name__, example)
-    pipe = pipeline_cls.from_pretrained(root, dtype=dtype, local_files_only=True).to(device)
-    freeze_all_but(pipe, net)
-    network = getattr(pipe, net)
+    import diffusers
+
+    root = check_model_dir(path, spec.pipeline, spec.example)
+    pipe = getattr(diffusers, spec.pipeline).from_pretrained(root, dtype=dtype, local_files_only=True).to(device)
+    freeze_all_but(pipe, spec.net)
+    network = getattr(pipe, spec.net)
     if gradient_checkpointing:
         network.enable_gradient_checkpointing()
+    reference = None
     if lora_rank > 0:
-        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(lora_targets))
-        return pipe, None
-    network.requires_grad_(True)
-    return pipe, copy.deepcopy(network).requires_grad_(False).eval()
+        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(spec.lora_targets))
+    else:
+        network.requires_grad_(True)
+        reference = copy.deepcopy(network).requires_grad_(False).eval()
+    size = resolution or spec.native_size(pipe)
+    return policy_cls(pipe, reference=reference, resolution=size, **policy_kwargs)
 
 
 def load_lora(policy, directory: str | Path) -> None:

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import load_pipeline
+from rewardflow.models.diffusers_io import ModelSpec, decode_latents, draw_noise, load_diffusers_policy
 from rewardflow.models.protocol import Conditioning, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import flux_mu
@@ -164,41 +164,24 @@ class FluxPolicy:
         return guided_velocity(forward, x, sigma, cond, 1.0 if embedded else guidance_scale)
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        gen_device = generator.device if generator is not None else self.device
-        shape = (batch, self.module.config.in_channels // 4, self.latent_size, self.latent_size)
-        return torch.randn(shape, generator=generator, device=gen_device).to(self.device)
+        return draw_noise(
+            (batch, self.module.config.in_channels // 4, self.latent_size, self.latent_size), generator, self.device
+        )
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from clean latents (differentiable, for the direct-gradient methods)."""
-        vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+        return decode_latents(self.pipe.vae, x)
 
 
-def load_flux_policy(
-    path: str | Path,
-    lora_rank: int = 0,
-    lora_alpha: float = 0.0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    resolution: int | None = None,
-    gradient_checkpointing: bool = False,
-    **policy_kwargs,
-) -> FluxPolicy:
-    """A FLUX.1 policy from a local diffusers folder, ready to fine-tune (LoRA or full, as for SD3)."""
-    from diffusers import FluxPipeline
+FLUX_SPEC = ModelSpec(
+    pipeline="FluxPipeline",
+    net="transformer",
+    lora_targets=FLUX_LORA_TARGETS,
+    example="black-forest-labs/FLUX.1-dev",
+    native_size=lambda pipe: pipe.default_sample_size * pipe.vae_scale_factor,
+)
 
-    pipe, reference = load_pipeline(
-        FluxPipeline,
-        path,
-        "black-forest-labs/FLUX.1-dev",
-        FLUX_LORA_TARGETS,
-        lora_rank,
-        lora_alpha,
-        device,
-        dtype,
-        gradient_checkpointing,
-    )
-    size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
-    return FluxPolicy(pipe, reference=reference, resolution=size, **policy_kwargs)
+
+def load_flux_policy(path: str | Path, **options) -> FluxPolicy:
+    """A FLUX.1 policy from a local diffusers folder, ready to fine-tune (options as for SD3)."""
+    return load_diffusers_policy(FLUX_SPEC, FluxPolicy, path, **options)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import load_pipeline
+from rewardflow.models.diffusers_io import ModelSpec, decode_latents, draw_noise, load_diffusers_policy
 from rewardflow.models.protocol import Conditioning, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 
@@ -134,43 +134,24 @@ class SD1Policy:
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """The flow state at :attr:`sigma_max` for pure noise at the UNet's noisiest timestep: ``eps / (a + b)``."""
-        gen_device = generator.device if generator is not None else self.device
         shape = (batch, self.module.config.in_channels, self.latent_size, self.latent_size)
         _, a, b = self.vp_state(torch.tensor([self.sigma_max]))
-        return (torch.randn(shape, generator=generator, device=gen_device) / (a + b)).to(self.device)
+        return draw_noise(shape, generator, self.device) / (a + b).to(self.device)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from clean latents (at sigma 0 the flow state is the VP latent itself)."""
-        vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+        return decode_latents(self.pipe.vae, x)
 
 
-def load_sd1_policy(
-    path: str | Path,
-    lora_rank: int = 0,
-    lora_alpha: float = 0.0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    resolution: int | None = None,
-    gradient_checkpointing: bool = False,
-    **policy_kwargs,
-) -> SD1Policy:
-    """An SD 1.x / 2.x policy from a local diffusers folder, ready to fine-tune (LoRA or full, as for SD3)."""
-    from diffusers import StableDiffusionPipeline
+SD1_SPEC = ModelSpec(
+    pipeline="StableDiffusionPipeline",
+    net="unet",
+    lora_targets=SD1_LORA_TARGETS,
+    example="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    native_size=lambda pipe: pipe.unet.config.sample_size * pipe.vae_scale_factor,
+)
 
-    pipe, reference = load_pipeline(
-        StableDiffusionPipeline,
-        path,
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        SD1_LORA_TARGETS,
-        lora_rank,
-        lora_alpha,
-        device,
-        dtype,
-        gradient_checkpointing,
-        net="unet",
-    )
-    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return SD1Policy(pipe, reference=reference, resolution=size, **policy_kwargs)
+
+def load_sd1_policy(path: str | Path, **options) -> SD1Policy:
+    """An SD 1.x / 2.x policy from a local diffusers folder, ready to fine-tune (options as for SD3)."""
+    return load_diffusers_policy(SD1_SPEC, SD1Policy, path, **options)

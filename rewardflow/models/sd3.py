@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import load_pipeline
+from rewardflow.models.diffusers_io import ModelSpec, decode_latents, draw_noise, load_diffusers_policy
 from rewardflow.models.protocol import Conditioning, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 
@@ -111,46 +111,28 @@ class SD3Policy:
         return guided_velocity(forward, x, sigma, cond, guidance_scale)
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        gen_device = generator.device if generator is not None else self.device
-        shape = (batch, self.module.config.in_channels, self.latent_size, self.latent_size)
-        return torch.randn(shape, generator=generator, device=gen_device).to(self.device)
+        return draw_noise(
+            (batch, self.module.config.in_channels, self.latent_size, self.latent_size), generator, self.device
+        )
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from clean latents (differentiable, for the direct-gradient methods)."""
-        vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+        return decode_latents(self.pipe.vae, x)
 
 
-def load_sd3_policy(
-    path: str | Path,
-    lora_rank: int = 0,
-    lora_alpha: float = 0.0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    resolution: int | None = None,
-    gradient_checkpointing: bool = False,
-    **policy_kwargs,
-) -> SD3Policy:
+SD3_SPEC = ModelSpec(
+    pipeline="StableDiffusion3Pipeline",
+    net="transformer",
+    lora_targets=SD3_LORA_TARGETS,
+    example="stabilityai/stable-diffusion-3.5-medium",
+    native_size=lambda pipe: pipe.transformer.config.sample_size * pipe.vae_scale_factor,
+)
+
+
+def load_sd3_policy(path: str | Path, **options) -> SD3Policy:
     """An SD3 / SD3.5 policy from a local diffusers folder, ready to fine-tune.
 
-    ``lora_rank > 0`` adds LoRA on :data:`SD3_LORA_TARGETS` (alpha defaults to 2 * rank) and the reference is
-    the transformer with adapters off; ``lora_rank == 0`` trains every transformer weight against a frozen copy.
-    ``resolution`` defaults to the transformer's native size. Offline, nothing is downloaded.
+    Options (LoRA rank and alpha, device, dtype, resolution, gradient checkpointing, and the policy's own) as in
+    :func:`rewardflow.models.diffusers_io.load_diffusers_policy`; LoRA goes on :data:`SD3_LORA_TARGETS`.
     """
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe, reference = load_pipeline(
-        StableDiffusion3Pipeline,
-        path,
-        "stabilityai/stable-diffusion-3.5-medium",
-        SD3_LORA_TARGETS,
-        lora_rank,
-        lora_alpha,
-        device,
-        dtype,
-        gradient_checkpointing,
-    )
-    size = resolution or pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    return SD3Policy(pipe, reference=reference, resolution=size, **policy_kwargs)
+    return load_diffusers_policy(SD3_SPEC, SD3Policy, path, **options)
