@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-SHIPPED = {"shapes:train": "train.jsonl", "shapes:eval": "eval.jsonl"}
+# Shipped prompt sets: name -> (package, file). The OCR sets are Flow-GRPO-style text-rendering prompts
+# (the target text in double quotes), made from 60 phrases x 8 templates, 64 held out for evaluation.
+SHIPPED = {
+    "shapes:train": ("rewardflow.shapes", "data/train.jsonl"),
+    "shapes:eval": ("rewardflow.shapes", "data/eval.jsonl"),
+    "ocr:train": ("rewardflow.data", "ocr_train.txt"),
+    "ocr:eval": ("rewardflow.data", "ocr_eval.txt"),
+}
 
 
 @dataclass(frozen=True)
@@ -28,10 +35,11 @@ class PromptRecord:
 
 
 def resolve_prompt_path(source: str) -> Path:
-    """A file path, or the path of a shipped set named ``shapes:train`` / ``shapes:eval``."""
+    """A file path, or the path of a shipped set (``shapes:train``, ``shapes:eval``, ``ocr:train``, ``ocr:eval``)."""
     if source in SHIPPED:
-        return Path(str(resources.files("rewardflow.shapes") / "data" / SHIPPED[source]))
-    if source.startswith("shapes:"):
+        package, name = SHIPPED[source]
+        return Path(str(resources.files(package) / name))
+    if source.split(":")[0] in ("shapes", "ocr") and ":" in source:
         raise ValueError(f"prompt set {source!r} is unknown; shipped sets are {', '.join(SHIPPED)}")
     return Path(source)
 

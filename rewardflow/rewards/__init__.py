@@ -21,7 +21,14 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "pickscore": lambda cfg: _clip("PickScoreReward", cfg.pickscore_model, cfg.device),
     "clipscore": lambda cfg: _clip("ClipScoreReward", cfg.clip_model, cfg.device),
     "aesthetic": lambda cfg: _clip("AestheticReward", cfg.aesthetic_model, cfg.device),
+    "ocr": lambda cfg: _ocr(),
 }
+
+
+def _ocr() -> RewardFn:
+    from rewardflow.rewards.ocr import OCRReward  # rapidocr (the ocr extra): imported only when asked for
+
+    return OCRReward()
 
 
 def _clip(cls: str, path: str, device: str) -> RewardFn:
