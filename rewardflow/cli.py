@@ -4,11 +4,13 @@ rewardflow train PRESET [--run-dir DIR] [--resume] [--field.sub-field VALUE ...]
 rewardflow eval (--run-dir DIR | --base | --checkpoint FILE) [--prompts FILE] [--out FILE.json]
 rewardflow pretrain [--out-dir DIR] [--steps N ...]
 rewardflow reward-model [--out FILE] [--steps N ...]   (trains the learned shapes-score reward)
+rewardflow serve-reward NAME [--port N] [--token-env VAR] [--reward.field VALUE ...]   (a reward over HTTP)
 rewardflow presets
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import tyro
 
+from rewardflow.config import RewardConfig
 from rewardflow.shapes.grammar import PromptError
 
 USAGE = __doc__
@@ -121,6 +124,48 @@ def _cmd_reward_model(argv: list[str]) -> None:
     )
 
 
+@dataclass
+class ServeArgs:
+    """Serve a registered reward over HTTP (JSON with PNG images; rewardflow/rewards/remote.py)."""
+
+    name: str
+    """The registered reward to serve (shapes-judge, ocr, pickscore, ...)."""
+    host: str = "127.0.0.1"
+    """Interface to bind; anything but loopback exposes the reward to the network."""
+    port: int = 18085
+    token_env: str = ""
+    """Environment variable holding a bearer token the clients must send (none: no token checked)."""
+    max_images: int = 256
+    max_bytes: int = 64 * 2**20
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """Settings the reward is built with (its model folders, device)."""
+
+
+def _cmd_serve_reward(argv: list[str]) -> None:
+    import os
+
+    from rewardflow.rewards import REWARDS
+    from rewardflow.rewards.remote import make_server
+
+    args = tyro.cli(ServeArgs, args=argv, prog="rewardflow serve-reward")
+    if args.name not in REWARDS or args.name == "remote":
+        raise ValueError(
+            f"cannot serve {args.name!r}; registered rewards: {', '.join(n for n in REWARDS if n != 'remote')}"
+        )
+    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_env and not token:
+        raise ValueError(f"--token-env names {args.token_env!r}, but that environment variable is not set")
+    server = make_server(REWARDS[args.name](args.reward), args.host, args.port, token, args.max_images, args.max_bytes)
+    host, port = server.server_address[:2]
+    print(f"serving {args.name} on http://{host}:{port} (POST /score, GET /health); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _cmd_presets(argv: list[str]) -> None:
     from rewardflow.presets import PRESETS
 
@@ -134,6 +179,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "pretrain": _cmd_pretrain,
     "reward-model": _cmd_reward_model,
+    "serve-reward": _cmd_serve_reward,
     "presets": _cmd_presets,
 }
 

@@ -112,6 +112,10 @@ class RewardConfig:
     """aesthetic: local folder of CLIP ViT-L/14 holding the converted ``aesthetic_head.safetensors``."""
     device: str = "cpu"
     """Where reward models run ("cpu", "cuda", ...); scores come back on the policy's device."""
+    remote_url: str = ""
+    """remote: the base URL of a ``rewardflow serve-reward`` server, e.g. http://127.0.0.1:18085."""
+    remote_token_env: str = ""
+    """remote: the environment variable holding the server's bearer token (the token never goes in a config)."""
 
     def __post_init__(self) -> None:
         if not self.names or len(set(self.names)) != len(self.names):

@@ -22,7 +22,18 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "clipscore": lambda cfg: _clip("ClipScoreReward", cfg.clip_model, cfg.device),
     "aesthetic": lambda cfg: _clip("AestheticReward", cfg.aesthetic_model, cfg.device),
     "ocr": lambda cfg: _ocr(),
+    "remote": lambda cfg: _remote(cfg.remote_url, cfg.remote_token_env),
 }
+
+
+def _remote(url: str, token_env: str) -> RewardFn:
+    import os
+
+    from rewardflow.rewards.remote import RemoteReward
+
+    if token_env and not os.environ.get(token_env):
+        raise ValueError(f"reward.remote_token_env names {token_env!r}, but that environment variable is not set")
+    return RemoteReward(url, token=os.environ.get(token_env) if token_env else None)
 
 
 def _ocr() -> RewardFn:

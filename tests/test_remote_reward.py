@@ -1,0 +1,176 @@
+"""The reward server and client on loopback: equal scores, the token, a fuzz of bad requests, a dead server."""
+
+import http.client
+import json
+import random
+import threading
+
+import pytest
+import torch
+
+from rewardflow.rewards.image import JpegSize
+from rewardflow.rewards.remote import RemoteReward, encode_png, make_server
+from rewardflow.types import RewardOutput
+
+PROMPTS = ["a red circle", "two squares", "a blue triangle"]
+
+
+def _images(n: int = 3, size: int = 16) -> torch.Tensor:
+    """Images on the 8-bit grid, so the PNG round trip is exact."""
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(0)).float() / 255
+
+
+@pytest.fixture
+def serve():
+    started = []
+
+    def start(reward, **kwargs):
+        server = make_server(reward, port=0, **kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_scores_equal_in_process_scores_and_batches(serve):
+    reward = JpegSize(sign=-1.0)
+    server, url = serve(reward)
+    assert server.server_address[0] == "127.0.0.1"
+    images = _images(5)
+    prompts = PROMPTS + PROMPTS[:2]
+    remote = RemoteReward(url, batch_size=2)  # three requests of 2, 2 and 1 images
+    assert torch.equal(remote(images, prompts, [{}] * 5).scores, reward(images, prompts, [{}] * 5).scores.float())
+
+
+def test_a_request_without_the_token_is_refused(serve):
+    _, url = serve(JpegSize(sign=1.0), token="s3cret")
+    with pytest.raises(ValueError, match="refused the request \\(401\\)"):
+        RemoteReward(url)(_images(1), PROMPTS[:1], [{}])
+    assert RemoteReward(url, token="s3cret")(_images(1), PROMPTS[:1], [{}]).scores.shape == (1,)
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None, headers: dict) -> int:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(serve):
+    _, url = serve(JpegSize(sign=1.0), max_images=4, max_bytes=100_000)
+    good_image = encode_png(_images(1)[0])
+    rng = random.Random(0)
+
+    def bad() -> tuple[str, bytes | None, dict]:
+        kind = rng.randrange(9)
+        ok = {"prompts": ["a"], "metadata": [{}], "images": [good_image]}
+        if kind == 0:  # random bytes
+            return "/score", bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))), {}
+        if kind == 1:  # truncated JSON
+            text = json.dumps(ok).encode()
+            return "/score", text[: rng.randrange(1, len(text) - 1)], {}
+        if kind == 2:  # wrong types
+            return "/score", json.dumps({"prompts": 3, "images": {"a": 1}}).encode(), {}
+        if kind == 3:  # counts that do not match
+            return "/score", json.dumps({**ok, "prompts": ["a", "b"]}).encode(), {}
+        if kind == 4:  # base64 that is not an image
+            return "/score", json.dumps({**ok, "images": ["aGVsbG8gd29ybGQ="]}).encode(), {}
+        if kind == 5:  # too many images
+            n = 5
+            return (
+                "/score",
+                json.dumps({"prompts": ["a"] * n, "metadata": [{}] * n, "images": [good_image] * n}).encode(),
+                {},
+            )
+        if kind == 6:  # says it is huge
+            return "/score", b"{}", {"Content-Length": "999999999"}
+        if kind == 7:  # a JSON list
+            return "/score", b"[1, 2, 3]", {}
+        return "/nowhere", b"{}", {}
+
+    for _ in range(200):
+        path, body, headers = bad()
+        status = _raw(url, "POST", path, body, headers)
+        assert 400 <= status < 500, (path, body[:80] if body else body, status)
+    assert _raw(url, "GET", "/health", None, {}) == 200
+    assert RemoteReward(url)(_images(2), PROMPTS[:2], [{}, {}]).scores.shape == (2,)
+
+
+def test_a_dead_or_failing_server_makes_the_client_fail_clearly(serve):
+    server, url = serve(JpegSize(sign=1.0))
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(RuntimeError, match=r"did not answer after 3 attempts .*serve-reward"):
+        RemoteReward(url, retries=2, backoff=0.01, timeout=2)(_images(1), PROMPTS[:1], [{}])
+
+    class Broken:
+        name = "broken"
+
+        def __call__(self, images, prompts, metadata):
+            raise RuntimeError("model exploded")
+
+    _, url = serve(Broken())
+    with pytest.raises(RuntimeError, match="HTTP 500: .*model exploded"):
+        RemoteReward(url, retries=1, backoff=0.01)(_images(1), PROMPTS[:1], [{}])
+
+    class Garbage:
+        name = "garbage"
+
+        def __call__(self, images, prompts, metadata):
+            return RewardOutput(scores=torch.tensor([float("nan")] * len(prompts)))
+
+    _, url = serve(Garbage())
+    with pytest.raises(ValueError, match="expected 1 finite scores"):
+        RemoteReward(url)(_images(1), PROMPTS[:1], [{}])
+    with pytest.raises(ValueError, match="must start with http"):
+        RemoteReward("127.0.0.1:1")
+
+
+def test_a_training_run_whose_reward_server_fails_stops_with_its_last_checkpoint_intact(
+    serve, tmp_path, tiny_run_args, monkeypatch
+):
+    from rewardflow.cli import main
+    from rewardflow.rewards import REWARDS
+    from rewardflow.utils.checkpoint import load_state
+
+    calls = {"n": 0}
+
+    class FailsOnItsThirdCall:
+        name = "flaky"
+
+        def __call__(self, images, prompts, metadata):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("the reward model fell over")
+            return JpegSize(sign=1.0)(images, prompts, metadata)
+
+    _, url = serve(FailsOnItsThirdCall())
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), "--iterations", "3", "--save-every", "1", "--reward.names", "remote",
+            "--reward.remote-url", url, *tiny_run_args]  # fmt: skip
+    quick = lambda cfg: RemoteReward(cfg.remote_url, retries=0, backoff=0.0)  # noqa: E731
+    monkeypatch.setitem(REWARDS, "remote", quick)  # no waiting between retries in a test
+    with pytest.raises(RuntimeError, match="HTTP 500: .*fell over"):
+        main(["train", "shapes_grpo_smoke", *args])
+    state = load_state(run / "checkpoints" / "state.pt")
+    assert state["iteration"] == 2 and (run / "checkpoints" / "iter_00002.safetensors").is_file()
+    assert main(["train", "shapes_grpo_smoke", *args, "--resume"]) == 0  # the server answers again: it finishes
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in rows if "reward" in m] == [1, 2, 3]
+
+
+def test_serve_reward_command_refuses_unknown_rewards_and_unset_tokens(capsys, monkeypatch):
+    from rewardflow.cli import main
+
+    assert main(["serve-reward", "nope"]) == 2
+    assert "cannot serve 'nope'; registered rewards: shapes-judge" in capsys.readouterr().err
+    monkeypatch.delenv("RF_TOKEN", raising=False)
+    assert main(["serve-reward", "jpeg-compressibility", "--token-env", "RF_TOKEN"]) == 2
+    assert "'RF_TOKEN', but that environment variable is not set" in capsys.readouterr().err
