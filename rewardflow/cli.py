@@ -128,7 +128,7 @@ def _cmd_reward_model(argv: list[str]) -> None:
 class ServeArgs:
     """Serve a registered reward over HTTP (JSON with PNG images; rewardflow/rewards/remote.py)."""
 
-    name: str
+    name: tyro.conf.Positional[str]
     """The registered reward to serve (shapes-judge, ocr, pickscore, ...)."""
     host: str = "127.0.0.1"
     """Interface to bind; anything but loopback exposes the reward to the network."""
