@@ -24,6 +24,7 @@ from rewardflow.shapes.judge import Verdict, judge_images
 
 if TYPE_CHECKING:
     from rewardflow.config import RewardConfig
+    from rewardflow.rewards.multi import WeightedRewards
 
 
 @dataclass
@@ -119,12 +120,26 @@ def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_
     }
 
 
+def eval_rewards(cfg: EvalConfig, reward_cfg: RewardConfig | None = None) -> WeightedRewards | None:
+    """``cfg.rewards`` built with ``reward_cfg``'s settings (a run's own: its model folders, its learned reward)."""
+    if not cfg.rewards:
+        return None
+    from rewardflow.config import RewardConfig
+    from rewardflow.rewards import build_reward
+
+    return build_reward(dataclasses.replace(reward_cfg or RewardConfig(), names=cfg.rewards, weights=()))
+
+
 def evaluate(
-    policy: FlowPolicy, cfg: EvalConfig, reward_cfg: RewardConfig | None = None
+    policy: FlowPolicy,
+    cfg: EvalConfig,
+    reward_cfg: RewardConfig | None = None,
+    rewards: WeightedRewards | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Sample ``samples_per_prompt`` images per prompt, judge them; returns (report, images).
 
-    ``cfg.rewards`` are built with ``reward_cfg``'s settings (a run's own, so its learned reward's checkpoint).
+    ``cfg.rewards`` score the same images: ``rewards`` when given (built once by :func:`eval_rewards`, as the
+    training loop does, since reward models load slowly), else built here from ``reward_cfg``.
     """
     records = load_prompts(cfg.prompts)
     if cfg.judge:
@@ -136,13 +151,9 @@ def evaluate(
         verdicts = judge_images([parse_prompt(p) for p in prompts], images.numpy())
         report = summarize(records, verdicts, cfg.samples_per_prompt)
     if cfg.rewards:
-        from rewardflow.config import RewardConfig
-        from rewardflow.rewards import build_reward
-
-        rcfg = dataclasses.replace(reward_cfg or RewardConfig(), names=cfg.rewards, weights=())
         metadata = [r.metadata for r in records for _ in range(cfg.samples_per_prompt)]
         with torch.no_grad():
-            scored = build_reward(rcfg)(images, prompts, metadata)
+            scored = (rewards or eval_rewards(cfg, reward_cfg))(images, prompts, metadata)
         report["rewards"] = {n: s.mean().item() for n, s in scored.components.items()}
     report["settings"] = {
         "num_steps": cfg.num_steps,

@@ -18,7 +18,7 @@ from rewardflow.algorithms.advantages import zero_std_fraction
 from rewardflow.algorithms.draft import check_differentiable
 from rewardflow.config import DIRECT, TrainConfig, from_yaml, to_yaml
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
-from rewardflow.evaluate import evaluate, headline
+from rewardflow.evaluate import eval_rewards, evaluate, headline
 from rewardflow.iteration import direct_iteration, online_iteration
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.models.tiny_dit import load_policy
@@ -99,11 +99,13 @@ def build_policy(cfg: TrainConfig) -> FlowPolicy:
     )
 
 
-def run_eval(policy: FlowPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int) -> dict[str, Any]:
-    """Evaluate the EMA weights; write ``eval/iter_XXXXX.json`` and a sample grid."""
+def run_eval(
+    policy: FlowPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int, rewards: Any = None
+) -> dict[str, Any]:
+    """Evaluate the EMA weights (``rewards``: the built ``eval.rewards``); write the report and a grid."""
     t0 = time.time()
     with ema.swapped():
-        report, images = evaluate(policy, cfg.eval, cfg.reward)
+        report, images = evaluate(policy, cfg.eval, cfg.reward, rewards)
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / f"iter_{iteration:05d}.json").write_text(json.dumps(report, indent=2))
     per = cfg.eval.samples_per_prompt
@@ -160,6 +162,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.algorithm == "nft":
         policy.init_old()
     reward_fn = build_reward(cfg.reward)
+    eval_scorers = eval_rewards(cfg.eval, cfg.reward)  # built before anything is written: a bad folder fails here
     if cfg.algorithm in DIRECT:
         check_differentiable(reward_fn, cfg.algorithm)
     start = 0
@@ -190,7 +193,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("resuming %s at iteration %d", run, start)
     handler = setup_file_logging(run / "train.log")
     try:
-        return _loop(cfg, run, policy, optimizer, ema, reward_fn, sampler, start)
+        return _loop(cfg, run, policy, optimizer, ema, reward_fn, sampler, start, eval_scorers)
     finally:
         logging.getLogger("rewardflow").removeHandler(handler)
         handler.close()
@@ -205,12 +208,13 @@ def _loop(
     reward_fn: RewardFn,
     sampler: GroupedPromptSampler,
     start: int,
+    eval_scorers: Any = None,
 ) -> Path:
     params = policy.trainable_parameters()
     metrics_path = run / "metrics.jsonl"
     log.info("%s; %d trainable parameters", cfg.summary(), sum(p.numel() for p in params))
     if start == 0:
-        append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, 0))
+        append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, 0, eval_scorers))
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train", dynamic_ncols=True)
     for it in bar:
         t0 = time.time()
@@ -243,7 +247,7 @@ def _loop(
         if done == 1 or done % cfg.save_every == 0:
             save_grid(images[:64], run / "samples" / f"train_{done:05d}.png")
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations:
-            append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, done))
+            append_jsonl(metrics_path, run_eval(policy, ema, cfg, run, done, eval_scorers))
         if done % cfg.save_every == 0 or done == cfg.iterations:
             save(cfg, policy, optimizer, ema, run, done)
             plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
