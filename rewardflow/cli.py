@@ -171,7 +171,7 @@ def _cmd_presets(argv: list[str]) -> None:
 
     for name, fn in PRESETS.items():
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:24s} {doc}")
+        print(f"{name:27s} {doc}")
 
 
 COMMANDS = {
