@@ -23,8 +23,9 @@ DIRECT = ("draft", "leapalign")
 class ModelConfig:
     """Which model to fine-tune and how."""
 
-    kind: Literal["tiny-dit", "sd3", "flux"] = "tiny-dit"
-    """The Shapes tiny DiT, or a diffusers model from ``path``: Stable Diffusion 3 / 3.5, FLUX.1 (docs/models.md)."""
+    kind: Literal["tiny-dit", "sd3", "flux", "sd1"] = "tiny-dit"
+    """The Shapes tiny DiT, or a diffusers model from ``path``: Stable Diffusion 3 / 3.5, FLUX.1, or SD 1.x / 2.x
+    (a VP UNet seen as a flow, which starts at its ``sigma_max``; docs/models.md)."""
     checkpoint: str = "base"
     """tiny-dit: a checkpoint path, or "base" for the shipped Shapes base model."""
     path: str = ""
@@ -46,8 +47,8 @@ class ModelConfig:
     drawn on the CPU either way, so a seed gives the same noise on every device."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("tiny-dit", "sd3", "flux"):
-            raise ValueError(f"model.kind must be 'tiny-dit', 'sd3' or 'flux', got {self.kind!r}")
+        if self.kind not in ("tiny-dit", "sd3", "flux", "sd1"):
+            raise ValueError(f"model.kind must be 'tiny-dit', 'sd3', 'flux' or 'sd1', got {self.kind!r}")
         if self.kind != "tiny-dit" and not self.path:
             raise ValueError(f"model.kind {self.kind!r} needs model.path, the local diffusers model folder")
         if self.dtype not in ("float32", "bfloat16") or self.resolution < 0:

@@ -35,6 +35,9 @@ class EvalConfig:
     samples_per_prompt: int = 4
     num_steps: int = 40
     shift: float = 3.0
+    sigma_max: float = 1.0
+    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
+    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
     guidance_scale: float = 4.5
     seed: int = 20261122
     batch_size: int = 120
@@ -54,6 +57,8 @@ class EvalConfig:
         unknown = [n for n in self.rewards if n not in REWARDS]
         if unknown:
             raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
+        if not 0.0 < self.sigma_max <= 1.0:
+            raise ValueError(f"eval.sigma_max must be in (0, 1], got {self.sigma_max}")
         if not self.judge and not self.rewards:
             raise ValueError("eval.judge is off and eval.rewards is empty: the evaluation would score nothing")
 
@@ -75,7 +80,7 @@ def generate(
     """
     if noise is None:
         noise = policy.noise(len(prompts), torch.Generator(device="cpu").manual_seed(cfg.seed))
-    sigmas = sd3_schedule(cfg.num_steps, cfg.shift)
+    sigmas = sd3_schedule(cfg.num_steps, cfg.shift) * cfg.sigma_max
     zeros = torch.zeros(cfg.num_steps)
     images = []
     for start in range(0, len(prompts), cfg.batch_size):

@@ -85,8 +85,10 @@ def build_policy(cfg: TrainConfig) -> FlowPolicy:
         )
     if m.kind == "sd3":
         from rewardflow.models.sd3 import load_sd3_policy as load
-    else:
+    elif m.kind == "flux":
         from rewardflow.models.flux import load_flux_policy as load
+    else:
+        from rewardflow.models.sd1 import load_sd1_policy as load
     return load(
         m.path,
         lora_rank=m.lora_rank,
@@ -97,6 +99,16 @@ def build_policy(cfg: TrainConfig) -> FlowPolicy:
         gradient_checkpointing=m.gradient_checkpointing,
         autocast=m.autocast and m.dtype == "float32",
     )
+
+
+def check_sigma_max(cfg: TrainConfig, policy: FlowPolicy) -> None:
+    """The sampling grids must start where the model's noise is (1 for flows, ``sigma_max`` for SD 1.x)."""
+    for field, value in ((f"{cfg.algorithm}.sigma_max", cfg.algo.sigma_max), ("eval.sigma_max", cfg.eval.sigma_max)):
+        if abs(value - policy.sigma_max) > 1e-3:
+            raise ValueError(
+                f"{field} is {value}, but model.kind {cfg.model.kind!r} starts sampling at sigma "
+                f"{policy.sigma_max:.6f}: set {cfg.algorithm}.sigma_max and eval.sigma_max to it"
+            )
 
 
 def run_eval(
@@ -155,6 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg)
+    check_sigma_max(cfg, policy)
     params = policy.trainable_parameters()
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)

@@ -243,7 +243,7 @@ def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):
 
     with pytest.raises(ValueError, match="model.kind 'sd3' needs model.path"):
         ModelConfig(kind="sd3")
-    with pytest.raises(ValueError, match="model.kind must be 'tiny-dit', 'sd3' or 'flux', got 'sdxl'"):
+    with pytest.raises(ValueError, match="model.kind must be 'tiny-dit', 'sd3', 'flux' or 'sd1', got 'sdxl'"):
         ModelConfig(kind="sdxl", path="x")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-3.5-medium"):
         load_sd3_policy(tmp_path / "nowhere")
@@ -336,14 +336,26 @@ def test_sd1_euler_step_is_the_ddim_step(sd1_dir, prediction):
         )
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(kind, sd3_dir, flux_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sd1"])
+def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(
+    kind, sd3_dir, flux_dir, sd1_dir, tmp_path, capsys
+):
     from rewardflow.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\ntwo dogs on grass\na lighthouse at dusk\n")
     run = tmp_path / "run"
-    args = ["--run-dir", str(run), "--model.kind", kind, "--model.path", str(sd3_dir if kind == "sd3" else flux_dir),
+    folder = {"sd3": sd3_dir, "flux": flux_dir, "sd1": sd1_dir}[kind]
+    start = []
+    if kind == "sd1":  # a VP model starts sampling at its sigma_max, and the run must say so
+        sigma_max = load_sd1_policy(sd1_dir, lora_rank=2).sigma_max
+        bare = ["train", "shapes_grpo_smoke", "--run-dir", str(run), "--model.kind", "sd1", "--model.path",
+                str(folder), "--train-prompts", str(prompts), "--balance-prompts-by", "",
+                "--reward.names", "jpeg-compressibility"]  # fmt: skip
+        assert main(bare) == 2 and f"starts sampling at sigma {sigma_max:.6f}" in capsys.readouterr().err
+        assert not run.exists()
+        start = ["--grpo.sigma-max", f"{sigma_max:.6f}", "--eval.sigma-max", f"{sigma_max:.6f}"]
+    args = [*start, "--run-dir", str(run), "--model.kind", kind, "--model.path", str(folder),
             "--model.resolution", "32", "--model.lora-rank", "4", "--train-prompts", str(prompts),
             "--balance-prompts-by", "", "--reward.names", "jpeg-compressibility", "--eval.prompts", str(prompts),
             "--eval.no-judge", "--eval.rewards", "jpeg-compressibility", "--eval.num-steps", "2",
@@ -357,7 +369,7 @@ def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(kind, sd3
     assert json.loads((tmp_path / "e.json").read_text())["rewards"] == report["rewards"]  # same EMA weights
     wrong = tmp_path / "wrong"
     args[args.index("--run-dir") + 1] = str(wrong)
-    args[args.index("--model.path") + 1] = str(flux_dir if kind == "sd3" else sd3_dir)
+    args[args.index("--model.path") + 1] = str(flux_dir if kind != "flux" else sd3_dir)
     assert main(["train", "shapes_grpo_smoke", *args]) == 2
     assert not wrong.exists()
 

@@ -48,6 +48,9 @@ class DirectConfig:
     num_steps: int = 20
     """Euler steps of the training sampler."""
     shift: float = 3.0
+    sigma_max: float = 1.0
+    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
+    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
     guidance_scale: float = 4.5
     hinge: float | None = None
     """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
@@ -58,6 +61,8 @@ class DirectConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.sigma_max <= 1.0:
+            raise ValueError(f"{self.SECTION}.sigma_max must be in (0, 1], got {self.sigma_max}")
         s = self.SECTION
         if self.num_steps < 2:
             raise ValueError(f"{s}.num_steps must be >= 2, got {self.num_steps}")
@@ -73,7 +78,7 @@ class DirectConfig:
 
     @property
     def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift)
+        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
 
 
 @dataclass

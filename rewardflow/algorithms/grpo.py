@@ -58,6 +58,9 @@ class GRPOConfig:
     num_steps: int = 10
     """Sampler steps in training rollouts (denoising reduction: evaluation uses more)."""
     shift: float = 3.0
+    sigma_max: float = 1.0
+    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
+    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
     sde_type: Literal["flow", "dance", "cps"] = "flow"
     """The stochastic step of rollouts and training: Flow-GRPO's SDE (``g = a sqrt(sigma / (1 - sigma))``),
     DanceGRPO's constant ``g = eta``, or coefficients-preserving sampling (fresh-noise std
@@ -107,6 +110,8 @@ class GRPOConfig:
     each group (k even, at most the group size); 0 trains every row."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.sigma_max <= 1.0:
+            raise ValueError(f"grpo.sigma_max must be in (0, 1], got {self.sigma_max}")
         if self.num_steps < 2:
             raise ValueError(f"grpo.num_steps must be >= 2 (the last step is never trained), got {self.num_steps}")
         if self.noise_level <= 0:
@@ -203,7 +208,7 @@ class GRPOConfig:
 
     @property
     def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift)
+        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
 
     @property
     def noise_levels(self) -> torch.Tensor:

@@ -48,6 +48,9 @@ class NFTConfig:
     num_steps: int = 10
     """Solver steps in rollouts."""
     shift: float = 3.0
+    sigma_max: float = 1.0
+    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
+    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
     solver: str = "dpm2"
     """Deterministic rollout solver: "euler", "heun" or "dpm2" (2nd-order multistep DPM-Solver++, the paper's)."""
     guidance_scale: float = 1.0
@@ -74,6 +77,8 @@ class NFTConfig:
     old_decay_max: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.sigma_max <= 1.0:
+            raise ValueError(f"nft.sigma_max must be in (0, 1], got {self.sigma_max}")
         if self.num_steps < 1:
             raise ValueError(f"nft.num_steps must be >= 1, got {self.num_steps}")
         if self.solver not in SOLVERS:
@@ -103,7 +108,7 @@ class NFTConfig:
 
     @property
     def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift)
+        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
 
     @property
     def sigmas_per_image(self) -> int:

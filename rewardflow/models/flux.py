@@ -77,6 +77,8 @@ class FluxPolicy:
         autocast: run the transformer under bfloat16 autocast (for float32 weights); step math stays float32.
     """
 
+    sigma_max = 1.0  # a flow model: sampling starts from pure noise
+
     def __init__(
         self,
         pipe,

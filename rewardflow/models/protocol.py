@@ -47,6 +47,9 @@ class FlowPolicy(Protocol):
     """
 
     module: nn.Module
+    sigma_max: float
+    """The noisiest sigma the model knows, where sampling starts from :meth:`noise`: 1 for flow models, less for a
+    variance-preserving model seen as a flow (SD 1.x)."""
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encode prompts (validating them) for :meth:`velocity`."""

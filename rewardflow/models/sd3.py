@@ -45,6 +45,8 @@ class SD3Policy:
         autocast: run the transformer under bfloat16 autocast (for float32 weights); step math stays float32.
     """
 
+    sigma_max = 1.0  # a flow model: sampling starts from pure noise
+
     def __init__(
         self,
         pipe,

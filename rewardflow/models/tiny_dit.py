@@ -261,6 +261,8 @@ class TinyDiTPolicy:
             outside the network stays float32 either way.
     """
 
+    sigma_max = 1.0  # a flow model: sampling starts from pure noise
+
     def __init__(self, model: TinyDiT, reference: TinyDiT | None = None, autocast: bool = False) -> None:
         self.module = model
         self.tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
