@@ -222,6 +222,39 @@ def sd35m_pickscore_nft() -> TrainConfig:
     return cfg
 
 
+SD1_SIGMA_MAX = 0.935958  # SD 1.x's last training timestep as a flow sigma (scaled-linear betas 0.00085-0.012)
+
+
+def sd15_aesthetic_draft_lv() -> TrainConfig:
+    """DRaFT-LV on Stable Diffusion 1.5 against the LAION aesthetic predictor: DRaFT's original setting.
+
+    Needs ``models/stable-diffusion-v1-5`` (a diffusers folder), ``models/clip-vit-large-patch14`` holding the
+    converted ``aesthetic_head.safetensors`` (docs/rewards.md) and a prompt file ``data/aesthetic/train.txt``
+    (DRaFT used simple animal prompts). The paper's small-scale settings: LoRA rank 8 at lr 4e-4, weight decay
+    0.1, 4 images per step, 50 sampling steps (deterministic, the flow view of DDIM scaled to SD 1.x's
+    ``sigma_max``), CFG 7.5, DRaFT-LV with 2 re-noised samples, 2,000 updates, 512 px.
+    """
+    return TrainConfig(
+        run_dir="runs/sd15_aesthetic_draft_lv",
+        algorithm="draft",
+        iterations=2000,
+        train_prompts="data/aesthetic/train.txt",
+        prompts_per_iter=2,
+        group_size=2,
+        save_every=100,
+        eval_every=100,
+        model=ModelConfig(kind="sd1", path="models/stable-diffusion-v1-5", lora_rank=8, lora_alpha=8,
+                          resolution=512, dtype="bfloat16", device="cuda", gradient_checkpointing=True),
+        optim=OptimConfig(lr=4e-4, weight_decay=0.1),
+        reward=RewardConfig(names=("aesthetic",), aesthetic_model="models/clip-vit-large-patch14", device="cuda"),
+        # shift 1.6: about DDIM's uniform timestep spacing on SD 1.x, seen as flow sigmas
+        draft=DraftConfig(method="draft-lv", lv_samples=2, num_steps=50, shift=1.6, guidance_scale=7.5,
+                          micro_batch=4, optimizer_steps=1, sigma_max=SD1_SIGMA_MAX),
+        eval=EvalConfig(prompts="data/aesthetic/train.txt", samples_per_prompt=1, num_steps=50, shift=1.6,
+                        guidance_scale=7.5, judge=False, rewards=("aesthetic",), sigma_max=SD1_SIGMA_MAX),
+    )  # fmt: skip
+
+
 def shapes_grpo_smoke() -> TrainConfig:
     """Two tiny iterations with a tiny evaluation: checks the whole pipeline in about a minute."""
     cfg = shapes_grpo_cpu()
@@ -250,6 +283,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "shapes_grpo_smoke": shapes_grpo_smoke,
     "sd35m_pickscore_flow_grpo": sd35m_pickscore_flow_grpo,
     "sd35m_pickscore_nft": sd35m_pickscore_nft,
+    "sd15_aesthetic_draft_lv": sd15_aesthetic_draft_lv,
 }
 
 

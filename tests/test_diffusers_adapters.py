@@ -400,3 +400,20 @@ def test_paper_presets_name_what_they_need_and_run_on_tiny_stand_ins(sd3_dir, fl
         assert main(["train", preset, *small, "--model.path", str(sd3_dir)]) == 0
         report = json.loads((tmp_path / "runs" / preset / "eval" / "iter_00001.json").read_text())
         assert set(report["rewards"]) == {"pickscore"}
+
+
+def test_the_sd15_draft_lv_preset_runs_on_tiny_stand_ins(sd1_dir, tmp_path, monkeypatch):
+    from rewardflow.cli import main
+    from rewardflow.models.tiny_diffusers import save_tiny_clip
+    from rewardflow.presets import SD1_SIGMA_MAX
+
+    assert load_sd1_policy(sd1_dir, lora_rank=2).sigma_max == pytest.approx(SD1_SIGMA_MAX, abs=1e-6)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "aesthetic").mkdir(parents=True)
+    (tmp_path / "data" / "aesthetic" / "train.txt").write_text("a photo of a cat\na photo of a dog\n")
+    args = ["--model.device", "cpu", "--reward.device", "cpu", "--model.path", str(sd1_dir), "--model.resolution",
+            "32", "--model.dtype", "float32", "--iterations", "1", "--draft.num-steps", "3", "--eval.num-steps", "2",
+            "--reward.aesthetic-model", str(save_tiny_clip(tmp_path / "clip"))]  # fmt: skip
+    assert main(["train", "sd15_aesthetic_draft_lv", *args]) == 0
+    report = json.loads((tmp_path / "runs" / "sd15_aesthetic_draft_lv" / "eval" / "iter_00001.json").read_text())
+    assert set(report["rewards"]) == {"aesthetic"}
