@@ -5,6 +5,7 @@ The tests shared by all adapters take the ``adapter`` fixture; the ones about on
 """
 
 import copy
+import importlib.util
 import json
 import math
 
@@ -400,6 +401,10 @@ def test_paper_presets_name_what_they_need_and_run_on_tiny_stand_ins(sd3_dir, fl
         assert main(["train", preset, *small, "--model.path", str(sd3_dir)]) == 0
         report = json.loads((tmp_path / "runs" / preset / "eval" / "iter_00001.json").read_text())
         assert set(report["rewards"]) == {"pickscore"}
+    if importlib.util.find_spec("rapidocr"):  # the OCR preset needs only the model folder: its prompts ship
+        assert main(["train", "sd35m_ocr_flow_grpo", *small, "--model.path", str(sd3_dir)]) == 0
+        report = json.loads((tmp_path / "runs" / "sd35m_ocr_flow_grpo" / "eval" / "iter_00001.json").read_text())
+        assert 0.0 <= report["rewards"]["ocr"] <= 1.0
 
 
 def test_the_sd15_draft_lv_preset_runs_on_tiny_stand_ins(sd1_dir, tmp_path, monkeypatch):
