@@ -51,7 +51,7 @@ def freeze_all_but(pipe, net: str) -> None:
     """Every network of ``pipe`` but ``net`` (the VAE, the text encoders) frozen and in eval mode; no progress bars."""
     pipe.set_progress_bar_config(disable=True)
     for name, part in pipe.components.items():
-        if name != net and hasattr(part, "requires_grad_"):
+        if name != net and isinstance(part, torch.nn.Module):
             part.requires_grad_(False).eval()
 
 
@@ -132,7 +132,6 @@ def load_lora(policy, directory: str | Path) -> None:
         ValueError: the policy has no LoRA adapters, or the file's adapter does not fit them (other layers, another
             rank): the message names the folder and the first mismatch.
     """
-    import torch
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     if not has_lora(policy.module):
