@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 VARIANTS = {
     "DRaFT full, no checkpointing": ("draft", {"method": "draft", "k": 0, "checkpointing": False}),
@@ -147,11 +146,9 @@ def main() -> None:
             for r in cells
         )
         lines.append(f"| {variant} | {text} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (out / f"direct_memory-{stamp}.md").write_text("\n".join(lines) + "\n")
-    (out / f"direct_memory-{stamp}.json").write_text(json.dumps(rows, indent=2))
+    from shapes_grpo import write_results
+
+    write_results(args.out, "direct_memory", rows, lines)
     print("\n".join(lines))
 
 

@@ -11,11 +11,9 @@ CLIPScore, aesthetic) need their weights and are not offline-runnable here.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,11 +86,9 @@ def main() -> None:
     lines += [f"| `{r['reward']}` | {r['image']} | {r['in_process']:.1f} | {r['server']:.1f} |" for r in rows]
     print("\n".join(lines))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        (out / f"reward_throughput-{stamp}.json").write_text(json.dumps(rows, indent=2))
-        (out / f"reward_throughput-{stamp}.md").write_text("\n".join(lines) + "\n")
+        from shapes_grpo import write_results
+
+        write_results(args.out, "reward_throughput", rows, lines)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def kl_to_base(run_dir: Path, seed: int = 0, probe: grpo.GRPOConfig | None = Non
     return sum(kls) / len(kls)
 
 
+def write_results(out: str | Path, name: str, rows: list, lines: list[str]) -> None:
+    """``OUT/NAME-TIMESTAMP.json`` (the raw rows) and ``.md`` (the table lines) of one benchmark run."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (folder / f"{name}-{stamp}.json").write_text(json.dumps(rows, indent=2))
+    (folder / f"{name}-{stamp}.md").write_text("\n".join(lines) + "\n")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -226,11 +224,9 @@ def main() -> None:
                      f"{r['gflop']:.1f} | {mfu} | {floor} | {peak} |")  # fmt: skip
     print("\n".join(lines))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        (out / f"throughput-{stamp}.json").write_text(json.dumps(rows, indent=2))
-        (out / f"throughput-{stamp}.md").write_text("\n".join(lines) + "\n")
+        from shapes_grpo import write_results
+
+        write_results(args.out, "throughput", rows, lines)
 
 
 if __name__ == "__main__":
