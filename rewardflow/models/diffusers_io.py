@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rewardflow.models.lora import TRAINED_ADAPTER, add_lora, has_lora
+from rewardflow.models.protocol import Conditioning
 
 
 def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
@@ -32,6 +33,27 @@ def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
     if kind != pipeline:
         raise ValueError(f"model.path {str(path)!r} holds a {kind}, but this model kind needs a {pipeline}")
     return root
+
+
+def encode_distinct(
+    prompts: list[str],
+    encode: Callable[[list[str]], dict[str, torch.Tensor]],
+    null: dict[str, torch.Tensor] | None,
+) -> Conditioning:
+    """Conditioning for ``prompts``, encoding each distinct prompt once (a GRPO group of G copies costs one).
+
+    ``null``: the negative prompt's tensors (batch 1, encoded once by the adapter), repeated for every row; None
+    for a model without an unconditional branch.
+    """
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("encode_prompts needs a non-empty list of prompt strings")
+    distinct = list(dict.fromkeys(prompts))
+    where = {p: i for i, p in enumerate(distinct)}
+    with torch.no_grad():
+        tensors = encode(distinct)
+    rows = torch.tensor([where[p] for p in prompts], device=next(iter(tensors.values())).device)
+    repeated = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in (null or {}).items()}
+    return Conditioning(list(prompts), {k: v[rows] for k, v in tensors.items()}, repeated)
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -25,7 +25,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import ModelSpec, decode_latents, draw_noise, load_diffusers_policy
+from rewardflow.models.diffusers_io import (
+    ModelSpec,
+    decode_latents,
+    draw_noise,
+    encode_distinct,
+    load_diffusers_policy,
+)
 from rewardflow.models.protocol import Conditioning, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import flux_mu
@@ -103,6 +109,7 @@ class FluxPolicy:
             raise ValueError(f"resolution {resolution} must be a multiple of {factor} (VAE downscaling x 2x2 packing)")
         self.latent_size = resolution // pipe.vae_scale_factor
         self.negative_prompt, self.max_sequence_length, self.autocast = negative_prompt, max_sequence_length, autocast
+        self._null: dict[str, torch.Tensor] | None = None  # the negative prompt's encoding ("cfg" only)
 
     @property
     def device(self) -> torch.device:
@@ -118,25 +125,17 @@ class FluxPolicy:
                     cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         )  # fmt: skip
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
         )
-        return embeds, pooled
+        return {"embeds": embeds, "pooled": pooled}
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("encode_prompts needs a non-empty list of prompt strings")
-        distinct = list(dict.fromkeys(prompts))
-        where = {p: i for i, p in enumerate(distinct)}
-        embeds, pooled = self._encode(distinct)
-        rows = torch.tensor([where[p] for p in prompts], device=embeds.device)
-        null = {}
-        if self.guidance == "cfg":
-            null_embeds, null_pooled = self._encode([self.negative_prompt])
-            null = {"embeds": null_embeds.expand(len(prompts), -1, -1), "pooled": null_pooled.expand(len(prompts), -1)}
-        return Conditioning(list(prompts), {"embeds": embeds[rows], "pooled": pooled[rows]}, null)
+        if self.guidance == "cfg" and self._null is None:  # the negative prompt never changes: encode it once
+            with torch.no_grad():
+                self._null = self._encode([self.negative_prompt])
+        return encode_distinct(prompts, self._encode, self._null)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0

@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import ModelSpec, decode_latents, draw_noise, load_diffusers_policy
+from rewardflow.models.diffusers_io import (
+    ModelSpec,
+    decode_latents,
+    draw_noise,
+    encode_distinct,
+    load_diffusers_policy,
+)
 from rewardflow.models.protocol import Conditioning, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 
@@ -62,6 +68,7 @@ class SD1Policy:
             raise ValueError(f"resolution {resolution} must be a multiple of {factor} (VAE and UNet downscaling)")
         self.latent_size = resolution // pipe.vae_scale_factor
         self.negative_prompt, self.autocast = negative_prompt, autocast
+        self._null: dict[str, torch.Tensor] | None = None
         self.prediction = pipe.scheduler.config.prediction_type
         if self.prediction not in ("epsilon", "v_prediction"):
             raise ValueError(
@@ -100,17 +107,15 @@ class SD1Policy:
         ratio = torch.exp(self._log_ratio.double()[ddim.timesteps])
         return torch.cat([ratio / (1 + ratio), torch.zeros(1, dtype=torch.float64)]).float()
 
-    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return {"embeds": embeds}
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("encode_prompts needs a non-empty list of prompt strings")
-        distinct = list(dict.fromkeys(prompts))
-        embeds, null_embeds = self.pipe.encode_prompt(
-            distinct, self.device, 1, True, negative_prompt=[self.negative_prompt] * len(distinct)
-        )
-        where = {p: i for i, p in enumerate(distinct)}
-        rows = torch.tensor([where[p] for p in prompts], device=embeds.device)
-        return Conditioning(list(prompts), {"embeds": embeds[rows]}, {"embeds": null_embeds[rows]})
+        if self._null is None:  # the negative prompt never changes: encode it once
+            with torch.no_grad():
+                self._null = self._encode([self.negative_prompt])
+        return encode_distinct(prompts, self._encode, self._null)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import ModelSpec, decode_latents, draw_noise, load_diffusers_policy
+from rewardflow.models.diffusers_io import (
+    ModelSpec,
+    decode_latents,
+    draw_noise,
+    encode_distinct,
+    load_diffusers_policy,
+)
 from rewardflow.models.protocol import Conditioning, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 
@@ -66,33 +72,29 @@ class SD3Policy:
             )
         self.latent_size = resolution // factor
         self.negative_prompt, self.max_sequence_length, self.autocast = negative_prompt, max_sequence_length, autocast
+        self._null: dict[str, torch.Tensor] | None = None
         self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
 
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("encode_prompts needs a non-empty list of prompt strings")
-        distinct = list(dict.fromkeys(prompts))
-        embeds, null_embeds, pooled, null_pooled = self.pipe.encode_prompt(
-            prompt=distinct,
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
             prompt_2=None,
             prompt_3=None,
             device=self.device,
-            do_classifier_free_guidance=True,
-            negative_prompt=[self.negative_prompt] * len(distinct),
+            do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        where = {p: i for i, p in enumerate(distinct)}
-        rows = torch.tensor([where[p] for p in prompts], device=embeds.device)
-        return Conditioning(
-            list(prompts),
-            {"embeds": embeds[rows], "pooled": pooled[rows]},
-            {"embeds": null_embeds[rows], "pooled": null_pooled[rows]},
-        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if self._null is None:  # the negative prompt never changes: encode it once
+            with torch.no_grad():
+                self._null = self._encode([self.negative_prompt])
+        return encode_distinct(prompts, self._encode, self._null)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
