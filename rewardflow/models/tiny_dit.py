@@ -102,8 +102,20 @@ def _pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([_sincos(ys.reshape(-1), dim // 2), _sincos(xs.reshape(-1), dim // 2)], dim=-1)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``softmax(q k^T / sqrt(d)) v`` over [B, heads, N, d], the softmax in float32.
+
+    Written out instead of ``F.scaled_dot_product_attention``: at this model's 76 tokens PyTorch's fused CPU
+    kernel spends longer in its backward than the rest of the network together, and a training step takes
+    2.2x as long with it (``python benchmarks/tiny_dit_speed.py``; docs/results.md). Rollout and training call
+    this same function, so the on-policy ratio stays bitwise 1.
+    """
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention (PyTorch's fused scaled-dot-product kernel)."""
+    """Multi-head self-attention (:func:`attend`)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -114,7 +126,7 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, n, d = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -1,0 +1,89 @@
+"""Speed of the shipped tiny DiT's forward and forward + backward, per image, by attention implementation.
+
+The network's attention is :func:`rewardflow.models.tiny_dit.attend` (written out, softmax in float32). This
+script times it against PyTorch's fused ``F.scaled_dot_product_attention`` (swapped in for the comparison
+only) on the same weights and inputs, with and without bfloat16 autocast, at the micro-batch shape of the
+Shapes presets (32 rows with CFG = 64 network rows, 76 tokens). Best of ``--repeats`` after two warm-ups.
+
+    python benchmarks/tiny_dit_speed.py --batch 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import rewardflow.models.tiny_dit as tiny_dit
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one, else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
+
+
+def per_image_ms(net: tiny_dit.TinyDiT, inputs: tuple, autocast: bool, backward: bool, repeats: int) -> float:
+    def once() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(backward):
+            out = net(*inputs)
+        if backward:
+            out.float().square().mean().backward()
+
+    for _ in range(2):
+        once()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000.0 / inputs[0].shape[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net = tiny_dit.load_tiny_dit(tiny_dit.resolve_checkpoint("base"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    sigma = torch.rand(args.batch, generator=gen)
+    tokens = tiny_dit.ShapesTokenizer(net.config.vocabulary, net.config.max_prompt_tokens)(
+        ["a red circle and a blue square"] * args.batch
+    )
+    written_out = tiny_dit.attend
+    implementations = {
+        "written out (shipped)": written_out,
+        "fused F.scaled_dot_product_attention": F.scaled_dot_product_attention,
+    }
+    print(
+        f"{dt.date.today()}, {cpu_name()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}"
+    )
+    print("| attention | autocast | forward ms / image | forward + backward ms / image |")
+    print("|---|---|---|---|")
+    try:
+        for name, fn in implementations.items():
+            tiny_dit.attend = fn
+            for autocast in (True, False):
+                fwd = per_image_ms(net, (x, sigma, tokens), autocast, False, args.repeats)
+                both = per_image_ms(net, (x, sigma, tokens), autocast, True, args.repeats)
+                print(f"| {name} | {'bf16' if autocast else 'off'} | {fwd:.2f} | {both:.2f} |")
+    finally:
+        tiny_dit.attend = written_out
+
+
+if __name__ == "__main__":
+    main()
