@@ -7,10 +7,11 @@ SD3.5 with a 256-token T5, 512 x 4096 for FLUX), since the encoders run once per
 algorithm's cost. Everything runs through the library's own code: the adapters, ``grpo.collect`` /
 ``train_step``, ``nft.collect`` / ``train_step`` and ``direct_train_step``.
 
-Per model, fine-tuning mode (LoRA r=32 or full) and algorithm it reports rollout and training images/s, the
-peak GPU memory, the FLOPs of each phase counted by ``torch.utils.flop_counter`` on one untimed run, the model
-FLOP utilisation against ``--peak-tflops`` and the ratio of the measured time to that FLOP floor
-(docs/results.md has the numbers; ../shared/reference/gpu-roofline.md the floor's derivation).
+Per model, fine-tuning mode (LoRA r=32; LoRA with rollouts on merged weights, ``model.merge_lora_rollouts``; or
+full) and algorithm it reports rollout and training images/s, the peak GPU memory, the FLOPs of each phase
+counted by ``torch.utils.flop_counter`` on one untimed run, the model FLOP utilisation against ``--peak-tflops``
+and the ratio of the measured time to that FLOP floor (docs/results.md has the numbers;
+../shared/reference/gpu-roofline.md the floor's derivation).
 
     python benchmarks/throughput.py --size real --device cuda --batch 8 --out benchmarks/results
     python benchmarks/throughput.py --size tiny --device cpu --batch 2 --steps 3   # the CI smoke run
@@ -19,7 +20,6 @@ FLOP utilisation against ``--peak-tflops`` and the ratio of the measured time to
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -30,74 +30,9 @@ from rewardflow.algorithms import grpo, nft
 from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
 from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.nft import NFTConfig
-from rewardflow.models import tiny_diffusers
-from rewardflow.models.flux import FLUX_LORA_TARGETS, FluxPolicy
-from rewardflow.models.lora import add_lora
 from rewardflow.models.protocol import Conditioning
-from rewardflow.models.sd3 import SD3_LORA_TARGETS, SD3Policy
+from rewardflow.models.tiny_diffusers import EMBEDDINGS, random_conditioning, random_pipeline, random_policy
 from rewardflow.types import RewardOutput
-
-SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-             pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-             qk_norm="rms_norm")  # fmt: skip
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))  # fmt: skip
-VAE16 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
-             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-             use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
-# (embedding tokens, embedding width, pooled width, guidance scale, LoRA targets) per model
-SHAPES = {"sd3": (333, 4096, 2048, 4.5, SD3_LORA_TARGETS), "flux": (512, 4096, 768, 3.5, FLUX_LORA_TARGETS)}
-
-
-def random_init(module: torch.nn.Module) -> torch.nn.Module:
-    """Random values everywhere (materialised from meta): matrices N(0, 0.02), norm weights 1, the rest N(0, 1e-2)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.02)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 1e-2)
-        for b in module.buffers():
-            if b.is_floating_point():
-                b.normal_(0, 1e-2)
-    return module
-
-
-def build(model: str, size: str, device: torch.device, dtype: torch.dtype):
-    """The pipeline (tiny text encoders) and the condition shapes for ``model`` at ``size``."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-
-    pipe = tiny_diffusers.tiny_sd3_pipeline() if model == "sd3" else tiny_diffusers.tiny_flux_pipeline()
-    if size == "real":
-        cls, config = (SD3Transformer2DModel, SD35M) if model == "sd3" else (FluxTransformer2DModel, FLUX_DEV)
-        with torch.device("meta"):
-            transformer, vae = cls(**config), AutoencoderKL(**VAE16)
-        pipe.transformer = random_init(transformer.to(dtype).to_empty(device=device))
-        pipe.vae = random_init(vae.to(dtype).to_empty(device=device))
-        pipe.vae_scale_factor = 8
-        tokens, width, pooled = SHAPES[model][:3]
-    else:
-        tokens, width, pooled = (93, 64, 64) if model == "sd3" else (16, 64, 32)
-    pipe.to(device=device, dtype=dtype)
-    return pipe, tokens, width, pooled
-
-
-def make_policy(pipe, model: str, mode: str, resolution: int):
-    transformer = pipe.transformer
-    transformer.requires_grad_(False)
-    reference = None
-    if mode == "lora":
-        add_lora(transformer, 32, 64.0, list(SHAPES[model][4]))
-        transformer.to(dtype=pipe.vae.dtype)
-    else:
-        transformer.requires_grad_(True)
-        reference = copy.deepcopy(transformer).requires_grad_(False)
-    cls = SD3Policy if model == "sd3" else FluxPolicy
-    return cls(pipe, reference=reference, resolution=resolution)
 
 
 class MeanPixel:
@@ -158,15 +93,13 @@ def phases(policy, algorithm: str, cond: Conditioning, steps: int, guidance: flo
 
 
 def run(model, size, mode, algorithm, args, device, dtype) -> list[dict]:
-    pipe, tokens, width, pooled = build(model, size, device, dtype)
-    resolution = args.resolution if size == "real" else 32
-    policy = make_policy(pipe, model, mode, resolution)
-    g = torch.Generator().manual_seed(1)
-    rows = [f"prompt {i}" for i in range(args.batch)]
-    tensors = {"embeds": torch.randn(args.batch, tokens, width, generator=g).to(device, dtype),
-               "pooled": torch.randn(args.batch, pooled, generator=g).to(device, dtype)}  # fmt: skip
-    guidance = SHAPES[model][3]
-    cond = Conditioning(rows, tensors, {k: torch.randn_like(v) for k, v in tensors.items()} if model == "sd3" else {})
+    pipe = random_pipeline(model, size, device, dtype)
+    policy = random_policy(
+        pipe, model, "full" if mode == "full" else "lora", args.resolution if size == "real" else 32
+    )
+    policy.weights.merge_lora = mode == "lora-merged"  # rollouts with the adapter folded into the weights
+    cond = random_conditioning(model, size, args.batch, device, dtype)
+    guidance = EMBEDDINGS[(model, size)][3]
     shift = 3.0 if model == "sd3" else policy.shift
     out = []
     for name, fn in phases(policy, algorithm, cond, args.steps, guidance, shift, args.batch):
@@ -194,7 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["sd3", "flux"], choices=["sd3", "flux"])
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
-    parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    modes = ["lora", "lora-merged", "full"]
+    parser.add_argument("--modes", nargs="+", default=modes, choices=modes)
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "nft", "draft"], choices=["grpo", "nft", "draft"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=8, help="images per micro-batch (CFG doubles the model batch)")

@@ -43,6 +43,9 @@ class ModelConfig:
     """0 trains every weight (against a frozen reference copy); > 0 trains LoRA adapters of this rank."""
     lora_alpha: float = 0.0
     """LoRA scale numerator; 0 means 2 * rank."""
+    merge_lora_rollouts: bool = False
+    """LoRA: sample rollouts and evaluations with the adapter folded into the base weights (faster on large models;
+    Flow-GRPO's on-policy ratio is then 1 within rounding, not bitwise; docs/models.md)."""
     autocast: bool = True
     """bfloat16 autocast for the network's forward (step math stays float32)."""
     device: str = "cpu"
@@ -61,6 +64,8 @@ class ModelConfig:
             )
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.merge_lora_rollouts and not self.lora_rank:
+            raise ValueError("model.merge_lora_rollouts folds LoRA adapters into the weights: set model.lora_rank > 0")
         if self.fsdp and self.lora_rank:
             raise ValueError("model.fsdp shards a full fine-tune: set model.lora_rank 0, or leave model.fsdp off")
         name, _, index = str(self.device).partition(":")

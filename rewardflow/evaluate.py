@@ -98,14 +98,16 @@ def generate(
     sigmas = sd3_schedule(cfg.num_steps, cfg.shift) * cfg.sigma_max
     zeros = torch.zeros(cfg.num_steps)
     images = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        cond = policy.encode_prompts(prompts[start : start + cfg.batch_size])
-        x = noise[start : start + len(cond)]
-        if cfg.solver == "euler":
-            final = rollout(policy, cond, sigmas, zeros, guidance_scale=cfg.guidance_scale, x_init=x).final
-        else:
-            final = solve_ode(lambda x, s, c=cond: policy.velocity(x, s, c, cfg.guidance_scale), x, sigmas, cfg.solver)
-        images.append(policy.decode(final).cpu())
+    with policy.sampling():
+        for start in range(0, len(prompts), cfg.batch_size):
+            cond = policy.encode_prompts(prompts[start : start + cfg.batch_size])
+            x = noise[start : start + len(cond)]
+            if cfg.solver == "euler":
+                final = rollout(policy, cond, sigmas, zeros, guidance_scale=cfg.guidance_scale, x_init=x).final
+            else:
+                velocity = lambda x, s, c=cond: policy.velocity(x, s, c, cfg.guidance_scale)  # noqa: E731
+                final = solve_ode(velocity, x, sigmas, cfg.solver)
+            images.append(policy.decode(final).cpu())
     return torch.cat(images)
 
 

@@ -168,6 +168,30 @@ def test_on_policy_ratio_is_exactly_one_through_the_adapter(adapter):
             assert torch.equal(kl, torch.zeros(2))
 
 
+def test_merged_lora_rollouts_sample_the_adapter_and_keep_the_ratio_within_rounding(adapter):
+    policy = adapter.load()
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))  # lora_B starts at zero: give the adapter something to merge
+    base, _ = _base_and_trainable(policy)
+    cfg = GRPOConfig(num_steps=3, micro_batch=2, optimizer_steps=1, guidance_scale=adapter.guidance)
+    cond = policy.encode_prompts(PROMPTS * 2)
+    plain = grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0))
+    policy.weights.merge_lora = True
+    merged = grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(merged.xs, plain.xs, atol=1e-4)  # the same samples, rounded differently
+    for j in merged.trained_steps:  # re-scored by the unmerged network in training: ratio 1 within rounding
+        log_prob, _ = grpo.step_terms(policy, merged, slice(0, 2), j, cfg, need_reference=False)
+        assert torch.allclose(log_prob.exp() / merged.log_probs[:2, j].exp(), torch.ones(2), atol=1e-4)
+    policy.init_old()
+    nft_cfg = NFTConfig(num_steps=3, micro_batch=2)
+    x0 = nft.collect(policy, cond, nft_cfg, torch.Generator().manual_seed(1)).x0
+    policy.weights.merge_lora = False
+    assert torch.allclose(x0, nft.collect(policy, cond, nft_cfg, torch.Generator().manual_seed(1)).x0, atol=1e-4)
+    state = policy.module.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in base.items())  # merging never touched the base weights
+
+
 def _base_and_trainable(policy):
     state = policy.module.state_dict()
     trainable = {n for n, _ in policy.named_trainable_state()}

@@ -322,22 +322,23 @@ def collect(
             x_init = policy.noise(len(groups), generator)
         x_init = x_init[inverse.to(policy.device)]
     xs, lps = [], []
-    for start in range(0, len(cond), cfg.micro_batch):
-        rows = slice(start, start + cfg.micro_batch)
-        traj = rollout(
-            policy,
-            cond.index(rows),
-            sigmas,
-            levels,
-            guidance_scale=cfg.guidance_scale,
-            generator=rows_generator(generator, "rollout", start),
-            step=cfg.step,
-            x_init=None if x_init is None else x_init[rows],
-        )
-        xs.append(traj.xs)
-        lps.append(traj.log_probs)
-        if on_chunk is not None:
-            on_chunk(slice(start, start + len(traj.xs)), traj.xs[:, -1])
+    with policy.sampling():
+        for start in range(0, len(cond), cfg.micro_batch):
+            rows = slice(start, start + cfg.micro_batch)
+            traj = rollout(
+                policy,
+                cond.index(rows),
+                sigmas,
+                levels,
+                guidance_scale=cfg.guidance_scale,
+                generator=rows_generator(generator, "rollout", start),
+                step=cfg.step,
+                x_init=None if x_init is None else x_init[rows],
+            )
+            xs.append(traj.xs)
+            lps.append(traj.log_probs)
+            if on_chunk is not None:
+                on_chunk(slice(start, start + len(traj.xs)), traj.xs[:, -1])
     return GRPOBatch(torch.cat(xs), torch.cat(lps), cond, sigmas, levels)
 
 

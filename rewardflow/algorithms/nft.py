@@ -206,7 +206,7 @@ def collect(
     """
     sigmas = cfg.sigmas
     outs = []
-    with policy.old():
+    with policy.old(), policy.sampling():
         for start in range(0, len(cond), cfg.micro_batch):
             chunk = cond.index(slice(start, start + cfg.micro_batch))
             x = policy.noise(len(chunk), rows_generator(generator, "rollout", start))

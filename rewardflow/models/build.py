@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rewardflow.config import TrainConfig, from_yaml
+from rewardflow.config import ModelConfig, TrainConfig, from_yaml
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.models.tiny_dit import load_policy
 from rewardflow.utils.checkpoint import load_trainable
@@ -15,7 +15,12 @@ from rewardflow.utils.checkpoint import load_trainable
 
 def build_policy(cfg: TrainConfig) -> FlowPolicy:
     """The policy a run trains, as its ``model`` section describes."""
-    m = cfg.model
+    policy = _load(cfg.model)
+    policy.weights.merge_lora = cfg.model.merge_lora_rollouts
+    return policy
+
+
+def _load(m: ModelConfig) -> FlowPolicy:
     if m.kind == "tiny-dit":
         return load_policy(
             m.checkpoint,

@@ -86,6 +86,35 @@ def use_adapter(module: nn.Module, name: str, back_to: str) -> Iterator[None]:
 
 
 @contextmanager
+def merged_adapters(module: nn.Module) -> Iterator[None]:
+    """Run with each LoRA layer's active adapter folded into its base weight (for sampling without gradient).
+
+    Inside the context every LoRA layer's base weight is a new tensor ``W + scale B A`` (summed in float32,
+    stored in W's dtype) and the adapter branch is bypassed, so a forward pass costs what the base model's does.
+    On exit the original weight tensors are put back as they were: peft's own ``merge`` / ``unmerge`` would
+    subtract the delta again, which does not give W back bit for bit, and the reference policy (adapters off)
+    would drift a little every iteration. While inside, the adapted layers' weights exist twice.
+    """
+    layers = [layer for layer in _lora_layers(module) if not layer.disable_adapters]
+    swapped: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                weight = base.weight
+                delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
+                swapped.append((base, weight))
+                base.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
+                layer.enable_adapters(False)
+        yield
+    finally:
+        for base, weight in swapped:
+            base.weight = weight
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@contextmanager
 def adapters_disabled(module: nn.Module) -> Iterator[None]:
     """Run the base model: every LoRA layer is bypassed inside the context.
 

@@ -77,6 +77,13 @@ class FlowPolicy(Protocol):
         """Within this context, :meth:`velocity` is the frozen reference policy (adapters off / frozen copy)."""
         ...
 
+    def sampling(self) -> AbstractContextManager[None]:
+        """Within this context the policy samples without gradient (rollouts, evaluation).
+
+        With ``model.merge_lora_rollouts`` its LoRA adapter is folded into the base weights meanwhile.
+        """
+        ...
+
     def named_trainable_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Name and tensor of every trainable weight (for EMA, checkpoints and the old policy)."""
         ...

@@ -1,6 +1,7 @@
-"""Tiny random diffusers pipelines built from config, offline (no download, no tokenizer files).
+"""Random diffusers pipelines built from config, offline (no download, no tokenizer files).
 
-For tests and the CPU run of the throughput benchmark.
+Tiny ones for the CPU tests; and the real SD3.5-Medium / FLUX.1-dev transformer and VAE architectures with random
+weights (:func:`random_pipeline`, :func:`random_policy`) for the throughput benchmark and the GPU tier.
 
 The tokenizers are character-level: a CLIP BPE tokenizer with no merges over the 256 byte characters, and a
 T5 unigram tokenizer over lowercase letters, digits and punctuation. Saved with ``save_pretrained``, a folder
@@ -199,3 +200,98 @@ def save_tiny_clip(path: Path, aesthetic_head_width: int | None = 16) -> Path:
         head = aesthetic_head(aesthetic_head_width)
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(Path(path) / AESTHETIC_HEAD))
     return Path(path)
+
+
+# The published configurations of the SD3.5-Medium and FLUX.1-dev transformers and their 16-channel VAE.
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+             qk_norm="rms_norm")  # fmt: skip
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))  # fmt: skip
+VAE16 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+# Prompt-embedding tokens and width, pooled width, the papers' guidance scale, per model and size.
+EMBEDDINGS = {("sd3", "real"): (333, 4096, 2048, 4.5), ("flux", "real"): (512, 4096, 768, 3.5),
+              ("sd3", "tiny"): (93, 64, 64, 4.5), ("flux", "tiny"): (16, 64, 32, 3.5)}  # fmt: skip
+
+
+def random_init(module: torch.nn.Module) -> torch.nn.Module:
+    """Random values everywhere (materialised from meta): matrices N(0, 0.02), norm weights 1, the rest N(0, 1e-2)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 1e-2)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.normal_(0, 1e-2)
+    return module
+
+
+def random_pipeline(model: str, size: str, device: torch.device, dtype: torch.dtype):
+    """An SD3 (``model="sd3"``) or FLUX pipeline with random weights, real-sized or tiny.
+
+    ``size="real"`` has the SD3.5-M / FLUX.1-dev transformer and VAE (built on the meta device, materialised on
+    ``device``), ``"tiny"`` the tiny test models.
+
+    The text encoders are tiny either way: prompts come as random embeddings of the real shapes
+    (:func:`random_conditioning`), since the encoders run once per prompt and cost no algorithm anything.
+    """
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+    pipe = tiny_sd3_pipeline() if model == "sd3" else tiny_flux_pipeline()
+    if size == "real":
+        cls, config = (SD3Transformer2DModel, SD35M) if model == "sd3" else (FluxTransformer2DModel, FLUX_DEV)
+        with torch.device("meta"):
+            transformer, vae = cls(**config), AutoencoderKL(**VAE16)
+        pipe.transformer = random_init(transformer.to(dtype).to_empty(device=device))
+        pipe.vae = random_init(vae.to(dtype).to_empty(device=device))
+        pipe.vae_scale_factor = 8
+    return pipe.to(device=device, dtype=dtype)
+
+
+def random_policy(pipe, model: str, mode: str, resolution: int, lora_rank: int = 32):
+    """The library's policy over :func:`random_pipeline`'s ``pipe``, for LoRA or full fine-tuning.
+
+    ``mode`` "lora": rank ``lora_rank``, alpha 2 * rank, on the adapter's usual targets; "full": every transformer
+    weight trains, against a frozen reference copy.
+    """
+    import copy
+
+    from rewardflow.models.flux import FLUX_LORA_TARGETS, FluxPolicy
+    from rewardflow.models.lora import add_lora
+    from rewardflow.models.sd3 import SD3_LORA_TARGETS, SD3Policy
+
+    transformer = pipe.transformer
+    transformer.requires_grad_(False)
+    reference = None
+    if mode == "lora":
+        add_lora(
+            transformer, lora_rank, 2.0 * lora_rank, list(SD3_LORA_TARGETS if model == "sd3" else FLUX_LORA_TARGETS)
+        )
+        transformer.to(dtype=pipe.vae.dtype)
+    else:
+        transformer.requires_grad_(True)
+        reference = copy.deepcopy(transformer).requires_grad_(False)
+    cls = SD3Policy if model == "sd3" else FluxPolicy
+    return cls(pipe, reference=reference, resolution=resolution)
+
+
+def random_conditioning(model: str, size: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 1):
+    """Random prompt embeddings of :data:`EMBEDDINGS`' shapes for ``batch`` rows (SD3 with a negative branch)."""
+    from rewardflow.models.protocol import Conditioning
+
+    tokens, width, pooled, _ = EMBEDDINGS[(model, size)]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"embeds": torch.randn(batch, tokens, width, generator=g).to(device, dtype),
+               "pooled": torch.randn(batch, pooled, generator=g).to(device, dtype)}  # fmt: skip
+    null = (
+        {k: torch.randn(v.shape, generator=g).to(device, dtype) for k, v in tensors.items()} if model == "sd3" else {}
+    )
+    return Conditioning([f"prompt {i}" for i in range(batch)], tensors, null)

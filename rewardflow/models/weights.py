@@ -24,6 +24,7 @@ from rewardflow.models.lora import (
     adapters_disabled,
     add_adapter_copy,
     has_lora,
+    merged_adapters,
     use_adapter,
 )
 
@@ -45,6 +46,8 @@ class PolicyWeights:
         self._has_old = False
         self._mode = "trained"
         self._sharded = False
+        self.merge_lora = False
+        """Whether :meth:`sampling` folds the LoRA adapter into the base weights (``model.merge_lora_rollouts``)."""
 
     def expose_on(self, policy: object) -> None:
         """Give ``policy`` the FlowPolicy methods that are about weights, answered by this object."""
@@ -52,6 +55,7 @@ class PolicyWeights:
         policy.named_trainable_state = self.named_trainable_state
         policy.reference, policy.init_old, policy.old = self.reference, self.init_old, self.old
         policy.named_old_state, policy.soft_update_old = self.named_old_state, self.soft_update_old
+        policy.sampling = self.sampling
 
     def active(self) -> nn.Module:
         """The network to run now (with LoRA the module itself, its active adapter set by the contexts)."""
@@ -86,6 +90,24 @@ class PolicyWeights:
             else:
                 with adapters_disabled(self.module):
                     yield
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Within the context the policy samples without gradient (rollouts, evaluation).
+
+        With :attr:`merge_lora` and LoRA adapters, the active adapter (the trained one, or the old policy's inside
+        :meth:`old`) is folded into the base weights for the context (:func:`merged_adapters`): each layer runs
+        one matmul instead of three. The merged weights round differently from base + adapter, so a Flow-GRPO
+        rollout's stored log-probabilities then differ slightly from their re-computation in training (the
+        on-policy ratio is 1 within rounding, not bitwise; ``tests/test_weights.py`` measures it). DiffusionNFT
+        keeps only the clean samples, so for it merging costs nothing in exactness.
+        """
+        with torch.no_grad():
+            if self.merge_lora and self._lora and self._mode != "reference":
+                with merged_adapters(self.module):
+                    yield
+            else:
+                yield
 
     def networks(self) -> list[nn.Module]:
         """The trained network, and its frozen reference and old copies where they exist."""
