@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo (20-25 minutes of training on
+#   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo (about 12 minutes of training on
 #               2 CPU cores) and writes the run's HTML report
 #   make test   creates .venv, installs rewardflow with its dev tools, runs lint and the default test tier
 PYTHON ?= python3

@@ -73,11 +73,12 @@ def _cmd_train(argv: list[str]) -> None:
     # tyro rebuilds nested dataclasses field by field; re-run the cross-field checks on the result.
     cfg.__post_init__()
     logging.getLogger("rewardflow").info("preset %s: %s", name, cfg.summary())
+    from rewardflow.utils import distributed
+
     try:
         run = train(cfg, resume=resume)
+        distributed.barrier()  # leave together: a rank tearing gloo down while rank 0 still evaluates can abort
     finally:
-        from rewardflow.utils import distributed
-
         distributed.shutdown()
     print(f"run folder: {run}")
 
