@@ -34,6 +34,7 @@ TWO_OBJECTS = ["a circle and a square", "a circle and a triangle", "a square and
 # preset: (prompts, iterations, minimum gain in strict accuracy). Calibration (2026-11-23, fifth session, one
 # seed, one thread per run, two runs at a time): on counting after 30 iterations from 0.354 (0.432 CFG-free for
 # NFT), Flow-GRPO 0.568, Fast 0.573, Dance 0.427, Mix 0.490, NFT 0.557. The margins are about half of each gain.
+# Run by pytest alone on 2 threads (other reduction orders, so other trajectories): NFT 0.557, Fast 0.495, Mix 0.448.
 # The direct presets on two-object prompts after 20 iterations from 0.359: DRaFT-1 0.406, DRaFT-LV 0.391,
 # LeapAlign 0.385, AlignProp 0.349, ReFL 0.354, the learned reward 0.704 -> 0.752-0.764 for all; after 30
 # iterations DRaFT-1 and DRaFT-LV 0.380, ReFL 0.318 (learned reward 0.79-0.80: hacked). A retrained shapes-score
