@@ -61,7 +61,7 @@ def test_merged_sampling_runs_the_adapter_and_puts_the_base_weights_back_exactly
     x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
     weights = {n: (t, t.clone(), t.requires_grad) for n, t in policy.module.named_parameters()}
     with torch.no_grad():
-        v, v_ref = policy.velocity(x, s, cond), None
+        v = policy.velocity(x, s, cond)
         with policy.reference():
             v_ref = policy.velocity(x, s, cond)
         with policy.old():
