@@ -47,7 +47,7 @@ def shapes_grpo_cpu() -> TrainConfig:
 def shapes_grpo() -> TrainConfig:
     """The long Flow-GRPO run: ``shapes_grpo_cpu`` for 600 iterations, on a GPU when there is one.
 
-    About 15 minutes on one H100 (1.5 s per iteration, launch-bound), about 2.6 hours on 2 CPU cores.
+    About 15 minutes on one H100 (1.5 s per iteration, launch-bound), 1 h 41 min of training on 2 CPU cores.
     Evaluated every 30 iterations; docs/results.md has the measured curve.
     """
     cfg = shapes_grpo_cpu()
