@@ -1,0 +1,82 @@
+"""The learned ``shapes-score`` reward: its detector summary target, its auxiliary loss, loading and training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rewardflow.rewards.shapes_score import (
+    FORMAT,
+    KINDS,
+    SUMMARY,
+    ScoreTrainConfig,
+    ShapesScoreReward,
+    agreement,
+    detection_summary,
+    load_scorer,
+    save_scorer,
+    train_scorer,
+)
+from rewardflow.shapes.grammar import COLORS, SHAPES, parse_prompt
+from rewardflow.shapes.render import render
+from rewardflow.utils.checkpoint import save_safetensors_atomic
+
+
+def test_detection_summary_counts_rendered_objects():
+    rng = np.random.default_rng(3)
+    img, objects = render(parse_prompt("a red circle left of a blue square"), rng)
+    summary = detection_summary(torch.from_numpy(img[None]).permute(0, 3, 1, 2).float() / 255.0)
+    assert summary.shape == (1, SUMMARY)
+    expected = torch.zeros(KINDS)
+    for obj in objects:
+        k = COLORS.index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)
+        expected[k] += 1
+    assert torch.equal(summary[0, :KINDS], expected)
+    assert summary[0, KINDS] == 0 and summary[0, KINDS + 1] == len(objects)  # no blobs; all detections
+
+
+def test_agreement_by_hand():
+    labels = torch.tensor([0.0, 1.0, 0.5, 0.5, 1.0])
+    scores = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.3])
+    prompts = ["a", "a", "a", "b", "b"]
+    out = agreement(scores, labels, prompts)
+    # pairs with different labels: (0,1) agree, (0,2) agree, (1,2) agree, (3,4) agree -> 4 of 4
+    assert out["pairs"] == 4 and out["pair_agreement"] == 1.0
+
+
+def test_shipped_scorer_is_differentiable_and_loads_without_its_training_head(tmp_path):
+    reward = ShapesScoreReward()
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = reward(images, ["a circle", "two squares"], [{}, {}])
+    assert ((out.scores > 0) & (out.scores < 1)).all()
+    out.scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+    model = load_scorer()
+    model.summary_head = None  # a scorer trained before the summary head existed
+    path = tmp_path / "old.safetensors"
+    save_scorer(model, path)
+    old = load_scorer(path)
+    tokens = reward.tokenizer(["a circle"])
+    assert torch.equal(old(images[:1].detach(), tokens), load_scorer()(images[:1].detach(), tokens))
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state["stray.weight"] = torch.zeros(1)
+    meta = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(model.config))}
+    save_safetensors_atomic(state, tmp_path / "stray.safetensors", meta)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_scorer(tmp_path / "stray.safetensors")
+
+
+def test_train_scorer_writes_a_loadable_checkpoint_and_report(tmp_path):
+    out = tmp_path / "score.safetensors"
+    cfg = ScoreTrainConfig(out=str(out), base_samples=8, held_out_samples=12, rendered=16, sample_steps=2,
+                           steps=3, batch_size=8)  # fmt: skip
+    report = train_scorer(cfg)
+    assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["pairs"] == report["pairs"]
+    assert 0.0 <= report["mean_score"] <= 1.0
+    assert load_scorer(out)(torch.rand(1, 3, 32, 32), ShapesScoreReward(out).tokenizer(["a circle"])).shape == (1,)
