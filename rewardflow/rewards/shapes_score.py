@@ -187,7 +187,6 @@ def judge_labels(images: torch.Tensor, prompts: list[str], penalty: float = 0.25
     return torch.tensor([min(1.0, max(0.0, v.score - penalty * v.extra)) for v in verdicts])
 
 
-@torch.no_grad()
 def detection_summary(images: torch.Tensor) -> torch.Tensor:
     """What the judge's detector finds in each image, as a vector [N, SUMMARY] (float32).
 
@@ -205,6 +204,7 @@ def detection_summary(images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+@torch.no_grad()
 def base_samples(prompts: list[str], steps: int, seed: int) -> torch.Tensor:
     """ODE samples of the shipped base model (CFG 4.5), images in [0, 1]."""
     from rewardflow.evaluate import EvalConfig, generate
