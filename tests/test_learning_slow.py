@@ -97,12 +97,13 @@ def test_nft_raises_a_brightness_reward_on_the_base_model():
     assert after > before + 0.2, (before, after)
 
 
+# variant: (algorithm, settings, minimum rise of the learned reward in 6 iterations, about half the measured one)
 DIRECT_VARIANTS = {
-    "draft-1": ("draft", {"method": "draft", "k": 1}),
-    "draft-lv": ("draft", {"method": "draft-lv"}),
-    "refl": ("draft", {"method": "refl", "refl_last": 3}),
-    "alignprop": ("draft", {"method": "alignprop", "alignprop_min": 7}),
-    "leapalign": ("leapalign", {}),
+    "draft-1": ("draft", {"method": "draft", "k": 1}, 0.015),
+    "draft-lv": ("draft", {"method": "draft-lv"}, 0.025),
+    "refl": ("draft", {"method": "refl", "refl_last": 3}, 0.025),
+    "alignprop": ("draft", {"method": "alignprop", "alignprop_min": 7}, 0.004),
+    "leapalign": ("leapalign", {}, 0.012),
 }
 
 
@@ -116,7 +117,7 @@ def test_direct_gradient_methods_raise_the_learned_reward(variant):
     torch.manual_seed(0)
     policy = load_policy("base", autocast=True)
     reward = ShapesScoreReward()
-    algorithm, kwargs = DIRECT_VARIANTS[variant]
+    algorithm, kwargs, margin = DIRECT_VARIANTS[variant]
     if algorithm == "draft":
         cfg = DraftConfig(num_steps=10, micro_batch=16, **kwargs)
         loss_fn = draft_loss(reward, cfg)
@@ -143,7 +144,8 @@ def test_direct_gradient_methods_raise_the_learned_reward(variant):
         assert torch.isfinite(torch.tensor(metrics["loss"]))
     after = learned_reward()
     print(f"{variant}: learned reward {before:.3f} -> {after:.3f}")
-    # Calibration (2026-11-23, seed 0, 6 iterations): 0.765 -> draft-1 0.798, draft-lv 0.799, refl 0.808,
-    # alignprop 0.807, leapalign 0.826. This checks that the gradient plumbing optimises the reward; whether the
-    # judge agrees is what the direct-gradient study is for.
-    assert after > before + 0.02, (before, after)
+    # Calibration (2026-11-23, seventh session's count-head scorer, seed 0, 6 iterations, pytest on 2 threads):
+    # 0.805 -> draft-1 0.835, draft-lv 0.855, refl 0.859, alignprop 0.814, leapalign 0.829 (the first scorer:
+    # 0.765 -> 0.798-0.826). This checks that the gradient plumbing optimises the reward; whether the judge agrees
+    # is what the direct-gradient study and tests/test_presets_learn_slow.py are for.
+    assert after > before + margin, (before, after)
