@@ -1,4 +1,4 @@
-"""The learned ``shapes-score`` reward: its detector summary target, its auxiliary loss, loading and training."""
+"""The learned ``shapes-score`` reward: its detector summary target, agreement, loading and training."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from rewardflow.rewards.shapes_score import (
     train_scorer,
 )
 from rewardflow.shapes.grammar import COLORS, SHAPES, parse_prompt
+from rewardflow.shapes.judge import detect
 from rewardflow.shapes.render import render
 from rewardflow.utils.checkpoint import save_safetensors_atomic
 
@@ -29,7 +30,7 @@ from rewardflow.utils.checkpoint import save_safetensors_atomic
 def test_detection_summary_counts_rendered_objects():
     rng = np.random.default_rng(3)
     img, objects = render(parse_prompt("a red circle left of a blue square"), rng)
-    summary = detection_summary(torch.from_numpy(img[None]).permute(0, 3, 1, 2).float() / 255.0)
+    summary = detection_summary([detect(img)])
     assert summary.shape == (1, SUMMARY)
     expected = torch.zeros(KINDS)
     for obj in objects:
@@ -41,11 +42,11 @@ def test_detection_summary_counts_rendered_objects():
 
 def test_agreement_by_hand():
     labels = torch.tensor([0.0, 1.0, 0.5, 0.5, 1.0])
-    scores = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.3])
+    scores = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.1])
     prompts = ["a", "a", "a", "b", "b"]
     out = agreement(scores, labels, prompts)
-    # pairs with different labels: (0,1) agree, (0,2) agree, (1,2) agree, (3,4) agree -> 4 of 4
-    assert out["pairs"] == 4 and out["pair_agreement"] == 1.0
+    # pairs with different labels: (0,1) agree, (0,2) agree, (1,2) agree, (3,4) disagree -> 3 of 4
+    assert out["pairs"] == 4 and out["pair_agreement"] == 0.75
 
 
 def test_shipped_scorer_is_differentiable_and_loads_without_its_training_head(tmp_path):

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from torch import nn
 
 from rewardflow.models.tiny_dit import ShapesTokenizer
 from rewardflow.shapes.grammar import CATEGORIES, COLORS, SHAPES, VOCABULARY, parse_prompt
-from rewardflow.shapes.judge import detect, judge_images, to_uint8_hwc
+from rewardflow.shapes.judge import Detection, judge_images
 from rewardflow.types import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,16 @@ class ShapesScorer(nn.Module):
         nn.init.normal_(self.word_pos, std=0.02)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.score_and_summary(images, tokens)[0]
+        return self.head(self._encode(images, tokens)[:, 0]).squeeze(-1)
 
     def score_and_summary(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logit [B] and the predicted :func:`detection_summary` [B, SUMMARY]."""
+        """The logit [B] and the predicted :func:`detection_summary` [B, SUMMARY] (training)."""
+        out = self._encode(images, tokens)
+        image_tokens = out[:, 1 + tokens.shape[1] :]
+        return self.head(out[:, 0]).squeeze(-1), self.summary_head(image_tokens.mean(1))
+
+    def _encode(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Transformer outputs [B, 1 + L + 16]: the score token, the prompt tokens, the image tokens."""
         b = images.shape[0]
         img = self.stem(images * 2.0 - 1.0).flatten(2).transpose(1, 2) + self.image_pos
         txt = self.words(tokens) + self.word_pos[:, : tokens.shape[1]]
@@ -96,8 +103,7 @@ class ShapesScorer(nn.Module):
             [torch.zeros(b, 1, dtype=torch.bool, device=tokens.device), tokens == 0, torch.zeros(b, img.shape[1],
              dtype=torch.bool, device=tokens.device)], dim=1
         )  # fmt: skip
-        out = self.blocks(h, src_key_padding_mask=pad)
-        return self.head(out[:, 0]).squeeze(-1), self.summary_head(out[:, -img.shape[1] :].mean(1))
+        return self.blocks(h, src_key_padding_mask=pad)
 
 
 def save_scorer(model: ShapesScorer, path: str | Path, **metadata: str) -> None:
@@ -181,25 +187,27 @@ class ScoreTrainConfig:
     threads: int = 0
 
 
-def judge_labels(images: torch.Tensor, prompts: list[str], penalty: float = 0.25) -> torch.Tensor:
-    """The judge's reward (partial credit minus ``penalty`` per extra object) clamped to [0, 1]."""
+def judge_labels(images: torch.Tensor, prompts: list[str], penalty: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [N] and detector summaries [N, SUMMARY] of ``images`` from one pass of the judge.
+
+    The label is the judge's reward (partial credit minus ``penalty`` per extra object) clamped to [0, 1].
+    """
     verdicts = judge_images([parse_prompt(p) for p in prompts], images.float().cpu().numpy())
-    return torch.tensor([min(1.0, max(0.0, v.score - penalty * v.extra)) for v in verdicts])
+    labels = torch.tensor([min(1.0, max(0.0, v.score - penalty * v.extra)) for v in verdicts])
+    return labels, detection_summary([v.detections for v in verdicts])
 
 
-def detection_summary(images: torch.Tensor) -> torch.Tensor:
-    """What the judge's detector finds in each image, as a vector [N, SUMMARY] (float32).
+def detection_summary(detections: Sequence[Sequence[Detection]]) -> torch.Tensor:
+    """What the judge's detector found in each image (``detect``'s output), as a vector [N, SUMMARY] (float32).
 
     Per (colour, shape) kind, colour-major, the count; then the number of blobs and of all detections.
     (Adding each kind's centroid as a target lowered the held-out agreement: Pearson 0.64 against 0.71.)
     """
-    out = np.zeros((images.shape[0], SUMMARY), dtype=np.float32)
-    for i, img in enumerate(to_uint8_hwc(images.float().cpu().numpy())):
-        for d in detect(img):
-            if not d.is_object:
-                out[i, KINDS] += 1
-            else:
-                out[i, COLORS.index(d.color) * len(SHAPES) + SHAPES.index(d.shape)] += 1
+    out = np.zeros((len(detections), SUMMARY), dtype=np.float32)
+    for i, found in enumerate(detections):
+        for d in found:
+            k = COLORS.index(d.color) * len(SHAPES) + SHAPES.index(d.shape) if d.is_object else KINDS
+            out[i, k] += 1
     out[:, KINDS + 1] = out[:, : KINDS + 1].sum(1)
     return torch.from_numpy(out)
 
@@ -264,13 +272,12 @@ def train_scorer(cfg: ScoreTrainConfig) -> dict[str, Any]:
     eval_prompts = [r.prompt for r in load_prompts("shapes:eval")]
     pool_prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=cfg.base_samples)]
     pool = base_samples(pool_prompts, cfg.sample_steps, cfg.seed)
-    pool_labels = judge_labels(pool, pool_prompts)
+    pool_labels, pool_summary = judge_labels(pool, pool_prompts)
     held_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(cfg.held_out_samples)]
     held = base_samples(held_prompts, cfg.sample_steps, cfg.seed + 1)
-    held_labels = judge_labels(held, held_prompts)
+    held_labels, _ = judge_labels(held, held_prompts)
     r_pool, r_prompts = rendered_pairs(rng, cfg.rendered)
-    r_labels = judge_labels(r_pool, r_prompts)
-    pool_summary, r_summary = detection_summary(pool), detection_summary(r_pool)
+    r_labels, r_summary = judge_labels(r_pool, r_prompts)
     log.info("base samples and rendered scenes drawn and judged in %.0fs", time.time() - t0)
 
     model = ShapesScorer(cfg.model)
