@@ -47,7 +47,9 @@ class ModelConfig:
     """LoRA: sample rollouts and evaluations with the adapter folded into the base weights (faster on large models;
     Flow-GRPO's on-policy ratio is then 1 within rounding, not bitwise; docs/models.md)."""
     autocast: bool = True
-    """bfloat16 autocast for the network's forward (step math stays float32)."""
+    """bfloat16 autocast for the network's forward (step math stays float32), where the hardware computes bfloat16
+    natively: CUDA, or a CPU with AVX512-BF16 / AMX; on other CPUs the network runs in float32, since emulated
+    bfloat16 is several times slower (``rewardflow.models.protocol.native_bf16``)."""
     device: str = "cpu"
     """Where the network runs: "cpu", "cuda", "cuda:N", or "auto" (CUDA when available). Sampling noise is
     drawn on the CPU either way, so a seed gives the same noise on every device."""

@@ -32,7 +32,7 @@ from rewardflow.models.diffusers_io import (
     encode_distinct,
     load_diffusers_policy,
 )
-from rewardflow.models.protocol import Conditioning, guided_velocity
+from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import flux_mu
 
@@ -149,7 +149,7 @@ class FluxPolicy:
         def forward(x: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
             txt_ids = torch.zeros(tensors["embeds"].shape[1], 3, device=x.device)
             scale = torch.full_like(sig, guidance_scale) if embedded else None
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with bf16_autocast(x.device.type, self.autocast):
                 out = net(
                     hidden_states=pack(x).to(dtype),
                     timestep=sig.to(dtype),  # FLUX's timestep is sigma (scaled by 1000 inside)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -127,3 +128,23 @@ def guided_velocity(
     both = {k: torch.cat([cond.null_tensors[k], v]) for k, v in cond.tensors.items()}
     v_uncond, v_cond = forward(torch.cat([x, x]), torch.cat([sig, sig]), both).float().chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 matmuls natively, so that autocast to it is a speed-up.
+
+    CUDA: yes. A CPU: only with AVX512-BF16 or AMX; elsewhere PyTorch emulates bfloat16 (on a 2-core AVX2 VM a
+    2048^2 matmul ran at 0.2 GFLOPS in bfloat16 against 72 in float32, and the tiny DiT's forward 5.6x slower).
+    """
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bf16_autocast(device_type: str, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast for a network's forward where asked for and :func:`native_bf16`, else a no-op."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device_type))

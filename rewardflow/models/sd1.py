@@ -34,7 +34,7 @@ from rewardflow.models.diffusers_io import (
     encode_distinct,
     load_diffusers_policy,
 )
-from rewardflow.models.protocol import Conditioning, guided_velocity
+from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 
 # DRaFT's and the diffusers LoRA scripts' targets on the SD UNet: the attention projections.
@@ -126,7 +126,7 @@ class SD1Policy:
         def forward(y: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
             t, a, b = (c.view(-1, *[1] * (y.ndim - 1)) for c in self.vp_state(sig))
             x_t = (a + b) * y.float()
-            with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with bf16_autocast(y.device.type, self.autocast):
                 out = net(x_t.to(dtype), t.flatten(), encoder_hidden_states=tensors["embeds"].to(dtype))
             out = out.sample.float()
             if self.prediction == "epsilon":

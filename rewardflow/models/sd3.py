@@ -22,7 +22,7 @@ from rewardflow.models.diffusers_io import (
     encode_distinct,
     load_diffusers_policy,
 )
-from rewardflow.models.protocol import Conditioning, guided_velocity
+from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
 
 # Flow-GRPO's LoRA targets on SD3.5: every attention projection of the joint blocks, image and text streams.
@@ -103,7 +103,7 @@ class SD3Policy:
         dtype = self.module.dtype
 
         def forward(x: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with bf16_autocast(x.device.type, self.autocast):
                 return net(
                     hidden_states=x.to(dtype),
                     timestep=1000.0 * sig,  # diffusers' SD3 timestep convention

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewardflow.models.protocol import bf16_autocast
 from rewardflow.models.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, save_tiny_dit
 from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import random_prompt
@@ -48,7 +49,7 @@ class PretrainConfig:
     log_every: int = 50
     seed: int = 0
     autocast: bool = True
-    """bfloat16 autocast for the network (the loss stays float32)."""
+    """bfloat16 autocast for the network where the CPU computes it natively (the loss stays float32)."""
     resume: bool = True
     """Continue from ``out_dir/train_state.pt`` when it exists."""
 
@@ -80,7 +81,7 @@ def flow_matching_loss(
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
     s = sigma[:, None, None, None]
     x = (1 - s) * x0 + s * eps
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast("cpu", autocast):
         v = model(x, sigma, tokens)
     return (v.float() - (eps - x0)).pow(2).mean()
 
