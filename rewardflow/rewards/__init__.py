@@ -18,6 +18,7 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "jpeg-compressibility": lambda cfg: JpegSize(sign=-1.0),
     "jpeg-incompressibility": lambda cfg: JpegSize(sign=1.0),
     "shapes-score": lambda cfg: _shapes_score(cfg.score_checkpoint),
+    "shapes-count": lambda cfg: _shapes_count(cfg.score_checkpoint, cfg.extra_object_penalty),
     "pickscore": lambda cfg: _clip("PickScoreReward", cfg.pickscore_model, cfg.device),
     "clipscore": lambda cfg: _clip("ClipScoreReward", cfg.clip_model, cfg.device),
     "aesthetic": lambda cfg: _clip("AestheticReward", cfg.aesthetic_model, cfg.device),
@@ -89,9 +90,15 @@ def _shapes_score(checkpoint: str) -> RewardFn:
     return ShapesScoreReward(checkpoint)
 
 
+def _shapes_count(checkpoint: str, extra_object_penalty: float) -> RewardFn:
+    from rewardflow.rewards.shapes_score import ShapesCountReward
+
+    return ShapesCountReward(checkpoint, extra_object_penalty)
+
+
 def differentiable_rewards() -> list[str]:
     """Names of the registered rewards whose scores carry gradient to the images."""
-    return ["shapes-score", "pickscore", "clipscore", "aesthetic", "hps", "imagereward"]
+    return ["shapes-score", "shapes-count", "pickscore", "clipscore", "aesthetic", "hps", "imagereward"]
 
 
 def build_reward(cfg: RewardConfig) -> WeightedRewards:
