@@ -135,7 +135,8 @@ def native_bf16(device_type: str) -> bool:
     """Whether ``device_type`` computes bfloat16 matmuls natively, so that autocast to it is a speed-up.
 
     CUDA: yes. A CPU: only with AVX512-BF16 or AMX; elsewhere PyTorch emulates bfloat16 (on a 2-core AVX2 VM a
-    2048^2 matmul ran at 0.2 GFLOPS in bfloat16 against 72 in float32, and the tiny DiT's forward 5.6x slower).
+    2048^2 matmul ran at 0.2 GFLOPS in bfloat16 against 72 in float32, the tiny DiT's forward 9x slower and its
+    forward + backward 16x; docs/results.md).
     """
     if device_type == "cuda":
         return True

@@ -157,8 +157,8 @@ class ShapesScoreReward:
     name = "shapes-score"
     differentiable = True
 
-    def __init__(self, checkpoint: str | Path = SHIPPED) -> None:
-        self.model = load_scorer(checkpoint)
+    def __init__(self, checkpoint: str | Path = SHIPPED, need_count_head: bool = False) -> None:
+        self.model = load_scorer(checkpoint, need_count_head)
         self.model.requires_grad_(False)
         c = self.model.config
         self.tokenizer = ShapesTokenizer(c.vocabulary, c.max_prompt_tokens)
@@ -169,7 +169,7 @@ class ShapesScoreReward:
         return RewardOutput(scores=torch.sigmoid(logits), details={"logit": logits.detach()})
 
 
-class ShapesCountReward:
+class ShapesCountReward(ShapesScoreReward):
     """``shapes-count``: the judge's partial-credit rule applied to the counts the scorer's count head predicts.
 
     The count head (trained beside the score to predict what the judge's detector finds: objects per colour and
@@ -186,16 +186,12 @@ class ShapesCountReward:
     """
 
     name = "shapes-count"
-    differentiable = True
 
     def __init__(self, checkpoint: str | Path = SHIPPED, extra_object_penalty: float = 0.25) -> None:
         if extra_object_penalty < 0:
             raise ValueError(f"reward.extra_object_penalty must be >= 0, got {extra_object_penalty}")
-        self.model = load_scorer(checkpoint, need_count_head=True)
-        self.model.requires_grad_(False)
+        super().__init__(checkpoint, need_count_head=True)
         self.penalty = extra_object_penalty
-        c = self.model.config
-        self.tokenizer = ShapesTokenizer(c.vocabulary, c.max_prompt_tokens)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         model = self.model.to(images.device)
@@ -245,7 +241,7 @@ def count_rule(prompts: list[str]) -> dict[str, torch.Tensor]:
             if obj.color is None:
                 kind[i, p] = shape[i, p]
             else:
-                kind[i, p, COLORS.index(obj.color) * len(SHAPES) + s] = 1.0
+                kind[i, p, kind_index(obj.color, obj.shape)] = 1.0
             count[i, p], exact[i, p] = obj.count, float(obj.exact)
             colored[i, p], valid[i, p] = float(obj.color is not None), 1.0
     return {"kind": kind, "shape": shape, "count": count, "exact": exact, "colored": colored, "valid": valid,
@@ -288,6 +284,11 @@ def judge_labels(images: torch.Tensor, prompts: list[str], penalty: float = 0.25
     return labels, detection_summary([v.detections for v in verdicts])
 
 
+def kind_index(color: str, shape: str) -> int:
+    """Where a (colour, shape) kind sits in a summary's first ``KINDS`` entries (colour-major)."""
+    return COLORS.index(color) * len(SHAPES) + SHAPES.index(shape)
+
+
 def detection_summary(detections: Sequence[Sequence[Detection]]) -> torch.Tensor:
     """What the judge's detector found in each image (``detect``'s output), as a vector [N, SUMMARY] (float32).
 
@@ -297,7 +298,7 @@ def detection_summary(detections: Sequence[Sequence[Detection]]) -> torch.Tensor
     out = np.zeros((len(detections), SUMMARY), dtype=np.float32)
     for i, found in enumerate(detections):
         for d in found:
-            k = COLORS.index(d.color) * len(SHAPES) + SHAPES.index(d.shape) if d.is_object else KINDS
+            k = kind_index(d.color, d.shape) if d.is_object else KINDS
             out[i, k] += 1
     out[:, KINDS + 1] = out[:, : KINDS + 1].sum(1)
     return torch.from_numpy(out)
