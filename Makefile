@@ -2,6 +2,7 @@
 #   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo (about 12 minutes of training on
 #               2 CPU cores) and writes the run's HTML report
 #   make test   creates .venv, installs rewardflow with its dev tools, runs lint and the default test tier
+#               (two pytest-xdist workers, one core each)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,7 +26,7 @@ demo: $(BIN)/rewardflow
 test: $(BIN)/rewardflow
 	$(BIN)/ruff check rewardflow tests benchmarks
 	$(BIN)/ruff format --check rewardflow tests benchmarks
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,9 @@ import torch  # noqa: E402
 
 from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, save_tiny_dit  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (``make test`` runs two workers) each worker takes one core; alone, a run takes up to two.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
 
 
 @pytest.fixture
