@@ -1,7 +1,8 @@
 """Side-by-side studies from the same base: the online methods, or the direct-gradient methods.
 
 ``--family online`` (default): Flow-GRPO, Flow-GRPO-Fast, DanceGRPO, MixGRPO and DiffusionNFT.
-``--family direct``: DRaFT-1, DRaFT-LV, ReFL, AlignProp and LeapAlign against the learned ``shapes-score``.
+``--family direct``: DRaFT-1, DRaFT-LV, ReFL, AlignProp and LeapAlign against their presets' learned reward
+(``shapes-count``).
 
 Each method's Shapes preset trains into its own run folder for the same wall-clock budget (or until its
 iterations are done), evaluated every few iterations. Then, per method: strict and clean accuracy (per
