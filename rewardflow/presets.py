@@ -131,9 +131,9 @@ def shapes_mix_cpu() -> TrainConfig:
 def shapes_draft_cpu() -> TrainConfig:
     """DRaFT-1 against the learned ``shapes-count`` reward: the reward's gradient through the last Euler step.
 
-    ``shapes-count`` is the judge's partial-credit rule applied to the shipped scorer's predicted counts (colour,
-    shape, position); it tracks the judge better than the scorer's own ``shapes-score`` head, and the direct
-    presets raise the judge's accuracy with it where ``shapes-score`` did not (docs/results.md). 32 images per
+    ``shapes-count`` is the judge's partial-credit rule applied to the shipped scorer's predicted counts per colour
+    and shape; it tracks the judge better than the scorer's own ``shapes-score`` head, and with it the presets whose
+    gradient reaches the middle of the chain raise the judge's counting accuracy (docs/results.md). 32 images per
     iteration (16 prompts x 2), 20 Euler steps with CFG 4.5 (evaluation: 40), loss ``-r``, one optimizer step per
     iteration, full fine-tune at lr 1e-5 with EMA. The judge scores every training batch as a monitor
     (``judge/*``), and each evaluation scores both learned rewards next to the judge's accuracy, so the gap between
