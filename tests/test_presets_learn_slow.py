@@ -44,7 +44,8 @@ CASES = {
 # LeapAlign +7.9 / +6.3; shapes-count 0.75 -> 0.83-0.85 in every run. The margins are about half of the smaller
 # gain. DRaFT-LV's gain is within one draw's noise: its case checks only that the judge does not fall while the
 # learned reward rises (DRaFT-LV trains the last step alone, after the counts are settled; docs/results.md).
-# Run by pytest on 2 threads (other trajectories): DRaFT-LV 0.502 -> 0.502, ReFL 0.502 -> 0.560.
+# Run by pytest on 2 threads (other trajectories): DRaFT-1 0.523, DRaFT-LV 0.502, ReFL 0.560, AlignProp 0.575,
+# LeapAlign 0.575.
 DIRECT = {
     "shapes_draft_cpu": (20, 0.01),
     "shapes_draft_lv_cpu": (20, 0.0),
