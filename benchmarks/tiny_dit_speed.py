@@ -3,7 +3,9 @@
 The network's attention is :func:`rewardflow.models.tiny_dit.attend` (written out, softmax in float32). This
 script times it against PyTorch's fused ``F.scaled_dot_product_attention`` (swapped in for the comparison
 only) on the same weights and inputs, with and without bfloat16 autocast, at the micro-batch shape of the
-Shapes presets (32 rows with CFG = 64 network rows, 76 tokens). Best of ``--repeats`` after two warm-ups.
+Shapes presets (32 rows with CFG = 64 network rows, 76 tokens). Best of ``--repeats`` after two warm-ups. The
+bfloat16 rows are skipped on a CPU without native bfloat16 (PyTorch emulates it there, 10x slower) unless
+``--autocast bf16`` or ``both`` asks for them.
 
     python benchmarks/tiny_dit_speed.py --batch 64 --repeats 5
 """
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import rewardflow.models.tiny_dit as tiny_dit
+from rewardflow.models.protocol import native_bf16
 
 
 def cpu_name() -> str:
@@ -53,6 +56,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument(
+        "--autocast",
+        choices=("auto", "off", "bf16", "both"),
+        default="auto",
+        help="which rows to time (auto: both where the CPU has native bfloat16, else off)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,11 +72,15 @@ def main() -> None:
     tokens = tiny_dit.ShapesTokenizer(net.config.vocabulary, net.config.max_prompt_tokens)(
         ["a red circle and a blue square"] * args.batch
     )
-    written_out = tiny_dit.attend
+    shipped = tiny_dit.attend
     implementations = {
-        "written out (shipped)": written_out,
+        "written out (shipped)": shipped,
         "fused F.scaled_dot_product_attention": F.scaled_dot_product_attention,
     }
+    choice = args.autocast
+    if choice == "auto":
+        choice = "both" if native_bf16("cpu") else "off"
+    autocasts = {"off": (False,), "bf16": (True,), "both": (True, False)}[choice]
     print(
         f"{dt.date.today()}, {cpu_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}"
@@ -77,12 +90,12 @@ def main() -> None:
     try:
         for name, fn in implementations.items():
             tiny_dit.attend = fn
-            for autocast in (True, False):
+            for autocast in autocasts:
                 fwd = per_image_ms(net, (x, sigma, tokens), autocast, False, args.repeats)
                 both = per_image_ms(net, (x, sigma, tokens), autocast, True, args.repeats)
                 print(f"| {name} | {'bf16' if autocast else 'off'} | {fwd:.2f} | {both:.2f} |")
     finally:
-        tiny_dit.attend = written_out
+        tiny_dit.attend = shipped
 
 
 if __name__ == "__main__":
