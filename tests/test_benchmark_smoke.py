@@ -17,3 +17,17 @@ def test_throughput_benchmark_runs_every_algorithm_on_the_tiny_models(tmp_path):
     phases = {(r["model"], r["algorithm"], r["phase"]) for r in rows}
     assert len(phases) == 10  # 2 models x (GRPO and NFT rollout + train, DRaFT sample+train)
     assert all(r["images_per_s"] > 0 and r["gflop"] > 0 and 0 < r["mfu"] for r in rows)
+
+
+def test_step_variance_decomposition_sums_to_the_total_and_ends_at_the_deterministic_last_step(tmp_path):
+    out = tmp_path / "sv.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_variance.py"), "--prompts-per-category", "1",
+           "--continuations", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    table = json.loads(out.read_text())["table"]
+    assert [r["split"] for r in table] == ["-", *range(10)]
+    # The last step is an Euler step: continuations from x_9 are identical, so nothing is left to explain.
+    assert table[-1]["reward_var"] == 0.0 and table[-1]["strict_var"] == 0.0
+    assert table[0]["reward_var"] > 0
+    # The per-step shares telescope: they add up to the whole variance of independent rollouts.
+    assert abs(sum(r["reward_step_share"] for r in table) - 1.0) < 1e-6  # float32 rewards
