@@ -261,7 +261,13 @@ class TrainConfig:
             f"{a.optimizer_steps} optimizer steps/iteration, "
         )
         if isinstance(a, GRPOConfig):
-            where = f"a {a.window_schedule} window of {a.sde_window}" if a.sde_window else "all but the last"
+            lo, hi = a.window_bounds
+            if not a.sde_window:
+                where = "all but the last"
+            elif a.sde_window == hi - lo:  # one place: the window is fixed
+                where = f"steps {lo}..{hi - 1}"
+            else:
+                where = f"a {a.window_schedule} window of {a.sde_window} in steps {lo}..{hi - 1}"
             return head + (
                 f"{a.sde_type} SDE on {where} of {a.num_steps} steps, {a.steps_per_sample} of its "
                 f"{a.sde_steps} SDE steps trained per sample"
