@@ -270,7 +270,7 @@ class TrainConfig:
                 where = f"a {a.window_schedule} window of {a.sde_window} in steps {lo}..{hi - 1}"
             return head + (
                 f"{a.sde_type} SDE on {where} of {a.num_steps} steps, {a.steps_per_sample} of its "
-                f"{a.sde_steps} SDE steps trained per sample"
+                f"{a.sde_steps} SDE steps trained per sample" + (", GRPO-Guard objective" if a.guard else "")
             )
         if isinstance(a, NFTConfig):
             return head + f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"

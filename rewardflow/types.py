@@ -35,12 +35,14 @@ class Trajectory:
         log_probs: per-step log-probabilities [B, T] (0 for deterministic steps).
         sigmas: the schedule [T+1], decreasing from 1 to 0.
         noise_levels: the SDE noise level of each step [T] (0 = ODE step).
+        means: the transition means [B, T, ...] (float32), when the rollout was asked to keep them.
     """
 
     xs: torch.Tensor
     log_probs: torch.Tensor
     sigmas: torch.Tensor
     noise_levels: torch.Tensor
+    means: torch.Tensor | None = None
 
     @property
     def final(self) -> torch.Tensor:

@@ -164,7 +164,8 @@ def test_on_policy_ratio_is_exactly_one_through_the_adapter(adapter):
     batch = grpo.collect(policy, policy.encode_prompts(PROMPTS * 2), cfg, torch.Generator().manual_seed(0))
     for start in (0, 2):
         for j in batch.trained_steps:
-            log_prob, kl = grpo.step_terms(policy, batch, slice(start, start + 2), j, cfg, need_reference=True)
+            out, kl = grpo.step_terms(policy, batch, slice(start, start + 2), j, cfg, need_reference=True)
+            log_prob = out.log_prob
             assert torch.equal(log_prob, batch.log_probs[start : start + 2, j])
             assert torch.equal(kl, torch.zeros(2))
 
@@ -182,7 +183,8 @@ def test_merged_lora_rollouts_sample_the_adapter_and_keep_the_ratio_within_round
     merged = grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0))
     assert torch.allclose(merged.xs, plain.xs, atol=1e-4)  # the same samples, rounded differently
     for j in merged.trained_steps:  # re-scored by the unmerged network in training: ratio 1 within rounding
-        log_prob, _ = grpo.step_terms(policy, merged, slice(0, 2), j, cfg, need_reference=False)
+        out, _ = grpo.step_terms(policy, merged, slice(0, 2), j, cfg, need_reference=False)
+        log_prob = out.log_prob
         assert torch.allclose(log_prob.exp() / merged.log_probs[:2, j].exp(), torch.ones(2), atol=1e-4)
     policy.init_old()
     nft_cfg = NFTConfig(num_steps=3, micro_batch=2)

@@ -17,7 +17,7 @@ def test_clipped_loss_hand_computed():
     old = torch.zeros(5)
     adv = torch.tensor([2.0, 1.0, 1.0, -1.0, -1.0])
     eps = 0.2
-    loss, info = clipped_policy_loss(log_prob, old, adv, eps)
+    loss, info = clipped_policy_loss(log_prob - old, adv, eps)
     # per row max(-A r, -A clip(r)):
     # r=1,A=2: -2 ; r=1.5,A=1: max(-1.5,-1.2)=-1.2 ; r=0.5,A=1: max(-0.5,-0.8)=-0.5
     # r=1.5,A=-1: max(1.5,1.2)=1.5 ; r=0.5,A=-1: max(0.5,0.8)=0.8
@@ -27,7 +27,7 @@ def test_clipped_loss_hand_computed():
 
 def test_clipped_loss_gradient_vanishes_outside_the_band():
     log_prob = torch.log(torch.tensor([1.5, 1.05])).requires_grad_(True)
-    loss, _ = clipped_policy_loss(log_prob, torch.zeros(2), torch.tensor([1.0, 1.0]), 0.2)
+    loss, _ = clipped_policy_loss(log_prob, torch.tensor([1.0, 1.0]), 0.2)
     loss.backward()
     assert log_prob.grad[0] == 0.0  # ratio 1.5 > 1.2 with positive advantage: clipped, no gradient
     assert log_prob.grad[1] == pytest.approx(-1.05 / 2, rel=1e-5)
@@ -46,7 +46,8 @@ def test_on_policy_ratio_is_exactly_one(tiny_config, guidance):
     for start in range(0, 8, 4):
         rows = slice(start, start + 4)
         for j in batch.trained_steps:
-            log_prob, kl = grpo.step_terms(policy, batch, rows, j, cfg, need_reference=True)
+            out, kl = grpo.step_terms(policy, batch, rows, j, cfg, need_reference=True)
+            log_prob = out.log_prob
             assert torch.equal(log_prob, batch.log_probs[rows, j])  # bitwise: exp(0) == 1
             assert torch.equal(kl, torch.zeros(4))  # reference == policy before any update
 
@@ -58,7 +59,8 @@ def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(tiny_config
     batch = _batch(policy, cfg)
     for start in (0, 4):
         for j in batch.trained_steps:
-            log_prob, _ = grpo.step_terms(policy, batch, slice(start, start + 4), j, cfg, need_reference=False)
+            out, _ = grpo.step_terms(policy, batch, slice(start, start + 4), j, cfg, need_reference=False)
+            log_prob = out.log_prob
             assert torch.equal(log_prob, batch.log_probs[start : start + 4, j])
 
 
@@ -174,7 +176,8 @@ def test_timestep_fraction_keeps_the_ratio_exactly_one_at_mixed_timesteps(tiny_c
     cfg = GRPOConfig(num_steps=6, micro_batch=4, optimizer_steps=1, guidance_scale=4.5, timestep_fraction=0.5)
     batch = _batch(policy, cfg)
     mixed = torch.tensor([0, 3, 1, 4])
-    log_prob, kl = grpo.step_terms(policy, batch, slice(4, 8), mixed, cfg, need_reference=True)
+    out, kl = grpo.step_terms(policy, batch, slice(4, 8), mixed, cfg, need_reference=True)
+    log_prob = out.log_prob
     assert torch.equal(log_prob, batch.log_probs[4:8][torch.arange(4), mixed])
     assert torch.equal(kl, torch.zeros(4))
     sgd = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
@@ -199,7 +202,8 @@ def test_timestep_fraction_loss_is_the_mean_over_drawn_terms(tiny_config, monkey
     (j,) = drawn  # one forward: every row at its own drawn step
     assert len(set(j.tolist())) > 1
     policy.module.zero_grad()
-    log_prob, _ = grpo.step_terms(policy, batch, slice(0, 8), j, cfg, need_reference=True)
+    out, _ = grpo.step_terms(policy, batch, slice(0, 8), j, cfg, need_reference=True)
+    log_prob = out.log_prob
     (-(adv * torch.exp(log_prob - batch.log_probs[torch.arange(8), j])).mean()).backward()
     want = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
     assert got.norm() > 0
@@ -237,7 +241,8 @@ def test_cps_rollouts_keep_the_ratio_exactly_one(tiny_config):
     cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, sde_type="cps", noise_level=0.8, kl_form="paper")
     batch = _batch(policy, cfg)
     for j in batch.trained_steps:
-        log_prob, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
+        out, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
+        log_prob = out.log_prob
         assert torch.equal(log_prob, batch.log_probs[0:4, j]) and torch.equal(kl, torch.zeros(4))
     with pytest.raises(ValueError, match="CPS"):
         GRPOConfig(sde_type="cps", noise_level=1.5)
@@ -334,7 +339,8 @@ def test_fast_window_trains_only_its_steps_and_keeps_the_ratio_exactly_one(tiny_
         assert torch.all(batch.log_probs[:, outside] == 0)  # ODE steps outside the window
     assert starts == {1, 2, 3}  # every allowed start is drawn
     for j in batch.trained_steps:
-        log_prob, _ = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=False)
+        out, _ = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=False)
+        log_prob = out.log_prob
         assert torch.equal(log_prob, batch.log_probs[0:4, j])
 
 
@@ -352,7 +358,8 @@ def test_dance_sde_on_policy_ratio_is_exactly_one(tiny_config, guidance):
     flow = _batch(policy, GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=guidance))
     assert not torch.equal(batch.xs, flow.xs)  # the Dance step is really used
     for j in batch.trained_steps:
-        log_prob, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
+        out, kl = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=True)
+        log_prob = out.log_prob
         assert torch.equal(log_prob, batch.log_probs[0:4, j])
         assert torch.equal(kl, torch.zeros(4))
     with pytest.raises(ValueError, match="grpo.sde_type"):
@@ -371,7 +378,82 @@ def test_same_initial_noise_is_shared_within_groups_only(tiny_config):
         assert torch.equal(x0[a], x0[b]) and not torch.equal(x1[a], x1[b])  # same start, different SDE noise
     assert not torch.equal(x0[0], x0[2])
     for j in batch.trained_steps:  # still exactly on-policy
-        log_prob, _ = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=False)
+        out, _ = grpo.step_terms(policy, batch, slice(0, 4), j, cfg, need_reference=False)
+        log_prob = out.log_prob
         assert torch.equal(log_prob, batch.log_probs[0:4, j])
     with pytest.raises(ValueError, match="same_initial_noise needs"):
         grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0))
+
+
+def test_guard_log_ratio_is_the_re_centred_log_ratio_in_mean_units():
+    """RatioNorm: ``mean(xi d) = std (log p - log p_old) + mean(d^2) / (2 std)``, 0 where the mean has not moved."""
+    from rewardflow.sampling.sde import gaussian_log_prob
+    from rewardflow.types import StepOutput
+
+    gen = torch.Generator().manual_seed(0)
+    old_mean, mean = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    std = torch.tensor([0.3, 1.0, 0.05])
+    x_next = old_mean + std.view(-1, 1, 1, 1) * torch.randn(3, 2, 4, 4, generator=gen)
+    for reduction in ("mean", "sum"):
+        out = StepOutput(x_next, mean, std, gaussian_log_prob(x_next, mean, std, reduction))
+        old_lp = gaussian_log_prob(x_next, old_mean, std, reduction)
+        d2 = ((mean - old_mean) ** 2).flatten(1)
+        d2 = d2.mean(1) if reduction == "mean" else d2.sum(1)
+        want = std * (out.log_prob - old_lp) + d2 / (2 * std)
+        assert torch.allclose(grpo.guard_log_ratio(out, old_mean, reduction), want, atol=1e-4, rtol=1e-4)
+        still = StepOutput(x_next, old_mean, std, old_lp)
+        assert torch.equal(grpo.guard_log_ratio(still, old_mean, reduction), torch.zeros(3))
+
+
+def test_guard_gives_every_step_the_same_gradient_scale_in_velocity():
+    """With the same unit noise, a step's gradient w.r.t. the velocity is ``A (1 + a^2/2) xi / N`` at every sigma
+    under GRPO-Guard, while the plain ratio's scales as ``sqrt(dt) / g`` (the last steps outweigh the first)."""
+    from rewardflow.sampling.sde import sde_step
+
+    a, adv = 1.0, torch.tensor([1.5])
+    xi = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    norms = {"guard": [], "plain": []}
+    for s, sn in ((0.964, 0.923), (0.429, 0.25)):
+        v = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        drawn = sde_step(x, v.detach(), s, sn, a)
+        x_next = drawn.mean + drawn.std.view(-1, 1, 1, 1) * xi
+        old = sde_step(x, v.detach(), s, sn, a, x_next=x_next)
+        for kind in norms:
+            out = sde_step(x, v, s, sn, a, x_next=x_next)
+            if kind == "guard":
+                log_ratio, w = grpo.guard_log_ratio(out, old.mean), torch.tensor([1 / (s - sn)])
+            else:
+                log_ratio, w = out.log_prob - old.log_prob, None
+            loss, _ = grpo.clipped_policy_loss(log_ratio, adv, 1e-4, w)
+            (grad,) = torch.autograd.grad(loss, v)
+            if kind == "guard":
+                assert torch.allclose(grad, adv * (1 + a**2 / 2) * xi / xi.numel(), atol=1e-7, rtol=1e-4)
+            norms[kind].append(grad.norm().item())
+    assert norms["guard"][0] == pytest.approx(norms["guard"][1], rel=1e-4)
+    assert norms["plain"][1] > 3 * norms["plain"][0]
+
+
+def test_guard_on_policy_ratio_is_one_and_the_update_descends_the_hand_written_objective(tiny_config):
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=8, optimizer_steps=1, guidance_scale=4.5, guard=True, grad_clip=1e9)
+    batch = _batch(policy, cfg, seed=2)
+    assert batch.means.shape == (8, 4, *batch.xs.shape[2:])
+    assert torch.equal(batch.select(torch.tensor([5, 1])).means, batch.means[[5, 1]])
+    adv = torch.linspace(-1, 1, 8)
+    got = update_gradient(policy, batch, adv, cfg)
+    policy.module.zero_grad()
+    for j in batch.trained_steps:
+        out, _ = grpo.step_terms(policy, batch, slice(0, 8), j, cfg, need_reference=False)
+        old = batch.means[:, j]
+        assert torch.equal(out.mean, old)  # bitwise on-policy: log rho_hat == 0, rho_hat == 1
+        xi = (batch.xs[:, j + 1] - old) / out.std.view(-1, 1, 1, 1)
+        term = (xi * out.mean).flatten(1).mean(1) / (batch.sigmas[j] - batch.sigmas[j + 1])
+        (-(adv * term).mean() / len(batch.trained_steps)).backward()
+    want = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+    assert got.norm() > 0
+    assert torch.allclose(got, want, atol=1e-8, rtol=1e-4)
+    policy.autocast = True  # and under bf16 autocast the re-scored means are still bitwise the rollout's
+    batch = _batch(policy, cfg, seed=3)
+    metrics = grpo.train_step(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), batch, adv, cfg)
+    assert metrics["ratio_dev"] == 0.0 and metrics["clip_frac"] == 0.0

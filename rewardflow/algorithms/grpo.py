@@ -33,6 +33,18 @@ The rest of the family is configuration of the same loop:
   ``window_stride`` steps and rolls back to the start after the last position; "decay" shortens the stay
   linearly from ``window_iters`` to ``window_iters_min`` over one sweep).
 - CPS: ``sde_type="cps"``, coefficients-preserving sampling (:func:`rewardflow.sampling.sde.cps_step`).
+
+GRPO-Guard (Wang et al., "GRPO-Guard: Mitigating Implicit Over-Optimization in Flow Matching via Regulated
+Clipping", arXiv 2510.22319), ``guard=True``, changes only the objective. With ``xi = (x_{j+1} - mu_old) / std``
+the rollout's unit noise and ``d = mu_theta - mu_old`` the move of the transition mean since the rollout:
+
+    log rho_hat = mean_dims(xi * d)  ( = std * (log p_theta - log p_old) + mean_dims(d^2) / (2 std) )
+    L_j         = (1 / dt_j) * mean_batch max(-A rho_hat, -A clip(rho_hat, 1 - eps, 1 + eps))
+
+RatioNorm removes the ``-|d|^2 / (2 std^2)`` term that pulls every ratio below 1 once the policy moves, and the
+``std`` factor with the ``1 / dt`` weight gives every step the same gradient scale in velocity space: with the
+plain ratio the gradient of a step scales as ``sqrt(dt) / g``, so the last, low-noise steps outweigh the first,
+layout-setting ones by 10-30x (measured on the tiny DiT: ``docs/results.md``). The KL term is unchanged.
 """
 
 from __future__ import annotations
@@ -117,6 +129,10 @@ class GRPOConfig:
     best_worst_k: int = 0
     """DanceGRPO's best-of-N selection: train only the ``k/2`` highest- and ``k/2`` lowest-advantage rows of
     each group (k even, at most the group size); 0 trains every row."""
+    guard: bool = False
+    """GRPO-Guard's objective (module docstring): the ratio re-centred on the rollout's transition mean (RatioNorm)
+    and each step's term weighted by ``1 / dt`` so that every step's gradient has the same scale. Rollouts keep
+    their transition means for it (as much memory again as the stored latents)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sigma_max <= 1.0:
@@ -236,6 +252,8 @@ class GRPOBatch:
     cond: Conditioning
     sigmas: torch.Tensor
     noise_levels: torch.Tensor
+    means: torch.Tensor | None = None
+    """The rollout's transition means [N, T, ...] (kept for ``GRPOConfig.guard`` only)."""
 
     @property
     def trained_steps(self) -> list[int]:
@@ -244,7 +262,8 @@ class GRPOBatch:
     def select(self, rows: torch.Tensor) -> GRPOBatch:
         """The batch restricted to ``rows`` (an index tensor [M])."""
         on = rows.to(self.xs.device)
-        return GRPOBatch(self.xs[on], self.log_probs[on], self.cond.index(rows), self.sigmas, self.noise_levels)
+        means = None if self.means is None else self.means[on]
+        return GRPOBatch(self.xs[on], self.log_probs[on], self.cond.index(rows), self.sigmas, self.noise_levels, means)
 
 
 def best_worst_rows(advantages: torch.Tensor, group_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -265,31 +284,48 @@ def best_worst_rows(advantages: torch.Tensor, group_ids: torch.Tensor, k: int) -
 
 
 def clipped_policy_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate ``mean max(-A rho, -A clip(rho, 1-eps, 1+eps))`` and diagnostics.
+    """PPO's clipped surrogate ``mean w max(-A rho, -A clip(rho, 1-eps, 1+eps))`` and diagnostics.
 
     Args:
-        log_prob: [B] log-probabilities under the current policy (with gradient).
-        old_log_prob: [B] log-probabilities stored at rollout.
+        log_ratio: [B] ``log rho`` (with gradient): ``log p_theta - log p_old``, or GRPO-Guard's
+            :func:`guard_log_ratio`.
         advantages: [B].
         clip_range: ``eps``.
+        weights: [B] per-row weights ``w`` of the terms (GRPO-Guard's ``1 / dt``); None is 1.
 
     Returns:
         The scalar loss and a dict with ``ratio`` [B], ``clipped`` [B] (1 where |rho - 1| > eps) and
-        ``approx_kl`` (0.5 * mean (delta log p)^2).
+        ``approx_kl`` (0.5 * mean (log rho)^2).
     """
-    delta = log_prob - old_log_prob
+    delta = log_ratio
     ratio = torch.exp(delta)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    terms = torch.maximum(unclipped, clipped)
+    loss = (terms if weights is None else weights * terms).mean()
     info = {
         "ratio": ratio.detach(),
         "clipped": ((ratio - 1.0).abs() > clip_range).float().detach(),
         "approx_kl": 0.5 * (delta.detach() ** 2).mean(),
     }
     return loss, info
+
+
+def guard_log_ratio(out: StepOutput, old_mean: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio ``reduce_dims(xi * (mean - old_mean))`` [B] (RatioNorm).
+
+    ``xi = (x_next - old_mean) / std`` is the unit noise the rollout drew; ``out`` is the step re-scored with the
+    current weights (its ``mean`` carries the gradient). It equals ``std * (log p - log p_old) + reduce_dims((mean
+    - old_mean)^2) / (2 std)``: the log-ratio in the transition mean's units, without the ``-|d|^2`` term that
+    makes every ratio fall below 1 as the policy moves. Exactly 0 where the mean has not moved.
+    """
+    std = out.std.float().view(-1, *([1] * (out.mean.ndim - 1)))
+    old = old_mean.float()
+    per_elem = (out.x_next.float() - old) / std * (out.mean.float() - old)
+    dims = tuple(range(1, per_elem.ndim))
+    return per_elem.mean(dim=dims) if reduction == "mean" else per_elem.sum(dim=dims)
 
 
 @torch.no_grad()
@@ -321,7 +357,7 @@ def collect(
         else:
             x_init = policy.noise(len(groups), generator)
         x_init = x_init[inverse.to(policy.device)]
-    xs, lps = [], []
+    xs, lps, means = [], [], []
     with policy.sampling():
         for start in range(0, len(cond), cfg.micro_batch):
             rows = slice(start, start + cfg.micro_batch)
@@ -334,12 +370,14 @@ def collect(
                 generator=rows_generator(generator, "rollout", start),
                 step=cfg.step,
                 x_init=None if x_init is None else x_init[rows],
+                keep_means=cfg.guard,
             )
             xs.append(traj.xs)
             lps.append(traj.log_probs)
+            means.append(traj.means)
             if on_chunk is not None:
                 on_chunk(slice(start, start + len(traj.xs)), traj.xs[:, -1])
-    return GRPOBatch(torch.cat(xs), torch.cat(lps), cond, sigmas, levels)
+    return GRPOBatch(torch.cat(xs), torch.cat(lps), cond, sigmas, levels, torch.cat(means) if cfg.guard else None)
 
 
 def step_terms(
@@ -349,8 +387,8 @@ def step_terms(
     j: int | torch.Tensor,
     cfg: GRPOConfig,
     need_reference: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Re-score stored step ``j`` of ``rows``: log-prob [B] (with grad), and the KL to the reference [B].
+) -> tuple[StepOutput, torch.Tensor | None]:
+    """Re-score stored step ``j`` of ``rows``: the step (``log_prob`` [B] and ``mean`` with grad), and the KL [B].
 
     ``j`` is one step for every row, or a [B] tensor of per-row steps (one forward at mixed timesteps).
     """
@@ -370,7 +408,7 @@ def step_terms(
         ref = cfg.step(x, v_ref, s, sn, a, x_next=x_next, reduction=reduction)
         form: KLForm = cfg.kl_form
         kl = transition_kl(out.mean, ref.mean, out.std, s - sn, form)
-    return out.log_prob, kl
+    return out, kl
 
 
 def train_step(
@@ -386,10 +424,10 @@ def train_step(
 
     Each row trains all SDE steps, or with ``cfg.timestep_fraction < 1`` its own random subset of
     ``cfg.steps_per_sample`` of them drawn from ``generator`` (the k-th forward of a micro-batch takes
-    each row's k-th drawn step). The loss of each (micro-batch, step) is
-    divided by the number of terms accumulated per optimizer step, so each optimizer step sees the mean over
-    its share of rows and steps. ``after_optimizer_step`` runs after every ``optimizer.step()`` (the loop
-    folds its EMA in there).
+    each row's k-th drawn step). The loss of each (micro-batch, step) is divided by the number of terms
+    accumulated per optimizer step, so each optimizer step sees the mean over its share of rows and steps
+    (with ``cfg.guard``, of GRPO-Guard's terms, each weighted by ``1 / dt``). ``after_optimizer_step`` runs
+    after every ``optimizer.step()`` (the loop folds its EMA in there).
     """
     n = batch.xs.shape[0]
     cfg.check_batch(n)
@@ -412,9 +450,14 @@ def train_step(
             steps = steps.gather(1, keys.argsort(dim=1)[:, :n_steps].sort(dim=1).values)
         for k in range(n_steps):
             j = steps[:, k]
-            log_prob, kl = step_terms(policy, batch, rows, j, cfg, need_reference=cfg.kl_beta > 0)
-            old = batch.log_probs[rows][b, j.to(batch.log_probs.device)]
-            pg, info = clipped_policy_loss(log_prob, old, adv, cfg.clip_range)
+            out, kl = step_terms(policy, batch, rows, j, cfg, need_reference=cfg.kl_beta > 0)
+            jd = j.to(batch.log_probs.device)
+            if cfg.guard:
+                log_ratio = guard_log_ratio(out, batch.means[rows][b, jd], cfg.log_prob_reduction)
+                weights = 1.0 / (batch.sigmas[j] - batch.sigmas[j + 1]).to(log_ratio.device)
+            else:
+                log_ratio, weights = out.log_prob - batch.log_probs[rows][b, jd], None
+            pg, info = clipped_policy_loss(log_ratio, adv, cfg.clip_range, weights)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
             (loss / (per_opt * n_steps)).backward()
             sums["policy_loss"] += pg.detach()
