@@ -13,12 +13,18 @@ and a training preset's rollout SDE, how much of the reward's variance each step
 
 The same is reported for the strict pass. One trunk per prompt, so each row is an estimate over prompts.
 
+Beside it, how much each step weighs in the update: on a fresh on-policy batch of the same prompts (``--continuations``
+images each, group-normalised judge advantages), the norm of each step's policy-gradient term (its loss divided by
+the number of trained steps, as ``train_step`` does), under the plain Flow-GRPO ratio and under GRPO-Guard's
+(``grpo.guard``).
+
     python benchmarks/step_variance.py --preset shapes_grpo_cpu --prompts-per-category 8 --continuations 8
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -26,6 +32,8 @@ import platform
 import numpy as np
 import torch
 
+from rewardflow.algorithms import grpo
+from rewardflow.algorithms.advantages import group_advantages
 from rewardflow.models.tiny_dit import load_policy
 from rewardflow.presets import get_preset
 from rewardflow.rewards.shapes import ShapesJudgeReward
@@ -139,9 +147,43 @@ def main() -> None:
         sig = "" if k == "-" else f"{float(sigmas[k]):.3f} -> {float(sigmas[k + 1]):.3f}"
         shares = [f"{row[f'{n}_step_share']:.2f} +- {row[f'{n}_step_share_se']:.2f}" for n in ("reward", "strict")]
         print(f"| {name} | {sig} | {row['reward_var']:.4f} | {shares[0]} | {shares[1]} |")
+    norms = step_gradient_norms(policy, g, prompts, m, reward, gen)
+    print("\n| step | gradient norm, plain ratio | gradient norm, GRPO-Guard |")
+    print("|---|---|---|")
+    for j, (plain, guard) in norms.items():
+        print(f"| {j} | {plain:.3g} | {guard:.3g} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"sigmas": [float(x) for x in sigmas], "table": table, "prompts": prompts}, f, indent=1)
+            json.dump({"sigmas": [float(x) for x in sigmas], "table": table, "prompts": prompts,
+                       "gradient_norms": {str(j): v for j, v in norms.items()}}, f, indent=1)  # fmt: skip
+
+
+def step_gradient_norms(policy, g: grpo.GRPOConfig, prompts: list[str], m: int, reward, gen) -> dict:
+    """Per trained step: the norm of its on-policy policy-gradient term, plain ratio and GRPO-Guard's."""
+    cfg = dataclasses.replace(g, guard=True)  # keeps the rollout's means; the plain ratio needs none of it
+    rows = [p for p in prompts for _ in range(m)]
+    batch = grpo.collect(policy, policy.encode_prompts(rows), cfg, gen)
+    scores = reward(policy.decode(batch.xs[:, -1]), rows, [{} for _ in rows]).scores
+    adv = group_advantages(scores, torch.arange(len(prompts)).repeat_interleave(m), global_std=g.global_std)
+    params = list(policy.trainable_parameters())
+    out = {}
+    for j in batch.trained_steps:
+        norms = []
+        for guard in (False, True):
+            policy.module.zero_grad()
+            for start in range(0, len(rows), g.micro_batch):
+                part = slice(start, start + g.micro_batch)
+                step, _ = grpo.step_terms(policy, batch, part, j, cfg, need_reference=False)
+                if guard:
+                    log_ratio = grpo.guard_log_ratio(step, batch.means[part, j], g.log_prob_reduction)
+                    weights = torch.full_like(log_ratio, 1.0 / float(batch.sigmas[j] - batch.sigmas[j + 1]))
+                else:
+                    log_ratio, weights = step.log_prob - batch.log_probs[part, j], None
+                loss, _ = grpo.clipped_policy_loss(log_ratio, adv[part], g.clip_range, weights)
+                (loss * len(step.log_prob) / len(rows) / len(batch.trained_steps)).backward()
+            norms.append(float(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm()))
+        out[j] = tuple(norms)
+    return out
 
 
 if __name__ == "__main__":

@@ -31,3 +31,8 @@ def test_step_variance_decomposition_sums_to_the_total_and_ends_at_the_determini
     assert table[0]["reward_var"] > 0
     # The per-step shares telescope: they add up to the whole variance of independent rollouts.
     assert abs(sum(r["reward_step_share"] for r in table) - 1.0) < 1e-6  # float32 rewards
+    # Every trained step has a gradient norm under both objectives; GRPO-Guard's spread over the steps is smaller.
+    norms = json.loads(out.read_text())["gradient_norms"]
+    assert sorted(norms, key=int) == [str(j) for j in range(9)]
+    plain, guard = ([v[i] for v in norms.values()] for i in (0, 1))
+    assert min(plain) > 0 and max(guard) / min(guard) < max(plain) / min(plain)
