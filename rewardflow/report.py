@@ -32,6 +32,8 @@ MAX_EVAL_DROP = 0.03
 """How far the last evaluation may sit below the best one (accuracy, 0-1) before a rising reward is suspect."""
 MAX_DIVERSITY_DROP = 0.15
 """Relative fall of the evaluation's ``diversity`` from the base (iteration 0) that is flagged (0.15: 15%)."""
+MAX_COLOUR_SHARE_RISE = 0.15
+"""Rise of one colour's share of an evaluation's detected colours over the base's that is flagged (0.15: 15 points)."""
 
 GRID_COLUMNS = 8  # rewardflow.utils.logging.save_grid's default layout of samples/eval_*.png
 GRID_PROMPT_STRIDE = 3  # run_eval saves the first sample of every third evaluation prompt
@@ -59,11 +61,13 @@ def hacking_warnings(
     train_rewards: Sequence[float],
     evals: Sequence[tuple[int, float]],
     diversity: Sequence[tuple[int, float]] = (),
+    colours: Sequence[tuple[int, dict[str, float]]] = (),
     *,
     score_name: str = "eval strict accuracy",
     min_reward_rise: float = MIN_REWARD_RISE,
     max_eval_drop: float = MAX_EVAL_DROP,
     max_diversity_drop: float = MAX_DIVERSITY_DROP,
+    max_colour_share_rise: float = MAX_COLOUR_SHARE_RISE,
 ) -> list[str]:
     """Warnings (plain sentences; empty when nothing is suspect) about reward hacking in a run.
 
@@ -77,14 +81,22 @@ def hacking_warnings(
     ``max_diversity_drop`` of it (default 0.15, i.e. a 15% fall). It is checked whatever the reward did, and
     only when the evaluations carry a diversity value.
 
+    Rule 3, palette collapsing: one colour's share of all colours detected in the last evaluation exceeds its
+    share in the base's by more than ``max_colour_share_rise`` (default 0.15, i.e. 15 points). GenEval-style
+    judges do not score the colour of objects whose colour the prompt leaves free, so a policy may drift there to
+    the colours the detector reads best; pixel diversity barely shows it (docs/results.md). Checked only when
+    the evaluations carry a colour histogram.
+
     Args:
         train_rewards: the mean training reward of each iteration, in order.
         evals: ``(iteration, held-out score)`` of each evaluation, in order; the first is the base.
         diversity: ``(iteration, diversity)`` of each evaluation that has one, in order.
+        colours: ``(iteration, {colour: detections})`` of each evaluation that has a colour histogram, in order.
         score_name: what the held-out score is, for the sentences.
         min_reward_rise: see rule 1.
         max_eval_drop: see rule 1.
         max_diversity_drop: see rule 2.
+        max_colour_share_rise: see rule 3.
     """
     out: list[str] = []
     rise = reward_trend(train_rewards)
@@ -113,7 +125,26 @@ def hacking_warnings(
                 f"{base_it}) to {last:.3f} (iteration {last_it}), {100 * (base - last) / base:.0f}% lower; "
                 f"more than {100 * max_diversity_drop:.0f}% suggests the policy is collapsing onto fewer images."
             )
+    shares = [(int(i), _shares(h)) for i, h in colours]
+    shares = [(i, h) for i, h in shares if h]
+    if len(shares) >= 2:
+        (base_it, base), (last_it, last) = shares[0], shares[-1]
+        colour = max(last, key=lambda c: last[c] - base.get(c, 0.0))
+        was, now = base.get(colour, 0.0), last[colour]
+        if now - was > max_colour_share_rise:
+            out.append(
+                f"The palette is collapsing: {colour} went from {100 * was:.0f}% of the detected colours (iteration "
+                f"{base_it}) to {100 * now:.0f}% (iteration {last_it}). Prompts that leave the colour free do not "
+                "score it, so the policy may be drifting to the colours the judge reads best; look at the samples."
+            )
     return out
+
+
+def _shares(histogram: dict[str, float]) -> dict[str, float]:
+    """Each colour's share of a histogram's detections ({} when it has none)."""
+    counts = {str(c): float(n) for c, n in histogram.items() if _finite(n) and n >= 0}
+    total = sum(counts.values())
+    return {c: n / total for c, n in counts.items()} if total > 0 else {}
 
 
 def warnings_from_metrics(records: Sequence[dict[str, Any]], **thresholds: float) -> list[str]:
@@ -121,8 +152,10 @@ def warnings_from_metrics(records: Sequence[dict[str, Any]], **thresholds: float
     train, evals = split_records(records)
     name, scores = headline_series(evals)
     diversity = [(e["iteration"], v) for e in evals if (v := _scalar(e.get("eval/diversity"))) is not None]
+    colours = [(e["iteration"], h["colors"]) for e in evals if isinstance(h := e.get("eval/histogram"), dict)
+               and isinstance(h.get("colors"), dict)]  # fmt: skip
     return hacking_warnings(
-        [t["reward"] for t in train if "reward" in t], scores, diversity, score_name=name, **thresholds
+        [t["reward"] for t in train if "reward" in t], scores, diversity, colours, score_name=name, **thresholds
     )
 
 
@@ -561,8 +594,9 @@ def _checks(run: Run) -> str:
     rule = (
         f"Rule: warn when the training reward rose by at least {MIN_REWARD_RISE} (mean of the last quarter of "
         f"iterations minus the first quarter) while the last evaluation is more than {MAX_EVAL_DROP} below the "
-        f"best one or below the base; and when the evaluation diversity (if recorded) fell more than "
-        f"{100 * MAX_DIVERSITY_DROP:.0f}% from the base."
+        f"best one or below the base; when the evaluation diversity (if recorded) fell more than "
+        f"{100 * MAX_DIVERSITY_DROP:.0f}% from the base; and when one colour's share of the detected colours (if "
+        f"recorded) rose more than {100 * MAX_COLOUR_SHARE_RISE:.0f} points above the base's."
     )
     if warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in warnings)

@@ -90,6 +90,24 @@ def test_rule_flags_falling_diversity_and_ignores_its_absence():
     assert hacking_warnings(FLAT, [(0, 0.5), (10, 0.5)]) == []
 
 
+def test_rule_flags_one_colour_taking_over_the_palette():
+    evals = [(0, 0.5), (10, 0.6)]
+    base = (0, {"white": 29, "red": 41, "blue": 30})
+    later = [(5, {"white": 35, "red": 35, "blue": 30}), (10, {"white": 48, "red": 22, "blue": 30})]
+    out = hacking_warnings(FLAT, evals, colours=[base, *later])
+    assert len(out) == 1 and out[0].startswith("The palette is collapsing: white went from 29%")
+    assert "to 48% (iteration 10)" in out[0]
+    assert hacking_warnings(FLAT, evals, colours=[base, (10, {"white": 40, "red": 30, "blue": 30})]) == []  # +11
+    # A colour the base never drew counts from 0; the share is of all detections, whatever their number.
+    (out,) = hacking_warnings(FLAT, evals, colours=[base, (10, {"white": 58, "red": 82, "blue": 60, "purple": 100})])
+    assert "purple went from 0% of the detected colours (iteration 0) to 33%" in out
+    assert hacking_warnings(FLAT, evals, colours=[base]) == []  # nothing to compare
+    assert hacking_warnings(FLAT, evals, colours=[(0, {}), (10, {"white": 5})]) == []  # the base detected nothing
+    assert (
+        hacking_warnings(FLAT, evals, colours=[base, (10, {"white": 48, "red": 22})], max_colour_share_rise=0.5) == []
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Synthetic run folders
 
@@ -112,7 +130,7 @@ def train_records(rewards, extra=None):
     ]
 
 
-def eval_report(score, diversity=None):
+def eval_report(score, diversity=None, colours=None):
     cats = {c: min(1.0, score + 0.1 * k) for k, c in enumerate(CATEGORIES)}
     report = {
         "overall": sum(cats.values()) / len(cats),
@@ -123,7 +141,7 @@ def eval_report(score, diversity=None):
         "samples_per_prompt": 2,
         "mean_score": score,
         "detections_per_image": dict.fromkeys(CATEGORIES, 1.5),
-        "histogram": {"colors": {"red": 3, "blue": 4}, "shapes": {"circle": 7}, "blobs": 1},
+        "histogram": {"colors": colours or {"red": 3, "blue": 4}, "shapes": {"circle": 7}, "blobs": 1},
         "rewards": {"shapes-score": 0.7 + score / 10},
         "settings": {"num_steps": 4, "seed": 1, "prompts": "shapes:eval"},
     }
@@ -132,8 +150,10 @@ def eval_report(score, diversity=None):
     return report
 
 
-def make_run(tmp_path, name, rewards, evals, *, diversity=None, prompts=None, grids=True, meta=None, extra=None):
-    """A run folder as train.py writes one; ``evals``: {iteration: strict score}."""
+def make_run(
+    tmp_path, name, rewards, evals, *, diversity=None, colours=None, prompts=None, grids=True, meta=None, extra=None
+):
+    """A run folder as train.py writes one; ``evals``: {iteration: strict score}; ``colours``: a histogram each."""
     run = tmp_path / name
     (run / "samples").mkdir(parents=True)
     (run / "eval").mkdir()
@@ -145,7 +165,9 @@ def make_run(tmp_path, name, rewards, evals, *, diversity=None, prompts=None, gr
     records = train_records(rewards, extra)
     gen = torch.Generator().manual_seed(0)
     for k, (it, score) in enumerate(sorted(evals.items())):
-        report = eval_report(score, None if diversity is None else diversity[k])
+        report = eval_report(
+            score, None if diversity is None else diversity[k], None if colours is None else colours[k]
+        )
         (run / "eval" / f"iter_{it:05d}.json").write_text(json.dumps(report))
         records.append({"iteration": it, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}})
         if grids:
@@ -207,6 +229,13 @@ def test_page_warns_when_diversity_falls(tmp_path):
     assert 'class="warning"' in page and "Diversity is falling" in page
     assert "diversity is not checked" not in page
     assert warnings_from_metrics(json_lines(make_run(tmp_path, "varied", **HEALTHY, diversity=[0.2, 0.21, 0.2]))) == []
+
+
+def test_page_warns_when_one_colour_takes_over(tmp_path):
+    palette = [{"red": 5, "white": 5}, {"red": 4, "white": 6}, {"red": 2, "white": 8}]
+    page = write_report(make_run(tmp_path, "white", **HEALTHY, colours=palette)).read_text()
+    assert 'class="warning"' in page and "The palette is collapsing: white went from 50%" in page
+    assert "rose more than 15 points above the base" in page  # the rule, stated under the box
 
 
 def test_strings_from_files_are_escaped(tmp_path):
