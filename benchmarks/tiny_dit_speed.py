@@ -5,9 +5,11 @@ script times it against PyTorch's fused ``F.scaled_dot_product_attention`` (swap
 only) on the same weights and inputs, with and without bfloat16 autocast, at the micro-batch shape of the
 Shapes presets (32 rows with CFG = 64 network rows, 76 tokens). Best of ``--repeats`` after two warm-ups. The
 bfloat16 rows are skipped on a CPU without native bfloat16 (PyTorch emulates it there, 10x slower) unless
-``--autocast bf16`` or ``both`` asks for them.
+``--autocast bf16`` or ``both`` asks for them. ``--compile`` adds rows for the shipped network run through
+``torch.compile`` (``model.compile``); its forward is timed both without gradient and with it, the graph a
+trained policy runs in rollouts so that their log-probabilities match training's bitwise. Compiling is not timed.
 
-    python benchmarks/tiny_dit_speed.py --batch 64 --repeats 5
+    python benchmarks/tiny_dit_speed.py --batch 64 --repeats 5 --compile
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ def cpu_name() -> str:
     return names[0] if names else platform.machine()
 
 
-def per_image_ms(net: tiny_dit.TinyDiT, inputs: tuple, autocast: bool, backward: bool, repeats: int) -> float:
+def per_image_ms(
+    net: torch.nn.Module, inputs: tuple, autocast: bool, backward: bool, repeats: int, grad: bool = False
+) -> float:
     def once() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(backward):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(backward or grad):
             out = net(*inputs)
         if backward:
             out.float().square().mean().backward()
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--compile", action="store_true", help="also time the shipped network under torch.compile")
     parser.add_argument(
         "--autocast",
         choices=("auto", "off", "bf16", "both"),
@@ -96,6 +101,16 @@ def main() -> None:
                 print(f"| {name} | {'bf16' if autocast else 'off'} | {fwd:.2f} | {both:.2f} |")
     finally:
         tiny_dit.attend = shipped
+    if args.compile:
+        compiled = torch.compile(net)
+        for autocast in autocasts:
+            fwd = per_image_ms(compiled, (x, sigma, tokens), autocast, False, args.repeats)
+            fwd_grad = per_image_ms(compiled, (x, sigma, tokens), autocast, False, args.repeats, grad=True)
+            both = per_image_ms(compiled, (x, sigma, tokens), autocast, True, args.repeats)
+            print(
+                f"| written out, torch.compile | {'bf16' if autocast else 'off'} | {fwd:.2f} "
+                f"({fwd_grad:.2f} with gradient) | {both:.2f} |"
+            )
 
 
 if __name__ == "__main__":

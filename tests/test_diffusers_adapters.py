@@ -273,6 +273,8 @@ def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):
         ModelConfig(kind="sd3")
     with pytest.raises(ValueError, match="model.kind must be 'tiny-dit', 'sd3', 'flux' or 'sd1', got 'sdxl'"):
         ModelConfig(kind="sdxl", path="x")
+    with pytest.raises(ValueError, match="model.compile is implemented for the tiny DiT only, not model.kind 'sd3'"):
+        ModelConfig(kind="sd3", path="x", compile=True)
     with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-3.5-medium"):
         load_sd3_policy(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download black-forest-labs/FLUX.1-dev"):

@@ -64,6 +64,31 @@ def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(tiny_config
             assert torch.equal(log_prob, batch.log_probs[start : start + 4, j])
 
 
+def test_compiled_network_keeps_the_on_policy_ratio_exactly_one_and_the_velocity(tiny_config):
+    from rewardflow.models.tiny_dit import compile_unavailable
+
+    if compile_unavailable():
+        pytest.skip(f"torch.compile cannot build code here: {compile_unavailable()}")
+    policy = make_policy(tiny_config)
+    policy.autocast, policy.compile = True, True
+    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1, guidance_scale=4.5)
+    batch = _batch(policy, cfg)  # sampled without gradient, as every rollout is
+    for start in (0, 4):
+        for j in batch.trained_steps:
+            out, kl = grpo.step_terms(policy, batch, slice(start, start + 4), j, cfg, need_reference=True)
+            assert torch.equal(out.log_prob, batch.log_probs[start : start + 4, j])
+            assert kl.abs().max() < 1e-3  # the frozen reference runs its own graph: equal within bf16 rounding
+    cond = policy.encode_prompts(PROMPTS)
+    x, sigma = torch.randn(4, 3, 32, 32), torch.full((4,), 0.6)
+    with torch.no_grad():
+        compiled = policy.velocity(x, sigma, cond, 4.5)
+        policy.compile = False
+        eager = policy.velocity(x, sigma, cond, 4.5)
+    assert not compiled.requires_grad
+    scale = eager.abs().max()
+    assert (compiled - eager).abs().max() < 0.05 * scale  # the same network, rounded differently in bf16
+
+
 def test_train_step_with_one_optimizer_step_sees_ratio_one(tiny_config):
     policy = make_policy(tiny_config)
     cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1)

@@ -106,3 +106,16 @@ def test_merging_needs_lora():
 
     with pytest.raises(ValueError, match="merge_lora_rollouts .*lora_rank > 0"):
         ModelConfig(merge_lora_rollouts=True)
+
+
+def test_compile_without_a_compiler_warns_and_runs_eagerly(monkeypatch, caplog):
+    from rewardflow.config import ModelConfig, TrainConfig
+    from rewardflow.models import build
+
+    monkeypatch.setattr(build, "compile_unavailable", lambda: "InvalidCxxCompiler: no working C++ compiler found")
+    with caplog.at_level("WARNING", logger="rewardflow.models.build"):
+        policy = build.build_policy(TrainConfig(model=ModelConfig(compile=True)))
+    assert policy.compile is False
+    assert "model.compile: torch.compile cannot build code here (InvalidCxxCompiler" in caplog.text
+    monkeypatch.setattr(build, "compile_unavailable", lambda: "")
+    assert build.build_policy(TrainConfig(model=ModelConfig(compile=True))).compile is True

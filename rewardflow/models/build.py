@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
 
 from rewardflow.config import ModelConfig, TrainConfig, from_yaml
 from rewardflow.models.protocol import FlowPolicy
-from rewardflow.models.tiny_dit import load_policy
+from rewardflow.models.tiny_dit import compile_unavailable, load_policy
 from rewardflow.utils.checkpoint import load_trainable
+
+log = logging.getLogger(__name__)
 
 
 def build_policy(cfg: TrainConfig) -> FlowPolicy:
     """The policy a run trains, as its ``model`` section describes."""
     policy = _load(cfg.model)
     policy.weights.merge_lora = cfg.model.merge_lora_rollouts
+    if cfg.model.compile:
+        reason = compile_unavailable()
+        if reason:
+            log.warning("model.compile: torch.compile cannot build code here (%s); the network runs eagerly", reason)
+        policy.compile = not reason
     return policy
 
 

@@ -15,6 +15,7 @@ Design (all sizes from :class:`TinyDiTConfig`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -272,6 +273,9 @@ class TinyDiTPolicy:
         autocast: run the network under bfloat16 autocast where the hardware has native bfloat16 (1.2-1.7x
             faster on an AVX512-BF16 CPU; ignored on CPUs without it, where it is slower); the step math
             outside the network stays float32 either way.
+
+    Set :attr:`compile` to run the networks through ``torch.compile`` (``model.compile``; check
+    :func:`compile_unavailable` first).
     """
 
     sigma_max = 1.0  # a flow model: sampling starts from pure noise
@@ -282,6 +286,8 @@ class TinyDiTPolicy:
         self.weights = PolicyWeights(model, reference)
         self.autocast = autocast
         self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
+        self.compile = False
+        self._compiled: dict[int, nn.Module] = {}  # id(network) -> its compiled wrapper
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         tokens = self.tokenizer(prompts).to(self.device)
@@ -295,12 +301,24 @@ class TinyDiTPolicy:
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
     ) -> torch.Tensor:
         net = self.weights.active()
+        run = self._compiled_net(net) if self.compile else net
+        # Compiled, a network has one graph for calls with gradient and another for calls without, and the two round
+        # differently; so a network with trained weights always runs the graph with gradient (the output detached
+        # when none is wanted), and a rollout's log-probabilities equal their re-computation in training bitwise.
+        grad_graph = self.compile and not torch.is_grad_enabled() and any(p.requires_grad for p in net.parameters())
 
         def forward(x: torch.Tensor, sig: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-            with bf16_autocast(x.device.type, self.autocast):
-                return net(x, sig, tensors["tokens"])
+            grad = grad_graph or torch.is_grad_enabled()
+            with bf16_autocast(x.device.type, self.autocast), torch.set_grad_enabled(grad):
+                out = run(x, sig, tensors["tokens"])
+            return out.detach() if grad_graph else out
 
         return guided_velocity(forward, x, sigma, cond, guidance_scale)
+
+    def _compiled_net(self, net: nn.Module) -> nn.Module:
+        if id(net) not in self._compiled:
+            self._compiled[id(net)] = torch.compile(net)
+        return self._compiled[id(net)]
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.module.config
@@ -310,6 +328,19 @@ class TinyDiTPolicy:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@functools.cache
+def compile_unavailable() -> str:
+    """Why ``torch.compile`` cannot build code on this machine (it needs a C++ compiler on a CPU), or "" if it can.
+
+    Compiles and runs a one-line function once per process (a few seconds the first time on a machine).
+    """
+    try:
+        torch.compile(lambda t: t * 2.0 + 1.0)(torch.ones(4))
+    except Exception as err:  # noqa: BLE001 - whatever stops the compiler, the answer is to run eagerly
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return ""
 
 
 BASE_CHECKPOINT = "base"
