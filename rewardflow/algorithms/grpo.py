@@ -51,196 +51,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from rewardflow.algorithms.batching import (
     KeyedRandom,
     Random,
-    check_split,
     mean_metrics,
     micro_batches,
     optimizer_step,
     rows_generator,
     shared_generator,
 )
+from rewardflow.algorithms.grpo_config import GRPOConfig
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.rollout import rollout
-from rewardflow.sampling.schedules import sd3_schedule
-from rewardflow.sampling.sde import KLForm, Reduction, cps_step, dance_sde_step, sde_step, transition_kl
+from rewardflow.sampling.sde import KLForm, Reduction, transition_kl
 from rewardflow.types import StepOutput
-
-
-@dataclass
-class GRPOConfig:
-    """Flow-GRPO settings (defaults: the paper's SD3.5 GenEval run, except where the tiny presets change them)."""
-
-    num_steps: int = 10
-    """Sampler steps in training rollouts (denoising reduction: evaluation uses more)."""
-    shift: float = 3.0
-    sigma_max: float = 1.0
-    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
-    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
-    sde_type: Literal["flow", "dance", "cps"] = "flow"
-    """The stochastic step of rollouts and training: Flow-GRPO's SDE (``g = a sqrt(sigma / (1 - sigma))``),
-    DanceGRPO's constant ``g = eta``, or coefficients-preserving sampling (fresh-noise std
-    ``sigma_next sin(a pi / 2)``); ``noise_level`` is ``a``, ``eta`` or the CPS ``a``."""
-    noise_level: float = 0.7
-    """``a`` (flow; the paper's ablation found 0.7 best for SD3.5), ``eta`` (dance; DanceGRPO uses 0.3) or the
-    CPS ``a`` in (0, 1] (Flow-GRPO's README: 0.8)."""
-    guidance_scale: float = 4.5
-    """CFG scale in rollouts and in the training forward (1.0 = no CFG)."""
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    global_std: bool = True
-    """Normalise advantages by the std of the whole batch (True) or of each group."""
-    kl_beta: float = 0.04
-    kl_form: Literal["code", "paper"] = "code"
-    log_prob_reduction: Literal["mean", "sum"] = "mean"
-    micro_batch: int = 32
-    """Rows per rollout chunk and per training micro-batch (equal shapes keep the on-policy ratio exactly 1)."""
-    optimizer_steps: int = 2
-    """Optimizer steps per iteration (the rows are split into this many accumulation groups, in order)."""
-    grad_clip: float = 1.0
-    same_initial_noise: bool = False
-    """DanceGRPO: every image of a group starts from the same initial noise (the SDE noise still differs), so
-    the reward differences within a group come from the sampling path alone."""
-    sde_window: int = 0
-    """Flow-GRPO-Fast: the number W of consecutive SDE steps per rollout, at a random start in
-    ``sde_window_range``; every other step is an ODE step and only the window is trained. 0: every step but the
-    last is an SDE step (plain Flow-GRPO)."""
-    sde_window_range: tuple[int, int] = (0, 0)
-    """``(lo, hi)``: the window starts in ``lo .. hi - W``; ``hi = 0`` means ``num_steps - 1``."""
-    window_schedule: Literal["random", "progressive", "decay"] = "random"
-    """Where the window sits each iteration: a uniform random start (Flow-GRPO-Fast), or MixGRPO's sliding
-    window moving from ``lo`` to ``hi - W`` over training ("progressive": ``window_iters`` iterations per
-    position; "decay": the stay shrinks linearly to ``window_iters_min`` over one sweep)."""
-    window_iters: int = 25
-    """MixGRPO: iterations the window stays at one position (the first position, for "decay")."""
-    window_iters_min: int = 1
-    """MixGRPO "decay": iterations at the last position of a sweep."""
-    window_stride: int = 1
-    """MixGRPO: steps the window moves at a time."""
-    timestep_fraction: float = 1.0
-    """Fraction of the SDE steps trained, a random subset drawn for each sample (at least one step). Steps of
-    one trajectory share its advantage, so training fewer steps of more trajectories buys more independent
-    signal per unit of compute (Flow-GRPO's and DanceGRPO's ``timestep_fraction``; DanceGRPO uses 0.6)."""
-    best_worst_k: int = 0
-    """DanceGRPO's best-of-N selection: train only the ``k/2`` highest- and ``k/2`` lowest-advantage rows of
-    each group (k even, at most the group size); 0 trains every row."""
-    guard: bool = False
-    """GRPO-Guard's objective (module docstring): the ratio re-centred on the rollout's transition mean (RatioNorm)
-    and each step's term weighted by ``1 / dt`` so that every step's gradient has the same scale. Rollouts keep
-    their transition means for it (as much memory again as the stored latents)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.sigma_max <= 1.0:
-            raise ValueError(f"grpo.sigma_max must be in (0, 1], got {self.sigma_max}")
-        if self.num_steps < 2:
-            raise ValueError(f"grpo.num_steps must be >= 2 (the last step is never trained), got {self.num_steps}")
-        if self.noise_level <= 0:
-            raise ValueError(f"grpo.noise_level must be > 0 (0 makes every step an ODE step), got {self.noise_level}")
-        for name in ("clip_range", "adv_clip_max", "kl_beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
-        if self.micro_batch < 1 or self.optimizer_steps < 1:
-            raise ValueError("grpo.micro_batch and grpo.optimizer_steps must be >= 1")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        lo, hi = self.window_bounds
-        if self.sde_window < 0 or not 0 <= lo < hi <= self.num_steps - 1 or self.sde_window > hi - lo:
-            raise ValueError(
-                f"grpo.sde_window ({self.sde_window}) must fit in grpo.sde_window_range {self.sde_window_range} "
-                f"(resolved to [{lo}, {hi})) within the {self.num_steps - 1} SDE steps of grpo.num_steps"
-            )
-        if self.sde_type not in ("flow", "dance", "cps"):
-            raise ValueError(f"grpo.sde_type must be 'flow', 'dance' or 'cps', got {self.sde_type!r}")
-        if self.sde_type == "cps" and self.noise_level > 1:
-            raise ValueError(f"grpo.noise_level is the CPS a and must be in (0, 1], got {self.noise_level}")
-        if self.window_schedule not in ("random", "progressive", "decay"):
-            raise ValueError(
-                f"grpo.window_schedule must be 'random', 'progressive' or 'decay', got {self.window_schedule!r}"
-            )
-        if self.window_stride < 1 or not 1 <= self.window_iters_min <= self.window_iters:
-            raise ValueError(
-                "grpo.window_stride must be >= 1 and 1 <= grpo.window_iters_min <= grpo.window_iters, got "
-                f"{self.window_stride}, {self.window_iters_min}, {self.window_iters}"
-            )
-        if self.sde_type == "cps" and self.kl_form == "code" and self.kl_beta > 0:
-            raise ValueError(
-                "grpo.kl_form 'code' divides by g^2 = std^2 / dt, which CPS does not have (its noise does not scale "
-                "with dt); use grpo.kl_form 'paper' with grpo.sde_type 'cps'"
-            )
-        if self.window_schedule != "random" and not self.sde_window:
-            raise ValueError(f"grpo.window_schedule {self.window_schedule!r} needs a window (grpo.sde_window > 0)")
-        if self.best_worst_k < 0 or self.best_worst_k % 2:
-            raise ValueError(f"grpo.best_worst_k must be 0 or a positive even number, got {self.best_worst_k}")
-        if self.kl_form not in ("code", "paper"):
-            raise ValueError(f"grpo.kl_form must be 'code' or 'paper', got {self.kl_form!r}")
-
-    def check_batch(self, rows: int) -> None:
-        """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
-        check_split(rows, self.micro_batch, self.optimizer_steps, "grpo")
-
-    @property
-    def sde_steps(self) -> int:
-        """SDE steps per rollout: the window, or every step but the last."""
-        return self.sde_window or self.num_steps - 1
-
-    @property
-    def steps_per_sample(self) -> int:
-        """How many of its SDE steps each sample trains (``timestep_fraction`` of them, at least one)."""
-        return max(1, round(self.timestep_fraction * self.sde_steps))
-
-    @property
-    def window_bounds(self) -> tuple[int, int]:
-        lo, hi = self.sde_window_range
-        return lo, hi or self.num_steps - 1
-
-    def window_start(self, iteration: int, generator: torch.Generator | None = None) -> int:
-        """The first SDE step of the window at ``iteration`` (random, or MixGRPO's sliding schedule)."""
-        lo, hi = self.window_bounds
-        places = hi - self.sde_window - lo + 1
-        if self.window_schedule == "random":
-            # No draw when the window has one place: a window over all steps replays plain Flow-GRPO exactly.
-            return lo + (int(torch.randint(places, (1,), generator=generator)) if places > 1 else 0)
-        positions = (places - 1) // self.window_stride + 1
-        if self.window_schedule == "progressive":
-            stays = [self.window_iters] * positions
-        else:
-            span = self.window_iters - self.window_iters_min
-            stays = [round(self.window_iters - span * p / max(1, positions - 1)) for p in range(positions)]
-        t = iteration % sum(stays)  # after the last position the window rolls back to the first
-        p = 0
-        while t >= stays[p]:
-            t -= stays[p]
-            p += 1
-        return lo + p * self.window_stride
-
-    def draw_noise_levels(self, generator: torch.Generator | None = None, iteration: int = 0) -> torch.Tensor:
-        """The noise level of each step for one rollout: with a window, SDE only in ``[start, start + W)``."""
-        levels = self.noise_levels
-        if self.sde_window:
-            start = self.window_start(iteration, generator)
-            levels[:start] = 0.0
-            levels[start + self.sde_window :] = 0.0
-        return levels
-
-    @property
-    def step(self) -> Callable[..., StepOutput]:
-        return {"flow": sde_step, "dance": dance_sde_step, "cps": cps_step}[self.sde_type]
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
-
-    @property
-    def noise_levels(self) -> torch.Tensor:
-        """SDE on every step but the last, which is an Euler step."""
-        levels = torch.full((self.num_steps,), float(self.noise_level))
-        levels[-1] = 0.0
-        return levels
 
 
 @dataclass
