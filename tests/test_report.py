@@ -1,4 +1,4 @@
-"""The run report (rewardflow/report.py): the hacking rule on synthetic metrics, and pages of synthetic runs."""
+"""The run report (rewardflow/report/): hacking.py's rule on synthetic metrics, page.py's pages of synthetic runs."""
 
 import base64
 import dataclasses

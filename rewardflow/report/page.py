@@ -1,22 +1,18 @@
-"""One self-contained HTML page per training run (``rewardflow report RUN_DIR``).
+"""One self-contained HTML page per training run (``rewardflow report RUN_DIR``): reading the run folder, the layout.
 
 The page reads only what the training loop leaves in the run folder (``config.yaml``, ``meta.json``,
 ``metrics.jsonl``, ``eval/iter_*.json``, ``samples/eval_*.png``) and embeds everything it shows: the plots are
 PNGs drawn with matplotlib's Agg canvas and the sample grids are the run's own PNGs, all as ``data:`` URIs, so
 the file can be mailed, archived or opened offline. Every string that comes from the run folder is HTML-escaped.
-
-:func:`hacking_warnings` is the reward-hacking rule the page shows at its top; docs/report.md explains it.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import html
 import io
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,162 +20,24 @@ from typing import Any
 
 import yaml
 
+from rewardflow.report.figures import eval_plots, metric_keys, metrics_plot, png_uri, reward_plot
+from rewardflow.report.hacking import (
+    MAX_COLOUR_SHARE_RISE,
+    MAX_DIVERSITY_DROP,
+    MAX_EVAL_DROP,
+    MIN_REWARD_RISE,
+    is_finite_number,
+    reward_trend,
+    scalar_of,
+    split_records,
+    warnings_from_metrics,
+)
 from rewardflow.utils.logging import read_jsonl
-
-MIN_REWARD_RISE = 0.02
-"""Training reward rise (last quarter of iterations minus first quarter, in reward units) that counts as rising."""
-MAX_EVAL_DROP = 0.03
-"""How far the last evaluation may sit below the best one (accuracy, 0-1) before a rising reward is suspect."""
-MAX_DIVERSITY_DROP = 0.15
-"""Relative fall of the evaluation's ``diversity`` from the base (iteration 0) that is flagged (0.15: 15%)."""
-MAX_COLOUR_SHARE_RISE = 0.15
-"""Rise of one colour's share of an evaluation's detected colours over the base's that is flagged (0.15: 15 points)."""
 
 GRID_COLUMNS = 8  # rewardflow.utils.logging.save_grid's default layout of samples/eval_*.png
 GRID_PROMPT_STRIDE = 3  # run_eval saves the first sample of every third evaluation prompt
 PROMPT_ROWS = 16  # prompts in the per-prompt comparison table, evenly spaced over the grid
 PROMPT_COLUMNS = 6  # at most this many checkpoints in that table (the base and the last always among them)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The reward-hacking rule (pure functions on metric lists)
-
-
-def reward_trend(rewards: Sequence[float]) -> float | None:
-    """Mean of the last quarter of ``rewards`` minus the mean of the first quarter (None under two values).
-
-    A quarter is at least one value, so two iterations compare the second with the first.
-    """
-    values = [float(r) for r in rewards if _finite(r)]
-    if len(values) < 2:
-        return None
-    q = max(1, len(values) // 4)
-    return sum(values[-q:]) / q - sum(values[:q]) / q
-
-
-def hacking_warnings(
-    train_rewards: Sequence[float],
-    evals: Sequence[tuple[int, float]],
-    diversity: Sequence[tuple[int, float]] = (),
-    colours: Sequence[tuple[int, dict[str, float]]] = (),
-    *,
-    score_name: str = "eval strict accuracy",
-    min_reward_rise: float = MIN_REWARD_RISE,
-    max_eval_drop: float = MAX_EVAL_DROP,
-    max_diversity_drop: float = MAX_DIVERSITY_DROP,
-    max_colour_share_rise: float = MAX_COLOUR_SHARE_RISE,
-) -> list[str]:
-    """Warnings (plain sentences; empty when nothing is suspect) about reward hacking in a run.
-
-    Rule 1, reward up and held-out score down: the training reward rose, that is :func:`reward_trend` (mean of
-    the last quarter of iterations minus the mean of the first quarter) is at least ``min_reward_rise``
-    (default 0.02 reward units), while the last evaluation is below the best evaluation by more than
-    ``max_eval_drop`` (default 0.03, i.e. 3 accuracy points) or below the base evaluation (the first one,
-    iteration 0) at all. It needs at least two training iterations and two evaluations.
-
-    Rule 2, diversity falling: the last evaluation's diversity is lower than the base's by more than
-    ``max_diversity_drop`` of it (default 0.15, i.e. a 15% fall). It is checked whatever the reward did, and
-    only when the evaluations carry a diversity value.
-
-    Rule 3, palette collapsing: one colour's share of all colours detected in the last evaluation exceeds its
-    share in the base's by more than ``max_colour_share_rise`` (default 0.15, i.e. 15 points). GenEval-style
-    judges do not score the colour of objects whose colour the prompt leaves free, so a policy may drift there to
-    the colours the detector reads best; pixel diversity barely shows it (docs/results.md). Checked only when
-    the evaluations carry a colour histogram.
-
-    Args:
-        train_rewards: the mean training reward of each iteration, in order.
-        evals: ``(iteration, held-out score)`` of each evaluation, in order; the first is the base.
-        diversity: ``(iteration, diversity)`` of each evaluation that has one, in order.
-        colours: ``(iteration, {colour: detections})`` of each evaluation that has a colour histogram, in order.
-        score_name: what the held-out score is, for the sentences.
-        min_reward_rise: see rule 1.
-        max_eval_drop: see rule 1.
-        max_diversity_drop: see rule 2.
-        max_colour_share_rise: see rule 3.
-    """
-    out: list[str] = []
-    rise = reward_trend(train_rewards)
-    evals = [(int(i), float(v)) for i, v in evals if _finite(v)]
-    if rise is not None and rise >= min_reward_rise and len(evals) >= 2:
-        (base_it, base), (last_it, last) = evals[0], evals[-1]
-        best_it, best = max(evals, key=lambda e: e[1])
-        below_best, below_base = best - last > max_eval_drop, last < base
-        if below_best or below_base:
-            reasons = []
-            if below_best:
-                reasons.append(f"{best - last:.3f} below its best ({best:.3f} at iteration {best_it})")
-            if below_base:
-                reasons.append(f"below the base ({base:.3f} at iteration {base_it})")
-            out.append(
-                f"Possible reward hacking: the training reward rose by {rise:+.3f} (mean of the last quarter of "
-                f"iterations against the first quarter) while the held-out {score_name} ended at {last:.3f} "
-                f"(iteration {last_it}), " + " and ".join(reasons) + "."
-            )
-    diversity = [(int(i), float(v)) for i, v in diversity if _finite(v)]
-    if len(diversity) >= 2:
-        (base_it, base), (last_it, last) = diversity[0], diversity[-1]
-        if base > 0 and (base - last) / base > max_diversity_drop:
-            out.append(
-                f"Diversity is falling: the evaluation samples' diversity went from {base:.3f} (iteration "
-                f"{base_it}) to {last:.3f} (iteration {last_it}), {100 * (base - last) / base:.0f}% lower; "
-                f"more than {100 * max_diversity_drop:.0f}% suggests the policy is collapsing onto fewer images."
-            )
-    shares = [(int(i), _shares(h)) for i, h in colours]
-    shares = [(i, h) for i, h in shares if h]
-    if len(shares) >= 2:
-        (base_it, base), (last_it, last) = shares[0], shares[-1]
-        colour = max(last, key=lambda c: last[c] - base.get(c, 0.0))
-        was, now = base.get(colour, 0.0), last[colour]
-        if now - was > max_colour_share_rise:
-            out.append(
-                f"The palette is collapsing: {colour} went from {100 * was:.0f}% of the detected colours (iteration "
-                f"{base_it}) to {100 * now:.0f}% (iteration {last_it}). Prompts that leave the colour free do not "
-                "score it, so the policy may be drifting to the colours the judge reads best; look at the samples."
-            )
-    return out
-
-
-def _shares(histogram: dict[str, float]) -> dict[str, float]:
-    """Each colour's share of a histogram's detections ({} when it has none)."""
-    counts = {str(c): float(n) for c, n in histogram.items() if _finite(n) and n >= 0}
-    total = sum(counts.values())
-    return {c: n / total for c, n in counts.items()} if total > 0 else {}
-
-
-def warnings_from_metrics(records: Sequence[dict[str, Any]], **thresholds: float) -> list[str]:
-    """:func:`hacking_warnings` on the records of a ``metrics.jsonl`` (iteration and evaluation records)."""
-    train, evals = split_records(records)
-    name, scores = headline_series(evals)
-    diversity = [(e["iteration"], v) for e in evals if (v := _scalar(e.get("eval/diversity"))) is not None]
-    colours = [(e["iteration"], h["colors"]) for e in evals if isinstance(h := e.get("eval/histogram"), dict)
-               and isinstance(h.get("colors"), dict)]  # fmt: skip
-    return hacking_warnings(
-        [t["reward"] for t in train if "reward" in t], scores, diversity, colours, score_name=name, **thresholds
-    )
-
-
-def split_records(records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training iteration records, evaluation records), each sorted by iteration."""
-    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    train = [r for r in records if not any(k.startswith("eval/") for k in r)]
-    key = lambda r: r.get("iteration", 0)  # noqa: E731
-    return sorted(train, key=key), sorted(evals, key=key)
-
-
-def headline_series(evals: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[int, float]]]:
-    """The held-out score the warning follows: strict accuracy when judged, else the first evaluation reward."""
-    if evals and all(_finite(e.get("eval/overall")) for e in evals):
-        return "eval strict accuracy", [(e["iteration"], e["eval/overall"]) for e in evals]
-    names = [n for e in evals for n in (e.get("eval/rewards") or {})]
-    if names:
-        name = names[0]
-        return f"eval {name}", [
-            (e["iteration"], e["eval/rewards"][name])
-            for e in evals
-            if _finite((e.get("eval/rewards") or {}).get(name))
-        ]
-    return "eval score", []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,196 +103,6 @@ def load_run(run_dir: str | Path) -> Run:
 def _iteration_of(path: Path) -> int:
     m = re.search(r"(\d+)$", path.stem)
     return int(m.group(1)) if m else -1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots
-
-
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _fig_uri(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return _png_uri(buf.getvalue())
-
-
-def _style(ax: Any, title: str, ylim: tuple[float, float] | None = None, legend: bool = True) -> None:
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.tick_params(labelsize=8)
-    ax.set_xlabel("iteration", fontsize=8)
-    if ylim:
-        ax.set_ylim(*ylim)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
-    handles = ax.get_legend_handles_labels()[0]
-    if legend and len(handles) > 4:  # many lines: the legend goes under the plot, where it hides nothing
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
-    elif legend and handles:
-        ax.legend(fontsize=7, loc="best")
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, acc = [], []
-    for v in values:
-        acc.append(v)
-        if len(acc) > window:
-            acc.pop(0)
-        good = [a for a in acc if _finite(a)]
-        out.append(sum(good) / len(good) if good else math.nan)
-    return out
-
-
-def reward_plot(train: list[dict[str, Any]]) -> str:
-    """The training reward per iteration (mean, its spread, a moving average, the components); a data URI."""
-    its = [t["iteration"] for t in train]
-    reward = [_num(t.get("reward")) for t in train]
-    fig = _figure(11, 3.4)
-    ax = fig.add_subplot(1, 1, 1)
-    marker = "o" if len(its) < 30 else None
-    std = [_num(t.get("reward_std")) for t in train]
-    if any(_finite(s) for s in std):
-        lo = [r - s if _finite(s) else r for r, s in zip(reward, std)]
-        hi = [r + s if _finite(s) else r for r, s in zip(reward, std)]
-        ax.fill_between(its, lo, hi, color=COLORS[0], alpha=0.12, lw=0, label="reward ± std over the batch")
-    ax.plot(its, reward, color=COLORS[0], lw=1, marker=marker, ms=3, alpha=0.6, label="reward (batch mean)")
-    window = max(1, len(its) // 10)
-    names = [k for k in _keys(train) if k.startswith("reward/")]
-    for i, k in enumerate(names):  # components smoothed like the mean when there are many iterations
-        values = [_num(t.get(k)) for t in train]
-        label = k if window == 1 else f"{k} (moving average)"
-        color = COLORS[(i + 1) % len(COLORS)]
-        ax.plot(its, _smooth(values, window), color=color, lw=1.3, marker=marker, ms=3, label=label)
-    if window > 1:
-        ax.plot(
-            its, _smooth(reward, window), color=COLORS[0], lw=2.4, zorder=4, label=f"moving average ({window} it.)"
-        )
-    q = max(1, len(its) // 4)
-    if len(its) >= 2:  # the two means the hacking rule compares
-        for part, label, style in ((slice(None, q), "first", "--"), (slice(-q, None), "last", ":")):
-            vals = [r for r in reward[part] if _finite(r)]
-            if vals:
-                mean = sum(vals) / len(vals)
-                x0, x1 = its[part][0] - 0.3, its[part][-1] + 0.3
-                ax.hlines(
-                    mean, x0, x1, colors="#111", linestyles=style, lw=2, zorder=5, label=f"{label} quarter: {mean:.3f}"
-                )
-    _style(ax, "training reward")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    return _fig_uri(fig)
-
-
-Series = list[tuple[str, list[int], list[float]]]
-
-
-def _panels(
-    panels: list[tuple[str, Series, tuple[float, float] | None]], columns: int, size: tuple[float, float]
-) -> str:
-    rows = (len(panels) + columns - 1) // columns
-    cols = min(columns, len(panels))
-    fig = _figure(size[0] * cols, size[1] * rows)
-    for n, (title, series, ylim) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, n + 1)
-        for i, (label, xs, ys) in enumerate(series):
-            marker = "o" if len(xs) < 30 else None
-            ax.plot(xs, ys, color=COLORS[i % len(COLORS)], lw=1.3, marker=marker, ms=3, label=label)
-        _style(ax, title, ylim, legend=len(series) > 1)
-    fig.tight_layout()
-    return _fig_uri(fig)
-
-
-def eval_plots(evals: list[dict[str, Any]]) -> str:
-    """Held-out scores against iteration: strict / clean, per category, each evaluation reward, diversity."""
-    its = [e["iteration"] for e in evals]
-    panels: list[tuple[str, Series, tuple[float, float] | None]] = []
-
-    def series(key: str, label: str) -> tuple[str, list[int], list[float]] | None:
-        pts = [(e["iteration"], _num(e.get(key))) for e in evals if _finite(e.get(key))]
-        return (label, [p[0] for p in pts], [p[1] for p in pts]) if pts else None
-
-    head = [
-        s
-        for s in (
-            series("eval/overall", "strict (overall)"),
-            series("eval/clean_overall", "clean (overall)"),
-            series("eval/held_out_strict", "strict, held-out prompts"),
-            series("eval/seen_strict", "strict, seen prompts"),
-        )
-        if s
-    ]
-    if head:
-        panels.append(("accuracy", head, (0, 1)))
-    for key, title in (
-        ("eval/categories", "strict accuracy per category"),
-        ("eval/clean_categories", "clean accuracy per category"),
-    ):
-        cats = list(dict.fromkeys(c for e in evals for c in (e.get(key) or {})))
-        if cats:
-            cat_series = [(c, its, [_num((e.get(key) or {}).get(c)) for e in evals]) for c in cats]
-            panels.append((title, cat_series, (0, 1)))
-    names = list(dict.fromkeys(n for e in evals for n in (e.get("eval/rewards") or {})))
-    for name in names:
-        panels.append(
-            (
-                f"eval reward: {name}",
-                [(name, its, [_num((e.get("eval/rewards") or {}).get(name)) for e in evals])],
-                None,
-            )
-        )
-    # Every other number of the reports (mean judge score, diversity, drift from the base, fields added later).
-    for key in _keys(evals):
-        if not key.startswith("eval/") or key[5:] in EVAL_SHOWN:
-            continue
-        pts = [(e["iteration"], e[key]) for e in evals if _finite(e.get(key))]
-        if pts:
-            title = EVAL_TITLES.get(key[5:], key[5:])
-            panels.append((title, [(title, [p[0] for p in pts], [p[1] for p in pts])], None))
-    return _panels(panels, 3, (3.8, 2.9)) if panels else ""
-
-
-EVAL_SHOWN = ("overall", "clean_overall", "held_out_strict", "seen_strict", "num_prompts", "samples_per_prompt")
-EVAL_TITLES = {
-    "mean_score": "judge score (mean)",
-    "diversity": "diversity (pairwise RMS distance)",
-    "drift": "drift from the base (RMS distance)",
-}
-TRAIN_SKIP = ("iteration", "reward", "reward_std")
-
-
-def metric_keys(train: list[dict[str, Any]]) -> list[str]:
-    """The numeric keys of the iteration records besides the reward (shown on its own): one small plot each."""
-    return [
-        k
-        for k in _keys(train)
-        if k not in TRAIN_SKIP and not k.startswith("reward/") and any(_finite(t.get(k)) for t in train)
-    ]
-
-
-def metrics_plot(train: list[dict[str, Any]]) -> str:
-    """A grid of small plots, one per numeric metric key found in the iteration records."""
-    keys = metric_keys(train)
-    if not keys:
-        return ""
-    its = [t["iteration"] for t in train]
-    panels = [(k, [(k, its, [_num(t.get(k)) for t in train])], None) for k in keys]
-    return _panels(panels, 4, (2.85, 2.2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -554,7 +222,7 @@ def _overview(run: Run) -> str:
         ("iterations done", f"{done} of {cfg.get('iterations', '?')}"),
         ("evaluations", ", ".join(str(e["iteration"]) for e in run.evals) or "none yet"),
     ]
-    times = [t["time_iteration"] for t in run.train if _finite(t.get("time_iteration"))]
+    times = [t["time_iteration"] for t in run.train if is_finite_number(t.get("time_iteration"))]
     if times:
         rows.append(("training time", f"{sum(times) / 60:.1f} min ({sum(times) / len(times):.1f} s per iteration)"))
     rows += [(k, v) for k, v in run.meta.items()]
@@ -564,7 +232,7 @@ def _overview(run: Run) -> str:
     if run.evals:
         first, last = run.evals[0], run.evals[-1]
         for key, label in (("eval/overall", "eval strict"), ("eval/clean_overall", "eval clean")):
-            if _finite(first.get(key)) and _finite(last.get(key)):
+            if is_finite_number(first.get(key)) and is_finite_number(last.get(key)):
                 delta = last[key] - first[key]
                 cards.append(
                     f'<div class="card"><div class="label">{label}</div><div class="big">{last[key]:.3f}</div>'
@@ -572,13 +240,13 @@ def _overview(run: Run) -> str:
                 )
         for name, value in (last.get("eval/rewards") or {}).items():
             base = (first.get("eval/rewards") or {}).get(name)
-            if _finite(value):
-                diff = f"{value - base:+.3f} vs iteration {first['iteration']}" if _finite(base) else ""
+            if is_finite_number(value):
+                diff = f"{value - base:+.3f} vs iteration {first['iteration']}" if is_finite_number(base) else ""
                 cards.append(
                     f'<div class="card"><div class="label">eval {_e(name)}</div><div class="big">{value:.3f}</div>'
-                    f'<div class="{_sign(value - base if _finite(base) else 0)}">{diff}</div></div>'
+                    f'<div class="{_sign(value - base if is_finite_number(base) else 0)}">{diff}</div></div>'
                 )
-    if run.train and _finite(run.train[-1].get("reward")):
+    if run.train and is_finite_number(run.train[-1].get("reward")):
         trend = reward_trend([t.get("reward") for t in run.train])
         trend_text = f"{trend:+.3f} last vs first quarter" if trend is not None else ""
         cards.append(
@@ -606,13 +274,13 @@ def _checks(run: Run) -> str:
         state = "Not enough data yet (needs two training iterations and two evaluations)."
     else:
         state = "No sign of reward hacking by this rule."
-    has_div = any(_scalar(e.get("eval/diversity")) is not None for e in run.evals)
+    has_div = any(scalar_of(e.get("eval/diversity")) is not None for e in run.evals)
     extra = "" if has_div else " The evaluation reports carry no diversity field, so diversity is not checked."
     return f'<div class="ok">{state}</div><p class="note">{rule}{extra}</p>'
 
 
 def _reward_section(run: Run) -> str:
-    if not any(_finite(t.get("reward")) for t in run.train):
+    if not any(is_finite_number(t.get("reward")) for t in run.train):
         return '<p class="empty">No training iterations recorded yet.</p>'
     return _img(reward_plot(run.train), "training reward per iteration", "plot")
 
@@ -656,7 +324,7 @@ def _samples_section(run: Run) -> str:
                 label = f"grid cell {k + 1}"  # the prompt file is not readable from here
             imgs = "".join(
                 f'<figure class="pcell"><img class="cell" alt="prompt {k + 1}, iteration {it}" '
-                f'src="{_png_uri(cells[it][k])}"><figcaption>{_short_label(it)}</figcaption></figure>'
+                f'src="{png_uri(cells[it][k])}"><figcaption>{_short_label(it)}</figcaption></figure>'
                 for it in shown
             )
             cards.append(f'<div class="pcard"><div class="ptext">{label}</div><div class="prow">{imgs}</div></div>')
@@ -672,11 +340,11 @@ def _samples_section(run: Run) -> str:
             figures.append(f"<figure><figcaption>{_iteration_label(it)}: not a PNG</figcaption></figure>")
             continue
         score = next((e for e in run.evals if e["iteration"] == it), {})
-        head = f" — strict {score['eval/overall']:.3f}" if _finite(score.get("eval/overall")) else ""
+        head = f" — strict {score['eval/overall']:.3f}" if is_finite_number(score.get("eval/overall")) else ""
         figures.append(
             f"<figure><figcaption>{_iteration_label(it)}{head}</figcaption>"
             f'<img class="grid" data-eval-grid="{it}" alt="evaluation samples at iteration {it}" '
-            f'src="{_png_uri(data)}"></figure>'
+            f'src="{png_uri(data)}"></figure>'
         )
     parts.append(
         '<h3>Whole evaluation grids</h3><p class="note">The same evaluation prompts and initial noise at every '
@@ -713,7 +381,7 @@ def _final_section(run: Run) -> str:
             cells = [_e(cat) if cat else "<strong>overall</strong>", _fmt(strict)]
             if with_base:
                 bs = base.get("overall") if cat is None else (base.get("categories") or {}).get(cat)
-                diff = strict - bs if _finite(strict) and _finite(bs) else None
+                diff = strict - bs if is_finite_number(strict) and is_finite_number(bs) else None
                 cells += [_fmt(bs), f'<span class="{_sign(diff or 0)}">{_fmt(diff, signed=True)}</span>']
             cells.append(_fmt(clean))
             if with_base:
@@ -733,34 +401,12 @@ def _final_section(run: Run) -> str:
 # Small helpers
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _num(value: Any) -> float:
-    return float(value) if _finite(value) else math.nan
-
-
-def _scalar(value: Any) -> float | None:
-    """A number, or the mean of a mapping's numbers (a per-category field), or None."""
-    if _finite(value):
-        return float(value)
-    if isinstance(value, dict):
-        nums = [float(v) for v in value.values() if _finite(v)]
-        return sum(nums) / len(nums) if nums else None
-    return None
-
-
-def _keys(records: list[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(k for r in records for k in r))
-
-
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
 def _fmt(value: Any, signed: bool = False) -> str:
-    if not _finite(value):
+    if not is_finite_number(value):
         return "–" if value is None else _e(value)
     if isinstance(value, int):
         return str(value)
@@ -784,7 +430,7 @@ def _img(uri: str, alt: str, cls: str) -> str:
 
 
 def _kv_table(rows: Sequence[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v) if _finite(v) else _e(v)}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v) if is_finite_number(v) else _e(v)}</td></tr>" for k, v in rows)
     return f'<table class="kv">{body}</table>'
 
 
@@ -792,7 +438,9 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     for k, v in obj.items():
         if isinstance(v, dict) and v and not any(isinstance(x, (dict, list)) for x in v.values()):
-            rows.append((f"{prefix}{k}", ", ".join(f"{a} {_fmt(b) if _finite(b) else b}" for a, b in v.items())))
+            rows.append(
+                (f"{prefix}{k}", ", ".join(f"{a} {_fmt(b) if is_finite_number(b) else b}" for a, b in v.items()))
+            )
         elif isinstance(v, dict):
             rows += _flatten(v, f"{prefix}{k}.")
         elif isinstance(v, list):
