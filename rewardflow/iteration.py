@@ -129,8 +129,15 @@ def online_iteration(
     )[layout.own]
     t1 = time.time()
     if cfg.algorithm == "grpo":
-        if cfg.grpo.best_worst_k:  # one process only (train() checks): the kept rows are its own
+        # best_worst_k and drop_zero_advantage: one process only (train() checks), so the kept rows are its own.
+        if cfg.grpo.best_worst_k:
             keep = grpo.best_worst_rows(adv, own_groups, cfg.grpo.best_worst_k)
+            batch, adv = batch.select(keep), adv[keep]
+        if cfg.grpo.drop_zero_advantage:
+            keep = grpo.rows_with_signal(adv, cfg.grpo.micro_batch)
+            times["trained_rows"] = len(keep) / len(adv)
+            if not len(keep):  # every group scored alike: nothing to learn from, and no failure either
+                return images, reward, times
             batch, adv = batch.select(keep), adv[keep]
         update = grpo.train_step(policy, optimizer, batch, adv.to(policy.device), cfg.grpo, ema.step, generator=gen)
     else:

@@ -93,8 +93,10 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
     world = distributed.init(device_type)
     if world.size > 1 and device_type == "cuda":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=f"cuda:{world.local_rank}"))
-    if world.size > 1 and cfg.algorithm == "grpo" and cfg.grpo.best_worst_k:
-        raise ValueError("grpo.best_worst_k keeps a different number of rows per rank: use it with one process")
+    if world.size > 1 and cfg.algorithm == "grpo":
+        for name in ("best_worst_k", "drop_zero_advantage"):
+            if getattr(cfg.grpo, name):
+                raise ValueError(f"grpo.{name} keeps a different number of rows per rank: use it with one process")
     RowLayout.build(cfg, world, torch.zeros(cfg.rows_per_iter))  # the batch must split over the ranks
     records = load_prompts(cfg.train_prompts)
     if cfg.uses_shapes_prompts:

@@ -311,3 +311,33 @@ def test_non_finite_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(t
     with pytest.raises(RuntimeError, match="2 iterations in a row skipped their update"):
         main([*args, *tiny_run_args])
     assert load_state(run2 / "checkpoints" / "state_00001.pt")["iteration"] == 1
+
+
+def test_drop_zero_advantage_trains_only_the_groups_that_told_their_samples_apart(
+    tmp_path, tiny_run_args, monkeypatch
+):
+    """The smoke preset scores one group per chunk: a constant reward for the first group of each iteration leaves
+    half the rows to train; a constant reward everywhere trains nothing and is no failure."""
+    from rewardflow.rewards import REWARDS
+    from rewardflow.rewards.shapes import ShapesJudgeReward
+    from rewardflow.types import RewardOutput
+
+    calls = {"n": 0, "constant": lambda n: n % 2 == 1}
+
+    class PartlyConstant(ShapesJudgeReward):
+        def __call__(self, images, prompts, metadata):
+            calls["n"] += 1
+            out = super().__call__(images, prompts, metadata)
+            if calls["constant"](calls["n"]):
+                return RewardOutput(torch.full_like(out.scores, 0.5), out.details)
+            return RewardOutput(torch.linspace(0, 1, len(out.scores)), out.details)
+
+    monkeypatch.setitem(REWARDS, "shapes-judge", lambda cfg: PartlyConstant(cfg.extra_object_penalty))
+    for name, constant, trained in (("half", calls["constant"], 0.5), ("none", lambda n: True, 0.0)):
+        calls.update(n=0, constant=constant)
+        run = tmp_path / name
+        args = ["train", "shapes_grpo_smoke", "--run-dir", str(run), "--grpo.drop-zero-advantage"]
+        assert main([*args, "--max-bad-iterations", "1", *tiny_run_args]) == 0
+        train_rows = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+        assert [m["trained_rows"] for m in train_rows] == [trained, trained]
+        assert all(("kl" in m) == bool(trained) and not m.get("skipped_steps") for m in train_rows)

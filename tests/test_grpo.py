@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rewardflow.algorithms import grpo
+from rewardflow.algorithms.batching import micro_batches, ragged_micro_batches
 from rewardflow.algorithms.grpo import GRPOConfig, clipped_policy_loss
 from rewardflow.models.lora import add_lora
 from rewardflow.models.tiny_dit import TinyDiTPolicy
@@ -134,9 +135,10 @@ def update_gradient(policy, batch, adv, cfg, generator=None) -> torch.Tensor:
 
 
 def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
-    """Splitting 8 rows into 2 micro-batches of 4 gives the gradient of one batch of 8 (policy and KL terms)."""
+    """Splitting 8 rows into micro-batches of 4 (or ragged ones: 3, 3, 2) gives the gradient of one batch of 8
+    (policy and KL terms)."""
     grads = []
-    for micro in (8, 4):
+    for micro in (8, 4, 3):
         policy = make_policy(tiny_config)
         with torch.no_grad():  # move the policy off the reference so that the KL term has a gradient
             for p in policy.trainable_parameters():
@@ -146,6 +148,32 @@ def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
         grads.append(update_gradient(policy, batch, torch.linspace(-1, 1, 8), cfg))
     assert grads[0].norm() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
+
+
+def test_ragged_micro_batches_give_every_row_of_a_step_the_same_weight():
+    even = ragged_micro_batches(128, 32, 2)
+    chunks, per_opt = micro_batches(128, 32, 2)
+    assert [c for c, _, _ in even] == chunks and all(d == per_opt for _, d, _ in even)
+    assert [after for *_, after in even] == [False, True, False, True]
+    # 9 groups of 8 left after dropping: micro-batches of 32, 32 and 8 rows; the short one joins the second step
+    assert [(c.start, c.stop, d, a) for c, d, a in ragged_micro_batches(72, 32, 2)] == [
+        (0, 32, 1.0, True), (32, 64, 40 / 32, False), (64, 72, 5.0, True)
+    ]  # fmt: skip
+    assert [(c.start, c.stop, d, a) for c, d, a in ragged_micro_batches(8, 32, 2)] == [(0, 8, 1.0, True)]
+    for rows, micro, steps in [(5, 2, 2), (3, 1, 2), (100, 32, 1), (77, 16, 3), (1, 4, 4)]:
+        plan = ragged_micro_batches(rows, micro, steps)
+        assert [c.start for c, _, _ in plan] == [0] + [c.stop for c, _, _ in plan[:-1]] and plan[-1][0].stop == rows
+        assert all(0 < c.stop - c.start <= micro for c, _, _ in plan) and plan[-1][2]
+        assert 1 <= sum(a for *_, a in plan) <= steps
+        weights = []  # a row's weight in its step's loss: 1 / (divisor * micro-batch rows)
+        for c, d, a in plan:
+            weights += [1.0 / (d * (c.stop - c.start))] * (c.stop - c.start)
+            if a:
+                assert weights == pytest.approx([weights[0]] * len(weights)) and sum(weights) == pytest.approx(1.0)
+                weights = []
+    with pytest.raises(ValueError, match="at least one row"):
+        ragged_micro_batches(0, 4, 1)
 
 
 def test_after_optimizer_step_runs_after_each_step(tiny_config):
@@ -259,6 +287,30 @@ def test_selected_rows_train_near_on_policy(tiny_config):
     assert len(keep) == 4 and torch.equal(sub.xs, batch.xs[keep])
     metrics = grpo.train_step(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), sub, adv[keep], cfg)
     assert metrics["ratio_dev"] < 1e-5
+
+
+def test_rows_with_signal_top_up_to_whole_micro_batches():
+    adv = torch.tensor([0.0, 1.0, 0.0, 0.0, -2.0, 0.0, 0.0, 0.0])
+    assert grpo.rows_with_signal(adv, 4).tolist() == [0, 1, 2, 4]  # two rows with signal, two added back
+    assert grpo.rows_with_signal(adv, 2).tolist() == [1, 4]
+    assert grpo.rows_with_signal(adv, 3).tolist() == [0, 1, 4]
+    assert grpo.rows_with_signal(torch.zeros(8), 4).tolist() == []
+    assert grpo.rows_with_signal(torch.ones(8), 4).tolist() == list(range(8))
+
+
+def test_rows_left_after_dropping_zero_advantages_train_near_on_policy(tiny_config):
+    """Five rows with signal and one added back, in 3 micro-batches of 2 (other rows than the rollout's chunks of 2)
+    and 2 optimizer steps: ratio 1 up to float rounding."""
+    policy = make_policy(tiny_config)
+    cfg = GRPOConfig(num_steps=4, micro_batch=2, optimizer_steps=2, guard=True, drop_zero_advantage=True)
+    batch = _batch(policy, cfg)
+    adv = torch.tensor([0.5, 0.0, -0.5, 1.0, 0.0, -1.0, 0.0, -0.2])
+    keep = grpo.rows_with_signal(adv, cfg.micro_batch)
+    assert keep.tolist() == [0, 1, 2, 3, 5, 7]
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+    steps = []
+    metrics = grpo.train_step(policy, opt, batch.select(keep), adv[keep], cfg, lambda: steps.append(1))
+    assert metrics["ratio_dev"] < 1e-5 and len(steps) == 2
 
 
 def test_cps_rollouts_keep_the_ratio_exactly_one(tiny_config):

@@ -87,6 +87,31 @@ def micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> tuple[li
     return chunks, len(chunks) // optimizer_steps
 
 
+def ragged_micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> list[tuple[slice, float, bool]]:
+    """Any number of ``rows`` as micro-batches of ``micro_batch`` rows (the last may be short) and optimizer steps.
+
+    For each micro-batch, in order: its slice, the number its mean loss is divided by so that each optimizer step
+    sees the mean over its rows (the step's rows / the micro-batch's rows), and whether an optimizer step follows
+    it. The rows are cut into ``optimizer_steps`` equal spans, or fewer when there are fewer micro-batches' worth
+    of rows (rounded), and a micro-batch goes to the span its middle row falls in: a short last micro-batch joins
+    the step before it rather than making an optimizer step of a few rows. Every micro-batch but the last keeps
+    the rollout's shape, so a compiled network meets at most one new batch shape. When ``rows`` splits evenly
+    this is :func:`micro_batches`, every divisor the number of micro-batches per optimizer step.
+    """
+    if rows < 1:
+        raise ValueError(f"a batch needs at least one row, got {rows}")
+    chunks = [slice(i, min(i + micro_batch, rows)) for i in range(0, rows, micro_batch)]
+    spans = max(1, min(optimizer_steps, round(rows / micro_batch)))
+    owner = [(c.start + c.stop) * spans // (2 * rows) for c in chunks]
+    step_rows = [0] * spans
+    for o, chunk in zip(owner, chunks):
+        step_rows[o] += chunk.stop - chunk.start
+    return [
+        (chunk, step_rows[o] / (chunk.stop - chunk.start), c + 1 == len(chunks) or owner[c + 1] != o)
+        for c, (o, chunk) in enumerate(zip(owner, chunks))
+    ]
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer, grad_clip: float, after: Callable[[], None] | None = None
 ) -> torch.Tensor:

@@ -17,7 +17,9 @@ Differences from the paper / official code, on purpose:
 
 - The last transition is deterministic (Euler) in rollouts as well as untrained; in pixel space an SDE
   last step leaves visible noise (the official code samples it and only skips training it).
-- Samples with zero advantage are kept (the official code drops them and re-pads); they still feed the KL.
+- Samples with zero advantage are kept by default, so they still feed the KL; ``drop_zero_advantage`` drops them
+  as the official code does, adding a few back so the rest fills whole micro-batches (the official code: so the
+  count splits into its batches).
 - The KL form (code: no ``dt``, mean over elements; paper: exact Gaussian KL) is the named option
   ``kl_form``, default "code" as in the official configs' beta values.
 - Flow-GRPO-Fast (``sde_window > 0``) draws one window per iteration for every row; the official code draws
@@ -58,8 +60,8 @@ from rewardflow.algorithms.batching import (
     KeyedRandom,
     Random,
     mean_metrics,
-    micro_batches,
     optimizer_step,
+    ragged_micro_batches,
     rows_generator,
     shared_generator,
 )
@@ -238,6 +240,22 @@ def step_terms(
     return out, kl
 
 
+def rows_with_signal(advantages: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """The rows ``drop_zero_advantage`` trains, in row order (none when every advantage is 0).
+
+    Those whose advantage is not 0, topped up with the first zero-advantage rows to a whole number of micro-batches.
+    As the official Flow-GRPO code adds dropped samples back so that its count splits evenly, the top-up keeps every
+    training forward at the rollout's batch shape (a compiled network would build new code for a short one); the
+    added rows carry only their KL term.
+    """
+    nonzero = advantages != 0
+    if not bool(nonzero.any()):
+        return torch.zeros(0, dtype=torch.long)
+    top_up = torch.nonzero(~nonzero).flatten()[: -int(nonzero.sum()) % micro_batch]
+    keep = torch.cat([torch.nonzero(nonzero).flatten(), top_up])
+    return keep.sort().values.cpu()
+
+
 def train_step(
     policy: FlowPolicy,
     optimizer: torch.optim.Optimizer,
@@ -251,24 +269,23 @@ def train_step(
 
     Each row trains all SDE steps, or with ``cfg.timestep_fraction < 1`` its own random subset of
     ``cfg.steps_per_sample`` of them drawn from ``generator`` (the k-th forward of a micro-batch takes
-    each row's k-th drawn step). The loss of each (micro-batch, step) is divided by the number of terms
-    accumulated per optimizer step, so each optimizer step sees the mean over its share of rows and steps
-    (with ``cfg.guard``, of GRPO-Guard's terms, each weighted by ``1 / dt``). ``after_optimizer_step`` runs
+    each row's k-th drawn step). Any number of rows is accepted (:func:`ragged_micro_batches`: the last micro-batch
+    may be short). Each (micro-batch, step) loss is scaled so that each optimizer step sees the mean over its rows
+    and steps (with ``cfg.guard``, of GRPO-Guard's terms, each weighted by ``1 / dt``). ``after_optimizer_step`` runs
     after every ``optimizer.step()`` (the loop folds its EMA in there).
     """
     n = batch.xs.shape[0]
-    cfg.check_batch(n)
     if advantages.shape != (n,):
         raise ValueError(f"advantages must be [{n}] (one per row of the batch), got {tuple(advantages.shape)}")
     all_steps = batch.trained_steps
     n_steps = max(1, round(cfg.timestep_fraction * len(all_steps)))
-    chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = ragged_micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
     names = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_dev")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
-    for c, rows in enumerate(chunks):
+    for rows, share, step_after in plan:
         adv = advantages[rows].float()
         b = torch.arange(len(adv))
         steps = torch.tensor(all_steps).expand(len(adv), -1)
@@ -286,13 +303,13 @@ def train_step(
                 log_ratio, weights = out.log_prob - batch.log_probs[rows][b, jd], None
             pg, info = clipped_policy_loss(log_ratio, adv, cfg.clip_range, weights)
             loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
-            (loss / (per_opt * n_steps)).backward()
+            (loss / (share * n_steps)).backward()
             sums["policy_loss"] += pg.detach()
             sums["kl"] += kl.detach().mean() if kl is not None else 0.0
             sums["clip_frac"] += info["clipped"].mean()
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
-        if (c + 1) % per_opt == 0:
+        if step_after:
             grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
-    metrics = mean_metrics(sums, len(chunks) * n_steps, grad_norms)
+    metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
     return metrics

@@ -74,6 +74,11 @@ class GRPOConfig:
     best_worst_k: int = 0
     """DanceGRPO's best-of-N selection: train only the ``k/2`` highest- and ``k/2`` lowest-advantage rows of
     each group (k even, at most the group size); 0 trains every row."""
+    drop_zero_advantage: bool = False
+    """Train only the rows whose advantage is not 0, as the official Flow-GRPO code does, topped up with dropped rows
+    to a whole number of micro-batches (:func:`rewardflow.algorithms.grpo.rows_with_signal`); with fewer of them
+    than ``optimizer_steps`` there are fewer optimizer steps. A group whose samples all scored alike
+    (``zero_std_groups`` in the metrics) then costs no training time, and gives up its KL term. One process only."""
     guard: bool = False
     """GRPO-Guard's objective (module docstring): the ratio re-centred on the rollout's transition mean (RatioNorm)
     and each step's term weighted by ``1 / dt`` so that every step's gradient has the same scale. Rollouts keep
