@@ -114,10 +114,10 @@ def online_iteration(
     images, reward = scorer.result()
     reward = layout.gather(reward)
     t_reward_wait = time.time() - t0 - t_rollout
-    times = {"time_rollout": t_rollout, "time_reward_wait": t_reward_wait}
+    metrics = {"time_rollout": t_rollout, "time_reward_wait": t_reward_wait}
     if not all(torch.isfinite(t).all() for t in (reward.scores, *reward.components.values())):
         log.warning("iteration %d: non-finite rewards; the update is skipped", it + 1)
-        return images, reward, {**times, "skipped_steps": float(cfg.algo.optimizer_steps)}
+        return images, reward, {**metrics, "skipped_steps": float(cfg.algo.optimizer_steps)}
     adv = aggregate_advantages(
         reward.scores,
         reward.components,
@@ -135,9 +135,9 @@ def online_iteration(
             batch, adv = batch.select(keep), adv[keep]
         if cfg.grpo.drop_zero_advantage:
             keep = grpo.rows_with_signal(adv, cfg.grpo.micro_batch)
-            times["trained_rows"] = len(keep) / len(adv)
+            metrics["trained_rows"] = len(keep) / len(adv)
             if not len(keep):  # every group scored alike: nothing to learn from, and no failure either
-                return images, reward, times
+                return images, reward, metrics
             batch, adv = batch.select(keep), adv[keep]
         update = grpo.train_step(policy, optimizer, batch, adv.to(policy.device), cfg.grpo, ema.step, generator=gen)
     else:
@@ -147,7 +147,7 @@ def online_iteration(
         update["old_eta"] = nft.old_decay((it + 1) * cfg.nft.optimizer_steps, cfg.nft)
         policy.soft_update_old(update["old_eta"])
     update = distributed.mean_over_ranks(update)
-    return images, reward, {**update, **times, "time_train": time.time() - t1}
+    return images, reward, {**update, **metrics, "time_train": time.time() - t1}
 
 
 def direct_iteration(

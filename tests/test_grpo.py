@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rewardflow.algorithms import grpo
-from rewardflow.algorithms.batching import micro_batches, ragged_micro_batches
+from rewardflow.algorithms.batching import micro_batches
 from rewardflow.algorithms.grpo import GRPOConfig, clipped_policy_loss
 from rewardflow.models.lora import add_lora
 from rewardflow.models.tiny_dit import TinyDiTPolicy
@@ -151,29 +151,30 @@ def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
     assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
 
 
-def test_ragged_micro_batches_give_every_row_of_a_step_the_same_weight():
-    even = ragged_micro_batches(128, 32, 2)
-    chunks, per_opt = micro_batches(128, 32, 2)
-    assert [c for c, _, _ in even] == chunks and all(d == per_opt for _, d, _ in even)
+def test_micro_batches_give_every_row_of_a_step_the_same_weight():
+    even = micro_batches(128, 32, 2)
+    chunks, per_opt = [slice(i, i + 32) for i in range(0, 128, 32)], 2  # what check_batch's even split gives
+    assert [c for c, *_ in even] == chunks and all(d == per_opt for _, d, *_ in even)
     assert [after for *_, after in even] == [False, True, False, True]
+    assert [step for _, _, step, _ in even] == [0, 0, 1, 1]
     # 9 groups of 8 left after dropping: micro-batches of 32, 32 and 8 rows; the short one joins the second step
-    assert [(c.start, c.stop, d, a) for c, d, a in ragged_micro_batches(72, 32, 2)] == [
+    assert [(c.start, c.stop, d, a) for c, d, _, a in micro_batches(72, 32, 2)] == [
         (0, 32, 1.0, True), (32, 64, 40 / 32, False), (64, 72, 5.0, True)
     ]  # fmt: skip
-    assert [(c.start, c.stop, d, a) for c, d, a in ragged_micro_batches(8, 32, 2)] == [(0, 8, 1.0, True)]
+    assert [(c.start, c.stop, d, a) for c, d, _, a in micro_batches(8, 32, 2)] == [(0, 8, 1.0, True)]
     for rows, micro, steps in [(5, 2, 2), (3, 1, 2), (100, 32, 1), (77, 16, 3), (1, 4, 4)]:
-        plan = ragged_micro_batches(rows, micro, steps)
-        assert [c.start for c, _, _ in plan] == [0] + [c.stop for c, _, _ in plan[:-1]] and plan[-1][0].stop == rows
-        assert all(0 < c.stop - c.start <= micro for c, _, _ in plan) and plan[-1][2]
-        assert 1 <= sum(a for *_, a in plan) <= steps
+        plan = micro_batches(rows, micro, steps)
+        assert [m.rows.start for m in plan] == [0] + [m.rows.stop for m in plan[:-1]] and plan[-1].rows.stop == rows
+        assert all(0 < m.rows.stop - m.rows.start <= micro for m in plan) and plan[-1].ends_step
+        assert 1 <= sum(m.ends_step for m in plan) <= steps
         weights = []  # a row's weight in its step's loss: 1 / (divisor * micro-batch rows)
-        for c, d, a in plan:
+        for c, d, _, a in plan:
             weights += [1.0 / (d * (c.stop - c.start))] * (c.stop - c.start)
             if a:
                 assert weights == pytest.approx([weights[0]] * len(weights)) and sum(weights) == pytest.approx(1.0)
                 weights = []
     with pytest.raises(ValueError, match="at least one row"):
-        ragged_micro_batches(0, 4, 1)
+        micro_batches(0, 4, 1)
 
 
 def test_after_optimizer_step_runs_after_each_step(tiny_config):

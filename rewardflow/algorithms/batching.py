@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,22 +82,26 @@ def rows_generator(random: Random, name: str, start: int) -> torch.Generator | N
     return random.rows(name, start) if isinstance(random, KeyedRandom) else random
 
 
-def micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> tuple[list[slice], int]:
-    """The micro-batch slices of ``rows``, in order, and how many of them each optimizer step accumulates."""
-    chunks = [slice(i, i + micro_batch) for i in range(0, rows, micro_batch)]
-    return chunks, len(chunks) // optimizer_steps
+class MicroBatch(NamedTuple):
+    """One micro-batch of an iteration's update (see :func:`micro_batches`)."""
+
+    rows: slice
+    share: float
+    """What its mean loss is divided by so that its optimizer step sees the mean over the step's rows."""
+    step: int
+    """Which optimizer step of the iteration it belongs to (0, 1, ...)."""
+    ends_step: bool
+    """Whether an optimizer step follows it."""
 
 
-def ragged_micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> list[tuple[slice, float, bool]]:
-    """Any number of ``rows`` as micro-batches of ``micro_batch`` rows (the last may be short) and optimizer steps.
+def micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> list[MicroBatch]:
+    """``rows`` as micro-batches of ``micro_batch`` rows, in order, and how they make up the optimizer steps.
 
-    For each micro-batch, in order: its slice, the number its mean loss is divided by so that each optimizer step
-    sees the mean over its rows (the step's rows / the micro-batch's rows), and whether an optimizer step follows
-    it. The rows are cut into ``optimizer_steps`` equal spans, or fewer when there are fewer micro-batches' worth
-    of rows (rounded), and a micro-batch goes to the span its middle row falls in: a short last micro-batch joins
-    the step before it rather than making an optimizer step of a few rows. Every micro-batch but the last keeps
-    the rollout's shape, so a compiled network meets at most one new batch shape. When ``rows`` splits evenly
-    this is :func:`micro_batches`, every divisor the number of micro-batches per optimizer step.
+    When the configs' ``check_batch`` holds (the rows split into equal micro-batches and those into equal
+    steps), every micro-batch's ``share`` is the number of micro-batches per step. Any other row count (GRPO's
+    ``drop_zero_advantage``) is cut into ``optimizer_steps`` equal spans, or fewer when there are fewer
+    micro-batches' worth of rows (rounded); a micro-batch goes to the span its middle row falls in (a short last
+    one joins the step before it rather than making a step of a few rows), and every row of a step weighs the same.
     """
     if rows < 1:
         raise ValueError(f"a batch needs at least one row, got {rows}")
@@ -107,7 +112,7 @@ def ragged_micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> l
     for o, chunk in zip(owner, chunks):
         step_rows[o] += chunk.stop - chunk.start
     return [
-        (chunk, step_rows[o] / (chunk.stop - chunk.start), c + 1 == len(chunks) or owner[c + 1] != o)
+        MicroBatch(chunk, step_rows[o] / (chunk.stop - chunk.start), o, c + 1 == len(chunks) or owner[c + 1] != o)
         for c, (o, chunk) in enumerate(zip(owner, chunks))
     ]
 

@@ -206,23 +206,23 @@ def direct_train_step(
     """
     n = len(cond)
     cfg.check_batch(n)
-    chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
     finals, outs, grad_norms = [], [], []
     optimizer.zero_grad(set_to_none=True)
-    for c, rows in enumerate(chunks):
+    for rows, share, step, ends_step in plan:
         noise = rows_generator(generator, "direct", rows.start)
-        choices = shared_generator(generator, "active-steps", c // per_opt)
+        choices = shared_generator(generator, "active-steps", step)
         loss, final, out, extra = loss_fn(policy, cond.index(rows), metadata[rows], noise, choices)
-        (loss / per_opt).backward()
+        (loss / share).backward()
         sums["loss"] += loss.detach()
         for key, value in extra.items():
             sums[key] = sums.get(key, 0.0) + value
         finals.append(final)
         outs.append(out)
-        if (c + 1) % per_opt == 0:
+        if ends_step:
             grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
-    return mean_metrics(sums, len(chunks), grad_norms), torch.cat(finals), RewardOutput.cat(outs)
+    return mean_metrics(sums, len(plan), grad_norms), torch.cat(finals), RewardOutput.cat(outs)
 
 
 def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:

@@ -60,8 +60,8 @@ from rewardflow.algorithms.batching import (
     KeyedRandom,
     Random,
     mean_metrics,
+    micro_batches,
     optimizer_step,
-    ragged_micro_batches,
     rows_generator,
     shared_generator,
 )
@@ -269,8 +269,8 @@ def train_step(
 
     Each row trains all SDE steps, or with ``cfg.timestep_fraction < 1`` its own random subset of
     ``cfg.steps_per_sample`` of them drawn from ``generator`` (the k-th forward of a micro-batch takes
-    each row's k-th drawn step). Any number of rows is accepted (:func:`ragged_micro_batches`: the last micro-batch
-    may be short). Each (micro-batch, step) loss is scaled so that each optimizer step sees the mean over its rows
+    each row's k-th drawn step). Any number of rows is accepted (:func:`micro_batches`: the last micro-batch may
+    be short). Each (micro-batch, step) loss is scaled so that each optimizer step sees the mean over its rows
     and steps (with ``cfg.guard``, of GRPO-Guard's terms, each weighted by ``1 / dt``). ``after_optimizer_step`` runs
     after every ``optimizer.step()`` (the loop folds its EMA in there).
     """
@@ -279,13 +279,13 @@ def train_step(
         raise ValueError(f"advantages must be [{n}] (one per row of the batch), got {tuple(advantages.shape)}")
     all_steps = batch.trained_steps
     n_steps = max(1, round(cfg.timestep_fraction * len(all_steps)))
-    plan = ragged_micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
     names = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_dev")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
-    for rows, share, step_after in plan:
+    for rows, share, _, ends_step in plan:
         adv = advantages[rows].float()
         b = torch.arange(len(adv))
         steps = torch.tensor(all_steps).expand(len(adv), -1)
@@ -309,7 +309,7 @@ def train_step(
             sums["clip_frac"] += info["clipped"].mean()
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
-        if step_after:
+        if ends_step:
             grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
     metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
     return metrics

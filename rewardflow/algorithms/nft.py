@@ -236,13 +236,13 @@ def train_step(
     cfg.check_batch(n)
     grid = batch.sigmas[:-1]  # the T sigmas the solver evaluated at (the final 0 is never trained)
     slots = min(cfg.sigmas_per_image, len(grid))
-    chunks, per_opt = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     names = ("policy_loss", "ref_loss", "loss_pos", "loss_neg")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
     device = batch.x0.device
     optimizer.zero_grad(set_to_none=True)
-    for c, rows in enumerate(chunks):
+    for rows, share, _, ends_step in plan:
         x0, rr, cond = batch.x0[rows], r[rows].to(device).float(), batch.cond.index(rows)
         gen = rows_generator(generator, "train", rows.start)
         # Draw on the generator's device (the loop's is a CPU generator: a seed gives the same draws everywhere).
@@ -266,11 +266,11 @@ def train_step(
                 ref_loss = ((v - v_ref) ** 2).mean()
                 loss = loss + cfg.ref_weight * ref_loss
                 sums["ref_loss"] += ref_loss.detach()
-            (loss / (per_opt * slots)).backward()
+            (loss / (share * slots)).backward()
             sums["loss_pos"] += info["loss_pos"].mean()
             sums["loss_neg"] += info["loss_neg"].mean()
-        if (c + 1) % per_opt == 0:
+        if ends_step:
             grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
-    metrics = mean_metrics(sums, len(chunks) * slots, grad_norms)
+    metrics = mean_metrics(sums, len(plan) * slots, grad_norms)
     metrics["r_mean"] = float(r.float().mean())
     return metrics
