@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rewardflow.utils.checkpoint import load_state, state_files
+from rewardflow.utils.checkpoint import SHARDED_MANIFEST, load_state, state_files
 
 # 4 prompts x 4 samples = 16 rows per iteration, micro-batches of 4, 2 optimizer steps: each optimizer step's
 # 2 micro-batches are dealt one to each of 2 ranks. The shipped base model, so that rewards vary within groups.
@@ -120,11 +120,16 @@ def test_two_ranks_with_half_the_rows_each_match_one_process_with_all(tmp_path, 
 
 
 def _kill_after_a_checkpoint(run, args, procs, sig):
-    """Start a run, wait for its first resume state, then send ``sig`` to every process of it at a random moment."""
+    """Start a run, wait for its first complete resume state (its checksum written), then send ``sig`` to every
+    process of it at a random moment."""
     proc = subprocess.Popen(_command(run, args, procs), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
-    while not ((run / "checkpoints").exists() and state_files(run / "checkpoints")):
+
+    def complete(state: Path) -> bool:  # a kill before the checksum leaves nothing to resume from, by design
+        return (state / SHARDED_MANIFEST).is_file() or state.with_name(state.name + ".sha256").is_file()
+
+    while not ((run / "checkpoints").exists() and any(map(complete, state_files(run / "checkpoints")))):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
