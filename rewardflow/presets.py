@@ -139,15 +139,18 @@ def shapes_mix_cpu() -> TrainConfig:
 
 
 def shapes_draft_cpu() -> TrainConfig:
-    """DRaFT-1 against the learned ``shapes-count`` reward: the reward's gradient through the last Euler step.
+    """DRaFT-1 against the learned ``shapes-count`` reward: the reward's gradient through the last of 4 Euler steps.
 
     ``shapes-count`` is the judge's partial-credit rule applied to the shipped scorer's predicted counts per colour
     and shape; it tracks the judge better than the scorer's own ``shapes-score`` head, and with it the presets whose
     gradient reaches the middle of the chain raise the judge's counting accuracy (docs/results.md). 32 images per
-    iteration (16 prompts x 2), 20 Euler steps with CFG 4.5 (evaluation: 40), loss ``-r``, one optimizer step per
-    iteration, full fine-tune at lr 1e-5 with EMA. The judge scores every training batch as a monitor
-    (``judge/*``), and each evaluation scores both learned rewards next to the judge's accuracy, so the gap between
-    the learned reward and the truth shows while it trains.
+    iteration (16 prompts x 2), a 4-step Euler training grid with CFG 4.5 (sigmas 1, 0.9, 0.75, 0.5, 0; evaluation:
+    40 steps), loss ``-r``, one optimizer step per iteration, full fine-tune at lr 1e-5 with EMA. The coarse grid puts
+    the one trained step at sigma 0.5, where counts are still open: on 20 steps its last sigma is 0.14 and the judge's
+    counting accuracy rose +2 points on the slow tier's task, on 4 steps +8 to +9 (docs/results.md, "DRaFT-LV on a
+    coarser training grid"). The judge scores every training batch as a monitor (``judge/*``), and each evaluation
+    scores both learned rewards next to the judge's accuracy, so the gap between the learned reward and the truth
+    shows while it trains.
     """
     cfg = shapes_grpo_cpu()
     cfg.run_dir = "runs/shapes_draft_cpu"
@@ -155,40 +158,37 @@ def shapes_draft_cpu() -> TrainConfig:
     cfg.iterations, cfg.group_size, cfg.save_every, cfg.eval_every = 60, 2, 20, 20
     cfg.optim = OptimConfig(lr=1e-5)
     cfg.reward = RewardConfig(names=("shapes-count",))
-    cfg.draft = DraftConfig(method="draft", k=1, num_steps=20, micro_batch=16, optimizer_steps=1)
+    cfg.draft = DraftConfig(method="draft", k=1, num_steps=4, micro_batch=16, optimizer_steps=1)
     cfg.eval = EvalConfig(samples_per_prompt=4, rewards=("shapes-count", "shapes-score"))
     return cfg
 
 
 def shapes_draft_lv_cpu() -> TrainConfig:
-    """DRaFT-LV: 2 re-noised gradient samples at the last sigma (plus the real last step) of a 4-step sampler.
+    """DRaFT-LV: ``shapes_draft_cpu`` with 2 re-noised gradient samples at the last sigma (plus the real one).
 
-    DRaFT-LV trains the last step of the training sampler alone, so where that step sits decides what it can
-    teach. On ``shapes_draft_cpu``'s 20-step grid the last sigma is 0.14, after the counts are settled, and the
-    judge's counting accuracy rose +3 to +6 points on the slow tier's task; on a 4-step grid (sigmas 1, 0.9, 0.75,
-    0.5, 0) the last step starts at sigma 0.5 and it rose +13 to +14 (docs/results.md, "DRaFT-LV on a coarser
-    training grid"). Evaluation still uses 40 Euler steps. Otherwise ``shapes_draft_cpu``.
+    On the 4-step grid the re-noised step starts at sigma 0.5: the judge's counting accuracy rose +13 to +14 points
+    on the slow tier's task, against +3 to +6 on a 20-step grid (docs/results.md).
     """
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_draft_lv_cpu"
-    cfg.draft.method, cfg.draft.num_steps = "draft-lv", 4
+    cfg.draft.method = "draft-lv"
     return cfg
 
 
 def shapes_refl_cpu() -> TrainConfig:
-    """ReFL: ``shapes_draft_cpu`` stopped at a random one of the last 9 of 20 steps, scored on its clean prediction.
+    """ReFL: ``shapes_draft_cpu`` on 20 steps, stopped at a random one of the last 9, scored on its clean prediction.
 
     The last 9 of 20 is FlowBP's share for flow models (the last 11 of 25). Stopping only in the last 5 raised the
     learned reward as much but not the judge's counting accuracy: counts are settled before then (docs/results.md).
     """
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_refl_cpu"
-    cfg.draft.method, cfg.draft.refl_last = "refl", 9
+    cfg.draft.method, cfg.draft.num_steps, cfg.draft.refl_last = "refl", 20, 9
     return cfg
 
 
 def shapes_alignprop_cpu() -> TrainConfig:
-    """AlignProp: ``shapes_draft_cpu`` with the gradient through the last K of 20 steps, K uniform in 1-20.
+    """AlignProp: ``shapes_draft_cpu`` on a 20-step grid, the gradient through the last K steps, K uniform in 1-20.
 
     The uniform truncation of AlignProp's code and TRL's default range (0, T). Truncating in the last 5 steps only
     raised the learned reward but not the judge's counting accuracy (docs/results.md); checkpointing keeps the
@@ -196,7 +196,7 @@ def shapes_alignprop_cpu() -> TrainConfig:
     """
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_alignprop_cpu"
-    cfg.draft.method, cfg.draft.alignprop_min = "alignprop", 0
+    cfg.draft.method, cfg.draft.num_steps, cfg.draft.alignprop_min = "alignprop", 20, 0
     return cfg
 
 
