@@ -147,10 +147,10 @@ def shapes_draft_cpu() -> TrainConfig:
     iteration (16 prompts x 2), a 4-step Euler training grid with CFG 4.5 (sigmas 1, 0.9, 0.75, 0.5, 0; evaluation:
     40 steps), loss ``-r``, one optimizer step per iteration, full fine-tune at lr 1e-5 with EMA. The coarse grid puts
     the one trained step at sigma 0.5, where counts are still open: on 20 steps its last sigma is 0.14 and the judge's
-    counting accuracy rose +2 points on the slow tier's task, on 4 steps +8 to +9 (docs/results.md, "DRaFT-LV on a
-    coarser training grid"). The judge scores every training batch as a monitor (``judge/*``), and each evaluation
-    scores both learned rewards next to the judge's accuracy, so the gap between the learned reward and the truth
-    shows while it trains.
+    counting accuracy rose +2 points on the slow tier's task, on 4 steps +8 to +9 (docs/results.md, "DRaFT-LV and
+    DRaFT-1 on a coarser training grid"). The judge scores every training batch as a monitor (``judge/*``), and
+    each evaluation scores both learned rewards next to the judge's accuracy, so the gap between the learned reward
+    and the truth shows while it trains.
     """
     cfg = shapes_grpo_cpu()
     cfg.run_dir = "runs/shapes_draft_cpu"
