@@ -45,7 +45,8 @@ CASES = {
 # seeds 0 and 1): from 0.473, DRaFT-1 +7.7 / +9.2, DRaFT-LV +14.4 / +13.5 (on the 20-step grid they had before:
 # DRaFT-1 +2.1 / +2.5 on the AVX2 VM, DRaFT-LV +3.3 / +6.0 / +3.5 on the AMX VM). The margins are about half of the
 # smaller gain. Run by pytest on 2 threads (other trajectories): ReFL 0.560, AlignProp 0.575, LeapAlign 0.575
-# (nineteenth session, from 0.502); DRaFT-1 0.542, DRaFT-LV 0.585 (73 s alone) (twenty-fifth, from 0.473).
+# (nineteenth session, from 0.502); twenty-fifth session, AMX VM, from 0.473: DRaFT-1 0.542, DRaFT-LV 0.585 (73 s
+# alone), ReFL 0.531, AlignProp 0.510, LeapAlign 0.604 (the three in 5.6 minutes).
 DIRECT = {
     "shapes_draft_cpu": (20, 0.035),
     "shapes_draft_lv_cpu": (20, 0.065),
