@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rewardflow.utils.checkpoint import SHARDED_MANIFEST, load_state, state_files
+from rewardflow.utils.checkpoint import SHARDED_MANIFEST, checksum_file, load_state, state_files
 
 # 4 prompts x 4 samples = 16 rows per iteration, micro-batches of 4, 2 optimizer steps: each optimizer step's
 # 2 micro-batches are dealt one to each of 2 ranks. The shipped base model, so that rewards vary within groups.
@@ -127,7 +127,7 @@ def _kill_after_a_checkpoint(run, args, procs, sig):
     deadline = time.time() + 240
 
     def complete(state: Path) -> bool:  # a kill before the checksum leaves nothing to resume from, by design
-        return (state / SHARDED_MANIFEST).is_file() or state.with_name(state.name + ".sha256").is_file()
+        return (state / SHARDED_MANIFEST).is_file() or checksum_file(state).is_file()
 
     while not ((run / "checkpoints").exists() and any(map(complete, state_files(run / "checkpoints")))):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"

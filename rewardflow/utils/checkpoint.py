@@ -95,6 +95,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checksum_file(path: Path) -> Path:
+    """Where the SHA-256 of the resume state ``path`` is kept; the state is complete once it exists."""
+    return path.with_name(path.name + ".sha256")
+
+
 def save_state_atomic(state: dict, path: str | Path) -> None:
     """``torch.save`` a resume state (tensors and plain Python values only), then its SHA-256 beside it.
 
@@ -107,7 +112,7 @@ def save_state_atomic(state: dict, path: str | Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    side = path.with_name(path.name + ".sha256")
+    side = checksum_file(path)
     tmp_side = side.with_name(f".{side.name}.tmp")
     tmp_side.write_text(_sha256(path) + "\n")
     os.replace(tmp_side, side)
@@ -120,7 +125,7 @@ def load_state(path: str | Path) -> dict:
         ValueError: the state has no checksum (an unfinished save), does not match it, or cannot be read.
     """
     path = Path(path)
-    side = path.with_name(path.name + ".sha256")
+    side = checksum_file(path)
     if not side.is_file():
         raise ValueError(f"resume state {path} has no checksum file {side.name}: its save never finished")
     if side.read_text().strip() != _sha256(path):
@@ -151,7 +156,7 @@ def prune_states(folder: str | Path, keep: int) -> None:
         if old.is_dir():
             shutil.rmtree(old)
             continue
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        checksum_file(old).unlink(missing_ok=True)
         old.unlink(missing_ok=True)
 
 
