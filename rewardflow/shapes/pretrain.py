@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from rewardflow.models.protocol import bf16_autocast
-from rewardflow.models.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, save_tiny_dit
+from rewardflow.models.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
 from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import render
@@ -52,6 +52,12 @@ class PretrainConfig:
     """bfloat16 autocast for the network where the CPU computes it natively (the loss stays float32)."""
     resume: bool = True
     """Continue from ``out_dir/train_state.pt`` when it exists."""
+    init: str | None = None
+    """Start from the weights of this tiny-DiT checkpoint (its architecture replaces ``model``; the optimizer,
+    EMA and schedule start afresh) instead of random ones: a second stage of pretraining."""
+    category_weights: tuple[float, ...] | None = None
+    """How often each category is drawn, relative to the others, in the order of ``CATEGORIES``:
+    single_object, two_object, counting, colors, position, color_attr. None: uniformly."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "save_every", "log_every"):
@@ -59,13 +65,27 @@ class PretrainConfig:
                 raise ValueError(f"pretrain.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"pretrain.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        weights = self.category_weights
+        bad = weights is not None and (len(weights) != len(CATEGORIES) or min(weights) < 0 or sum(weights) <= 0)
+        if bad:
+            raise ValueError(
+                f"pretrain.category_weights must be {len(CATEGORIES)} non-negative numbers, not all zero, one per "
+                f"category in the order {list(CATEGORIES)}; got {list(weights)}"
+            )
 
 
-def scene_batch(rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, list[str]]:
-    """Rendered scenes as float images in [-1, 1] [B, 3, 32, 32] and their prompts."""
+def scene_batch(
+    rng: np.random.Generator, batch: int, category_weights: tuple[float, ...] | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """Rendered scenes as float images in [-1, 1] [B, 3, 32, 32] and their prompts.
+
+    Categories are drawn uniformly, or in proportion to ``category_weights`` (one per ``CATEGORIES`` entry).
+    """
+    p = None if category_weights is None else np.asarray(category_weights, dtype=np.float64) / sum(category_weights)
     images, prompts = [], []
     for _ in range(batch):
-        spec = random_prompt(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))])
+        k = rng.integers(len(CATEGORIES)) if p is None else rng.choice(len(CATEGORIES), p=p)
+        spec = random_prompt(rng, CATEGORIES[int(k)])
         img, _ = render(spec, rng)
         images.append(img)
         prompts.append(spec.text)
@@ -99,8 +119,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    model = TinyDiT(cfg.model)
-    tokenizer = ShapesTokenizer(cfg.model.vocabulary, cfg.model.max_prompt_tokens)
+    model = load_tiny_dit(cfg.init) if cfg.init else TinyDiT(cfg.model)
+    tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(list(model.parameters()), decay=lambda k: min(cfg.ema_decay, (1.0 + k) / (10.0 + k)))
     rng = np.random.default_rng(cfg.seed)
@@ -121,7 +141,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
-        x0, prompts = scene_batch(rng, cfg.batch_size)
+        x0, prompts = scene_batch(rng, cfg.batch_size, cfg.category_weights)
         tokens = tokenizer(prompts)
         drop = torch.rand(len(prompts), generator=gen) < cfg.cfg_dropout
         tokens[drop] = 0

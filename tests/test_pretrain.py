@@ -1,0 +1,83 @@
+"""``rewardflow pretrain``: checkpoints, exact resume, a second stage from a checkpoint, category weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rewardflow.shapes.pretrain as pretrain_module
+from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
+from rewardflow.shapes.grammar import CATEGORIES, parse_prompt
+from rewardflow.shapes.pretrain import PretrainConfig, pretrain, scene_batch
+
+SMALL = TinyDiTConfig(dim=32, depth=1, heads=2, text_depth=1)
+
+
+def config(out, **overrides) -> PretrainConfig:
+    settings = dict(out_dir=str(out), model=SMALL, steps=4, batch_size=4, warmup_steps=1, save_every=2,
+                    log_every=1, autocast=False)  # fmt: skip
+    return PretrainConfig(**{**settings, **overrides})
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = load_tiny_dit(a).state_dict(), load_tiny_dit(b).state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrain_writes_checkpoints_and_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    whole = pretrain(config(tmp_path / "whole"))
+    assert sorted(p.name for p in whole.glob("*.safetensors")) == [
+        "ema_00002.safetensors", "ema_00004.safetensors", "step_00002.safetensors", "step_00004.safetensors"
+    ]  # fmt: skip
+    assert [json.loads(line)["step"] for line in (whole / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not same_weights(whole / "step_00002.safetensors", whole / "step_00004.safetensors")
+
+    # The same command killed while drawing step 3's scenes (after step 2's save), then run again.
+    calls, real = [], scene_batch
+
+    def dies_at_step_three(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pretrain_module, "scene_batch", dies_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config(tmp_path / "resumed"))
+    monkeypatch.setattr(pretrain_module, "scene_batch", real)
+    resumed = pretrain(config(tmp_path / "resumed"))
+    for name in ("step_00004.safetensors", "ema_00004.safetensors"):
+        assert same_weights(whole / name, resumed / name), name
+
+
+def test_a_second_stage_starts_from_the_init_checkpoint_and_its_architecture(tmp_path):
+    torch.manual_seed(1)
+    init = tmp_path / "init.safetensors"
+    save_tiny_dit(TinyDiT(SMALL), init)
+    # model= asks for the default (larger) architecture; the init checkpoint's own one wins. At lr 0 the
+    # weights stay the init's, so the stage started from them and not from a fresh initialisation.
+    still = pretrain(config(tmp_path / "still", model=TinyDiTConfig(), init=str(init), lr=0.0, steps=2))
+    assert load_tiny_dit(still / "step_00002.safetensors").config == SMALL
+    assert same_weights(init, still / "step_00002.safetensors")
+    moved = pretrain(config(tmp_path / "moved", init=str(init), steps=2))
+    assert not same_weights(init, moved / "step_00002.safetensors")
+    with pytest.raises(FileNotFoundError):
+        pretrain(config(tmp_path / "missing", init=str(tmp_path / "nope.safetensors")))
+
+
+def test_category_weights_draw_only_the_weighted_categories():
+    only_position = tuple(1.0 if c == "position" else 0.0 for c in CATEGORIES)
+    images, prompts = scene_batch(np.random.default_rng(0), 32, only_position)
+    assert images.shape == (32, 3, 32, 32)
+    assert {parse_prompt(p).category for p in prompts} == {"position"}
+    _, prompts = scene_batch(np.random.default_rng(0), 64)  # uniform by default
+    assert {parse_prompt(p).category for p in prompts} == set(CATEGORIES)
+
+
+@pytest.mark.parametrize("bad", [(1.0, 1.0), (1.0, 1.0, 1.0, 1.0, -1.0, 1.0), (0.0,) * 6])
+def test_bad_category_weights_name_the_field_and_what_is_allowed(bad):
+    with pytest.raises(ValueError, match=r"pretrain\.category_weights must be 6 non-negative numbers"):
+        PretrainConfig(category_weights=bad)
