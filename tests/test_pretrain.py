@@ -61,11 +61,13 @@ def test_a_second_stage_starts_from_the_init_checkpoint_and_its_architecture(tmp
     # weights stay the init's, so the stage started from them and not from a fresh initialisation.
     still = pretrain(config(tmp_path / "still", model=TinyDiTConfig(), init=str(init), lr=0.0, steps=2))
     assert load_tiny_dit(still / "step_00002.safetensors").config == SMALL
+    assert json.loads((still / "pretrain_config.json").read_text())["model"]["dim"] == SMALL.dim  # what was trained
     assert same_weights(init, still / "step_00002.safetensors")
     moved = pretrain(config(tmp_path / "moved", init=str(init), steps=2))
     assert not same_weights(init, moved / "step_00002.safetensors")
     with pytest.raises(FileNotFoundError):
         pretrain(config(tmp_path / "missing", init=str(tmp_path / "nope.safetensors")))
+    assert not (tmp_path / "missing").exists()  # a bad --init leaves no folder behind
 
 
 def test_category_weights_draw_only_the_weighted_categories():
@@ -77,7 +79,9 @@ def test_category_weights_draw_only_the_weighted_categories():
     assert {parse_prompt(p).category for p in prompts} == set(CATEGORIES)
 
 
-@pytest.mark.parametrize("bad", [(1.0, 1.0), (1.0, 1.0, 1.0, 1.0, -1.0, 1.0), (0.0,) * 6])
+@pytest.mark.parametrize(
+    "bad", [(1.0, 1.0), (1.0, 1.0, 1.0, 1.0, -1.0, 1.0), (0.0,) * 6, (1.0, 1.0, 1.0, 1.0, 1.0, float("nan"))]
+)
 def test_bad_category_weights_name_the_field_and_what_is_allowed(bad):
     with pytest.raises(ValueError, match=r"pretrain\.category_weights must be 6 non-negative numbers"):
         PretrainConfig(category_weights=bad)

@@ -66,8 +66,11 @@ class PretrainConfig:
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"pretrain.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         weights = self.category_weights
-        bad = weights is not None and (len(weights) != len(CATEGORIES) or min(weights) < 0 or sum(weights) <= 0)
-        if bad:
+        if weights is not None and (
+            len(weights) != len(CATEGORIES)
+            or not all(math.isfinite(w) and w >= 0 for w in weights)
+            or sum(weights) <= 0
+        ):
             raise ValueError(
                 f"pretrain.category_weights must be {len(CATEGORIES)} non-negative numbers, not all zero, one per "
                 f"category in the order {list(CATEGORIES)}; got {list(weights)}"
@@ -84,6 +87,7 @@ def scene_batch(
     p = None if category_weights is None else np.asarray(category_weights, dtype=np.float64) / sum(category_weights)
     images, prompts = [], []
     for _ in range(batch):
+        # The uniform draw keeps the random calls of the run behind the shipped base (docs/pretraining.md).
         k = rng.integers(len(CATEGORIES)) if p is None else rng.choice(len(CATEGORIES), p=p)
         spec = random_prompt(rng, CATEGORIES[int(k)])
         img, _ = render(spec, rng)
@@ -115,11 +119,13 @@ def _lr(cfg: PretrainConfig, step: int) -> float:
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run pretraining; returns the output folder (checkpoints ``step_XXXXX.safetensors`` and ``ema_XXXXX``)."""
+    torch.manual_seed(cfg.seed)
+    # Before the output folder is touched: a missing or broken --init checkpoint fails here.
+    model = load_tiny_dit(cfg.init) if cfg.init else TinyDiT(cfg.model)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    model = load_tiny_dit(cfg.init) if cfg.init else TinyDiT(cfg.model)
+    recorded = dataclasses.replace(cfg, model=model.config)  # the architecture trained, also under --init
+    (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(recorded), indent=2))
     tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(list(model.parameters()), decay=lambda k: min(cfg.ema_decay, (1.0 + k) / (10.0 + k)))
