@@ -8,7 +8,7 @@ from rewardflow.algorithms.nft import NFTConfig, old_decay
 from rewardflow.cli import main
 from rewardflow.config import from_yaml, to_yaml
 from rewardflow.models.tiny_dit import save_tiny_dit
-from rewardflow.presets import PRESETS, get_preset
+from rewardflow.presets import PRESETS, get_preset, shapes_recipe
 from rewardflow.run_state import config_differences
 from rewardflow.utils.checkpoint import load_state
 from tests.conftest import make_policy
@@ -19,25 +19,35 @@ def test_presets_are_complete_and_consistent():
         cfg = get_preset(name)
         assert cfg.rows_per_iter % cfg.algo.micro_batch == 0
         assert from_yaml(to_yaml(cfg)) == cfg  # config.yaml round-trips exactly (tuples included)
+    recipe = shapes_recipe()
+    assert recipe.grpo.clip_range == 1e-4 and recipe.grpo.kl_beta == 0.04 and recipe.grpo.optimizer_steps == 2
+    assert recipe.grpo.guard and recipe.grpo.num_steps == 10
+    # The demo is the recipe made cheaper per iteration, and run for more iterations; nothing else.
     cpu = get_preset("shapes_grpo_cpu")
-    assert cpu.grpo.clip_range == 1e-4 and cpu.grpo.kl_beta == 0.04 and cpu.grpo.optimizer_steps == 2
-    assert cpu.grpo.guard
-    # The long preset is the demo run longer (on a GPU when there is one) with the paper's ratio, nothing else.
+    assert set(config_differences(recipe, cpu)) == {
+        "run_dir", "iterations", "save_every", "model.compile", "grpo.num_steps", "grpo.kl_every"
+    }  # fmt: skip
+    assert cpu.grpo.num_steps == 6 and cpu.grpo.kl_every == 4 and cpu.model.compile
+    # The long preset is the recipe run longer (on a GPU when there is one) with the paper's ratio, nothing else.
     long = get_preset("shapes_grpo")
-    assert set(config_differences(cpu, long)) == {
+    assert set(config_differences(recipe, long)) == {
         "run_dir", "iterations", "eval_every", "save_every", "model.device", "grpo.guard"
     }  # fmt: skip
     assert not long.grpo.guard
     # The GRPO family presets change only what defines the method (and use the published, plain ratio).
     fast, dance, mix = (get_preset(f"shapes_{m}_cpu") for m in ("grpo_fast", "dance", "mix"))
-    assert set(config_differences(cpu, fast)) == {"run_dir", "grpo.sde_window", "grpo.sde_window_range", "grpo.guard"}
-    assert set(config_differences(cpu, dance)) == {
+    assert set(config_differences(recipe, fast)) == {
+        "run_dir", "grpo.sde_window", "grpo.sde_window_range", "grpo.guard"
+    }  # fmt: skip
+    assert set(config_differences(recipe, dance)) == {
         "run_dir", "grpo.sde_type", "grpo.noise_level", "grpo.same_initial_noise", "grpo.timestep_fraction",
         "grpo.guard",
     }  # fmt: skip
     assert set(config_differences(dance, mix)) == {
         "run_dir", "grpo.timestep_fraction", "grpo.sde_window", "grpo.window_schedule", "grpo.window_iters"
     }  # fmt: skip
+    # Only the demo compiles: the smoke preset and the other presets' measurements ran eagerly.
+    assert not any(get_preset(name).model.compile for name in PRESETS if name != "shapes_grpo_cpu")
     nft = get_preset("shapes_nft_cpu")  # CFG-free in rollouts, training and evaluation
     assert nft.algorithm == "nft" and nft.nft.guidance_scale == 1.0 and nft.eval.guidance_scale == 1.0
 

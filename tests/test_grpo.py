@@ -151,6 +151,37 @@ def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
     assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
 
 
+def test_kl_every_computes_the_kl_term_in_rotating_forwards_weighted_up(tiny_config, monkeypatch):
+    """With ``kl_every`` 2, the KL gradient is that of the terms of forwards (micro-batch m, step k) with m + k even,
+    each weighted by 2; the reference runs in those forwards only."""
+    policy = make_policy(tiny_config)
+    with torch.no_grad():  # off the reference, so that the KL term has a gradient
+        for p in policy.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1, kl_beta=0.5, kl_every=2, grad_clip=float("inf"))
+    batch = _batch(policy, GRPOConfig(num_steps=3, micro_batch=4), seed=3)
+    calls = []
+    real = grpo.step_terms
+
+    def counting(*args, need_reference, **kwargs):
+        calls.append(need_reference)
+        return real(*args, need_reference=need_reference, **kwargs)
+
+    monkeypatch.setattr(grpo, "step_terms", counting)
+    got = update_gradient(policy, batch, torch.zeros(8), cfg)  # zero advantages: only the KL has a gradient
+    assert calls == [True, False, False, True]  # (m, k) = (0, 0), (0, 1), (1, 0), (1, 1)
+    params = list(policy.trainable_parameters())
+    total = 0.0
+    for m, k in [(0, 0), (1, 1)]:
+        _, kl = real(policy, batch, slice(4 * m, 4 * m + 4), k, cfg, need_reference=True)
+        total = total + 0.5 * 2 * kl.mean() / (2 * 2)  # beta * kl_every * mean / (micro-batches * steps)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(total, params)])
+    assert got.norm() > 0
+    assert torch.allclose(got, expected, atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="kl_every"):
+        GRPOConfig(kl_every=0)
+
+
 def test_micro_batches_give_every_row_of_a_step_the_same_weight():
     even = micro_batches(128, 32, 2)
     chunks, per_opt = [slice(i, i + 32) for i in range(0, 128, 32)], 2  # what check_batch's even split gives

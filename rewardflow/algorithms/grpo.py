@@ -285,7 +285,8 @@ def train_step(
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
-    for rows, share, _, ends_step in plan:
+    kl_terms = 0
+    for m, (rows, share, _, ends_step) in enumerate(plan):
         adv = advantages[rows].float()
         b = torch.arange(len(adv))
         steps = torch.tensor(all_steps).expand(len(adv), -1)
@@ -294,7 +295,8 @@ def train_step(
             steps = steps.gather(1, keys.argsort(dim=1)[:, :n_steps].sort(dim=1).values)
         for k in range(n_steps):
             j = steps[:, k]
-            out, kl = step_terms(policy, batch, rows, j, cfg, need_reference=cfg.kl_beta > 0)
+            with_kl = cfg.kl_beta > 0 and (m + k) % cfg.kl_every == 0
+            out, kl = step_terms(policy, batch, rows, j, cfg, need_reference=with_kl)
             jd = j.to(batch.log_probs.device)
             if cfg.guard:
                 log_ratio = guard_log_ratio(out, batch.means[rows][b, jd], cfg.log_prob_reduction)
@@ -302,14 +304,17 @@ def train_step(
             else:
                 log_ratio, weights = out.log_prob - batch.log_probs[rows][b, jd], None
             pg, info = clipped_policy_loss(log_ratio, adv, cfg.clip_range, weights)
-            loss = pg + (cfg.kl_beta * kl.mean() if kl is not None else 0.0)
+            loss = pg + (cfg.kl_beta * cfg.kl_every * kl.mean() if kl is not None else 0.0)
             (loss / (share * n_steps)).backward()
             sums["policy_loss"] += pg.detach()
-            sums["kl"] += kl.detach().mean() if kl is not None else 0.0
+            if kl is not None:
+                sums["kl"] += kl.detach().mean()
+                kl_terms += 1
             sums["clip_frac"] += info["clipped"].mean()
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
         if ends_step:
             grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
     metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
+    metrics["kl"] = float(sums["kl"]) / max(kl_terms, 1)  # the mean over the forwards that computed it
     return metrics

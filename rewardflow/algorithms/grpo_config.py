@@ -41,6 +41,10 @@ class GRPOConfig:
     global_std: bool = True
     """Normalise advantages by the std of the whole batch (True) or of each group."""
     kl_beta: float = 0.04
+    kl_every: int = 1
+    """Compute the KL term in one of every ``kl_every`` training forwards (micro-batch, step), weighted by
+    ``kl_every``: an unbiased estimate of the full term that skips that share of the reference's forwards. Which
+    steps carry it rotates with the micro-batch, so over ``kl_every`` micro-batches every step does."""
     kl_form: Literal["code", "paper"] = "code"
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     micro_batch: int = 32
@@ -94,6 +98,8 @@ class GRPOConfig:
         for name in ("clip_range", "adv_clip_max", "kl_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_every < 1:
+            raise ValueError(f"grpo.kl_every must be >= 1 (1: the KL term in every forward), got {self.kl_every}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError("grpo.micro_batch and grpo.optimizer_steps must be >= 1")
         if not 0 < self.timestep_fraction <= 1:
