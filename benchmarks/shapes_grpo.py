@@ -84,7 +84,7 @@ def table(before: dict, after: dict, key: str) -> list[str]:
     return lines
 
 
-def report(preset: str, run: Path, wall: float, kl: float) -> tuple[str, dict]:
+def report(preset: str, run: Path, wall: float | None, kl: float) -> tuple[str, dict]:
     evals = sorted((run / "eval").glob("iter_*.json"))
     before, after = json.loads(evals[0].read_text()), json.loads(evals[-1].read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -110,10 +110,11 @@ def report(preset: str, run: Path, wall: float, kl: float) -> tuple[str, dict]:
     lines = [
         f"### `{preset}` ({dt.date.today().isoformat()}, commit {commit})",
         "",
-        f"- Command: `python benchmarks/shapes_grpo.py {preset}` (run folder `{run}`)",
+        f"- Command: `python benchmarks/shapes_grpo.py {preset}{'' if wall is not None else ' --report-only'}` "
+        f"(run folder `{run}`)",
         f"- Machine: {machine()}",
-        f"- Training: {len(train_rows)} iterations in **{train_seconds / 60:.1f} min** of training loop "
-        f"({wall / 60:.1f} min wall including the two evaluations)",
+        f"- Training: {len(train_rows)} iterations in **{train_seconds / 60:.1f} min** of training loop"
+        + (f" ({wall / 60:.1f} min wall including the two evaluations)" if wall is not None else ""),
         f"- Evaluation: {before['num_prompts']} prompts x {before['samples_per_prompt']} samples, "
         f"{before['settings']['num_steps']} Euler steps, CFG {before['settings']['guidance_scale']}, EMA weights",
         f"- Strict overall **{before['overall']:.3f} -> {after['overall']:.3f}** "
@@ -163,7 +164,7 @@ def main() -> None:
         cfg = get_preset(args.preset)
         cfg.run_dir = str(run)
         train(cfg)
-    wall = time.time() - t0
+    wall = None if args.report_only else time.time() - t0
     text, raw = report(args.preset, run, wall, kl_to_base(run))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ Differences from the paper / official code, on purpose:
   as the official code does, adding a few back so the rest fills whole micro-batches (the official code: so the
   count splits into its batches).
 - The KL form (code: no ``dt``, mean over elements; paper: exact Gaussian KL) is the named option
-  ``kl_form``, default "code" as in the official configs' beta values.
+  ``kl_form``, default "code" as in the official configs' beta values. ``kl_every`` (ours; default 1, every forward
+  as in the paper) computes the KL term in one of every ``kl_every`` training forwards, weighted by ``kl_every``, so
+  the reference network runs that much less; the Shapes demo uses 4.
 - Flow-GRPO-Fast (``sde_window > 0``) draws one window per iteration for every row; the official code draws
   one per rollout call (per GPU batch).
 

@@ -43,8 +43,9 @@ class GRPOConfig:
     kl_beta: float = 0.04
     kl_every: int = 1
     """Compute the KL term in one of every ``kl_every`` training forwards (micro-batch, step), weighted by
-    ``kl_every``: an unbiased estimate of the full term that skips that share of the reference's forwards. Which
-    steps carry it rotates with the micro-batch, so over ``kl_every`` micro-batches every step does."""
+    ``kl_every``: since the rows are random draws, an unbiased estimate of the full term, without that share of the
+    reference's forwards. Which steps carry it rotates with the micro-batch, so over ``kl_every`` micro-batches
+    every step does."""
     kl_form: Literal["code", "paper"] = "code"
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     micro_batch: int = 32
