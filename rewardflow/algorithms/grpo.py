@@ -283,11 +283,11 @@ def train_step(
     n_steps = max(1, round(cfg.timestep_fraction * len(all_steps)))
     plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
-    names = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_dev")
+    names = ("policy_loss", "clip_frac", "approx_kl", "ratio_dev")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
+    kl_sum, kl_terms = 0.0, 0  # over the forwards that compute the KL (every one unless kl_every > 1)
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
-    kl_terms = 0
     for m, (rows, share, _, ends_step) in enumerate(plan):
         adv = advantages[rows].float()
         b = torch.arange(len(adv))
@@ -310,13 +310,12 @@ def train_step(
             (loss / (share * n_steps)).backward()
             sums["policy_loss"] += pg.detach()
             if kl is not None:
-                sums["kl"] += kl.detach().mean()
-                kl_terms += 1
+                kl_sum, kl_terms = kl_sum + kl.detach().mean(), kl_terms + 1
             sums["clip_frac"] += info["clipped"].mean()
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
         if ends_step:
             grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
     metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
-    metrics["kl"] = float(sums["kl"]) / max(kl_terms, 1)  # the mean over the forwards that computed it
+    metrics["kl"] = float(kl_sum) / max(kl_terms, 1)
     return metrics
