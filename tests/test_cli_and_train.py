@@ -100,6 +100,15 @@ def test_train_writes_a_complete_run_folder_and_resumes_exactly(tmp_path, tiny_r
     assert [m["iteration"] for m in resumed if "reward" in m] == [1, 2]  # no duplicated training rows
     assert [m["reward"] for m in resumed if "reward" in m] == [m["reward"] for m in train_rows]
 
+    # The EMA only feeds evaluation and checkpoints: another decay, with an evaluation swapping it in and out between
+    # the two iterations, trains bit for bit the same weights (what shapes_grpo_cpu's EMA cap was measured on).
+    other = tmp_path / "other_ema"
+    args = ["--run-dir", str(other), "--ema-decay", "0.2", "--eval-every", "1", *tiny_run_args]
+    assert main(["train", "shapes_grpo_smoke", *args]) == 0
+    c = load_state(other / "checkpoints/state_00002.pt")
+    assert all(torch.equal(a["trainable"][k], c["trainable"][k]) for k in a["trainable"])
+    assert not all(torch.equal(x, y) for x, y in zip(a["ema"]["shadow"], c["ema"]["shadow"]))
+
     # A finished run folder is never overwritten; resuming with another configuration is refused.
     before = (full / "metrics.jsonl").read_text()
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(full), *tiny_run_args]) == 2
