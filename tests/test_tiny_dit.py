@@ -28,7 +28,7 @@ def test_default_architecture_size_and_tokens():
 def test_a_new_prompt_encoder_reads_word_order():
     # Binding ("a circle left of a square", "a red circle and a blue square") needs the order of the words. Swapping
     # the two objects must move the pooled prompt a fair part of what changing one word does; with word positions
-    # at 1/50 of the token scale (the shipped base's initialisation) it moved it 0.5-1%.
+    # at 1/50 of the token scale (the shipped base's initialisation) it moved it 0.4-0.9%.
     tokenizer = ShapesTokenizer(VOCABULARY, 12)
     pairs = [
         ("a circle left of a square", "a square left of a circle", "a circle above a square"),
