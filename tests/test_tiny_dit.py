@@ -12,7 +12,7 @@ from rewardflow.models.tiny_dit import (
     load_tiny_dit,
     save_tiny_dit,
 )
-from rewardflow.shapes.grammar import VOCABULARY, PromptError
+from rewardflow.shapes.grammar import PromptError
 from tests.conftest import make_policy
 
 
@@ -29,7 +29,6 @@ def test_a_new_prompt_encoder_reads_word_order():
     # Binding ("a circle left of a square", "a red circle and a blue square") needs the order of the words. Swapping
     # the two objects must move the pooled prompt a fair part of what changing one word does; with word positions
     # at 1/50 of the token scale (the shipped base's initialisation) it moved it 0.4-0.9%.
-    tokenizer = ShapesTokenizer(VOCABULARY, 12)
     pairs = [
         ("a circle left of a square", "a square left of a circle", "a circle above a square"),
         ("a red circle and a blue square", "a blue circle and a red square", "a red circle and a green square"),
@@ -37,6 +36,7 @@ def test_a_new_prompt_encoder_reads_word_order():
     for seed in range(3):
         torch.manual_seed(seed)
         model = TinyDiT(TinyDiTConfig())
+        tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
         for prompt, swapped, other_word in pairs:
             with torch.no_grad():
                 pooled = model.encode_text(tokenizer([prompt, swapped, other_word]))[1]
