@@ -187,7 +187,8 @@ class TinyDiT(nn.Module):
         # Word positions start at the token embeddings' scale (nn.Embedding draws N(0, 1)). At std 0.02 they were
         # 1/50 of each token's vector and stayed ~1/30 through pretraining, so the shipped base reads a prompt
         # almost as a bag of words: "a circle left of a square" and "a square left of a circle" give nearly the
-        # same images, and position and colour binding stay at chance (docs/pretraining.md, "Word order").
+        # same images, and its position direction and colour binding stay near chance (docs/pretraining.md,
+        # "Word order").
         self.text_pos = nn.Parameter(torch.randn(1, config.max_prompt_tokens, d))
         self.text_blocks = nn.ModuleList(
             TextBlock(d, config.heads, config.mlp_ratio) for _ in range(config.text_depth)
