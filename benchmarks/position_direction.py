@@ -58,9 +58,13 @@ def direction_by_pair(policy, samples_per_prompt: int, seed: int, max_prompts: i
     cfg = dataclasses.replace(EvalConfig(), seed=seed)
     records = [r for r in load_prompts(cfg.prompts) if r.metadata.get("category") == "position"][:max_prompts]
     prompts = [r.prompt for r in records for _ in range(samples_per_prompt)]
-    specs = [parse_prompt(p) for p in prompts]
+    return tally([parse_prompt(p) for p in prompts], generate(policy, prompts, cfg).numpy())
+
+
+def tally(specs: list, images: np.ndarray) -> dict:
+    """Per shape pair (and "all"): samples, strict pass, both shapes drawn, and the asked relation given both."""
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for spec, verdict in zip(specs, judge_images(specs, generate(policy, prompts, cfg).numpy())):
+    for spec, verdict in zip(specs, judge_images(specs, images)):
         objects = [d for d in verdict.detections if d.is_object]
         first = [d for d in objects if d.shape == spec.objects[0].shape]
         second = [d for d in objects if d.shape == spec.objects[1].shape]
@@ -77,6 +81,7 @@ def direction_by_pair(policy, samples_per_prompt: int, seed: int, max_prompts: i
             "strict": c["strict"] / c["samples"],
             "both_drawn": c["both"] / c["samples"],
             "pairs": c["both"],
+            "asked": c["asked"],
             "asked_given_both": c["asked"] / c["both"] if c["both"] else None,
         }
         for key, c in sorted(counts.items())

@@ -53,3 +53,29 @@ def test_position_direction_splits_the_position_score_by_shape_pair(tmp_path):
     # The shipped base barely reads word order: swapping the objects leaves its denoising loss within 1%.
     assert [r["sigma"] for r in result["swap_loss"]] == [0.95, 0.85, 0.7, 0.5, 0.3]
     assert all(abs(r["increase"]) < 0.01 and r["true"] > 0 for r in result["swap_loss"])
+
+
+def test_position_direction_tally_on_rendered_scenes_and_on_their_swapped_prompts():
+    import importlib.util
+
+    import numpy as np
+
+    from rewardflow.shapes.grammar import parse_prompt
+    from rewardflow.shapes.render import render
+
+    spec_ = importlib.util.spec_from_file_location("position_direction", ROOT / "benchmarks" / "position_direction.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    texts = ["a circle left of a square", "a triangle above a circle", "a square below a triangle"] * 4
+    specs = [parse_prompt(t) for t in texts]
+    rng = np.random.default_rng(0)
+    images = np.stack([render(s, rng)[0] for s in specs])
+    truth = bench.tally(specs, images)
+    assert truth["all"] == {"samples": 12, "strict": 1.0, "both_drawn": 1.0, "pairs": 12, "asked": 12,
+                            "asked_given_both": 1.0}  # fmt: skip
+    assert set(truth) == {"all", "circle/square", "circle/triangle", "square/triangle"}
+    # The same scenes judged against the prompt with its objects swapped: both drawn, never the asked way round.
+    swapped = bench.tally([parse_prompt(bench.swapped(t)) for t in texts], images)
+    assert swapped["all"]["both_drawn"] == 1.0 and swapped["all"]["asked_given_both"] == 0.0
+    assert swapped["all"]["strict"] == 0.0
+    assert bench.swapped("a red circle right of a blue square") == "a blue square right of a red circle"
