@@ -38,8 +38,6 @@ from rewardflow.shapes.judge import judge_images
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import relation_holds, render
 
-RELATIONS = ("left of", "right of", "above", "below")
-
 
 def load(checkpoint: str):
     if os.path.isdir(checkpoint):
@@ -89,11 +87,11 @@ def tally(specs: list, images: np.ndarray) -> dict:
 
 
 def swapped(text: str) -> str:
-    for rel in RELATIONS:
-        if f" {rel} " in text:
-            first, second = text.split(f" {rel} ")
-            return f"{second} {rel} {first}"
-    raise ValueError(f"not a position prompt: {text!r}")
+    """The position prompt ``text`` with its two objects exchanged, in the grammar's canonical form."""
+    spec = parse_prompt(text)
+    if spec.relation is None:
+        raise ValueError(f"not a position prompt: {text!r}")
+    return dataclasses.replace(spec, objects=spec.objects[::-1]).text
 
 
 def swap_loss(policy, scenes: int, sigmas: list[float]) -> list[dict]:
