@@ -22,13 +22,15 @@ def test_presets_are_complete_and_consistent():
     recipe = shapes_recipe()
     assert recipe.grpo.clip_range == 1e-4 and recipe.grpo.kl_beta == 0.04 and recipe.grpo.optimizer_steps == 2
     assert recipe.grpo.guard and recipe.grpo.num_steps == 10
-    # The demo is the recipe made cheaper per iteration, run for more iterations and evaluated through a longer EMA
-    # (which changes no training step); nothing else.
+    # The demo is the recipe made cheaper per iteration, run for more iterations with a stronger KL and evaluated
+    # through a longer EMA (which changes no training step); nothing else.
     cpu = get_preset("shapes_grpo_cpu")
     assert set(config_differences(recipe, cpu)) == {
-        "run_dir", "iterations", "save_every", "ema_decay", "model.compile", "grpo.num_steps", "grpo.kl_every"
+        "run_dir", "iterations", "save_every", "ema_decay", "model.compile", "grpo.num_steps", "grpo.kl_every",
+        "grpo.kl_beta",
     }  # fmt: skip
     assert cpu.grpo.num_steps == 6 and cpu.grpo.kl_every == 4 and cpu.model.compile and cpu.ema_decay == 0.97
+    assert cpu.grpo.kl_beta == 0.2
     # The long preset is the recipe run longer (on a GPU when there is one) with the paper's ratio, nothing else.
     long = get_preset("shapes_grpo")
     assert set(config_differences(recipe, long)) == {
