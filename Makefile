@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo (18-20 minutes of training on 2
+#   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo (18-21 minutes of training on 2
 #               AVX-512 cores with bfloat16; longer on CPUs without it) and writes the run's HTML report
 #   make test   creates .venv, installs rewardflow with its dev tools, runs lint and the default test tier
 #               (two pytest-xdist workers, one core each)

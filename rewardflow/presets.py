@@ -59,9 +59,8 @@ def shapes_grpo_cpu() -> TrainConfig:
     instead of 0.9, so it averages the last ~30 optimizer steps instead of ~10: the training is the same, and over
     six paired evaluations of three seeds' trainings it scored +0.7 strict and +1.3 clean points on average
     (docs/results.md, "A uniform 6-step training grid, and a longer EMA"). The KL weight is five times the recipe's
-    (beta 0.2): three seeds gained +10.3 to +11.9 strict points (clean +11.1 to +12.4) in 150 iterations and a fresh
-    clone's ``make demo`` +8.6 (mean +10.6), where beta 0.04 gained +6.6 to +10.4 over four trajectories (mean
-    +8.3); the palette still drifts towards white
+    (beta 0.2): five runs gained +7.9 to +11.9 strict points (mean +10.1; clean +10.5) in 150 iterations, where beta
+    0.04 gained +6.6 to +10.4 over four trajectories (mean +8.3); the palette still drifts towards white
     (docs/results.md, "Five times the KL: the preset since the thirty-third session").
     """
     cfg = shapes_recipe()
