@@ -2,8 +2,8 @@
 
 Runs ``rewardflow train PRESET`` into a fresh run folder (the run evaluates the base at iteration 0 and the
 EMA weights at the end), then measures the KL of the tuned policy to the base along its own SDE rollouts
-on the evaluation prompts, and writes a Markdown report with per-category before/after tables, colour and
-shape histograms and detections per image, plus the raw numbers as JSON.
+on the evaluation prompts, and writes a Markdown report with per-category before/after tables, the two-object
+prompts split by pair of shapes, colour and shape histograms and detections per image, plus the raw numbers as JSON.
 
     python benchmarks/shapes_grpo.py shapes_grpo_cpu --out benchmarks/results
 """
@@ -84,6 +84,23 @@ def table(before: dict, after: dict, key: str) -> list[str]:
     return lines
 
 
+def pair_table(before: dict, after: dict) -> list[str]:
+    """Strict accuracy base -> tuned by pair of shapes and category (empty for reports written before the split)."""
+    if "shape_pairs" not in before or "shape_pairs" not in after:
+        return []
+    cats = list(after["shape_pairs"])
+    pairs = sorted({p for c in cats for p in after["shape_pairs"][c]})
+    lines = ["Strict accuracy of the prompts that name two objects, by their pair of shapes (base -> tuned):", ""]
+    lines += ["| pair | " + " | ".join(cats) + " |", "|---" * (1 + len(cats)) + "|"]
+    for p in pairs:
+        cells = [
+            f"{before['shape_pairs'][c][p]:.2f} -> {after['shape_pairs'][c][p]:.2f}" if p in after["shape_pairs"][c]
+            else "" for c in cats
+        ]  # fmt: skip
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(preset: str, run: Path, wall: float | None, kl: float) -> tuple[str, dict]:
     evals = sorted((run / "eval").glob("iter_*.json"))
     before, after = json.loads(evals[0].read_text()), json.loads(evals[-1].read_text())
@@ -135,6 +152,7 @@ def report(preset: str, run: Path, wall: float | None, kl: float) -> tuple[str, 
         "",
         *table(before, after, "clean_categories"),
         "",
+        *pair_table(before, after),
         "Detected colours and shapes over all evaluation images (reward hacking would show here):",
         "",
         *hist,

@@ -2,7 +2,8 @@
 
 ``overall`` is the mean of the category accuracies (GenEval's convention), ``clean_overall`` the same for
 clean passes (strict and nothing unrequested). The histograms of detected colours and shapes, the blob count
-and the mean number of detections per image make reward hacking (extra objects, colour collapse) visible.
+and the mean number of detections per image make reward hacking (extra objects, colour collapse) visible;
+``shape_pairs`` splits the prompts that name two objects by their pair of shapes (which pairs the model confuses).
 
 Two measures need no judge and no download, so they are reported for any model: ``diversity``, the mean over
 prompts of the mean pairwise RMS pixel distance between that prompt's samples (a collapse to one image per
@@ -144,12 +145,22 @@ def drift(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_prompt: int) -> dict[str, Any]:
     """The evaluation report (JSON-ready) from one verdict per image, images grouped by prompt record."""
+    if len(verdicts) != len(records) * samples_per_prompt:
+        raise ValueError(
+            f"got {len(verdicts)} verdicts for {len(records)} prompts x {samples_per_prompt} samples; they must match"
+        )
     by_cat: dict[str, list[Verdict]] = {}
     held: dict[bool, list[Verdict]] = {True: [], False: []}
-    for i, v in enumerate(verdicts):
-        rec = records[i // samples_per_prompt]
-        by_cat.setdefault(rec.metadata.get("category") or parse_prompt(rec.prompt).category, []).append(v)
-        held[bool(rec.metadata.get("held_out", False))].append(v)
+    by_pair: dict[str, dict[str, list[bool]]] = {}
+    for r, rec in enumerate(records):
+        spec = parse_prompt(rec.prompt)
+        cat = rec.metadata.get("category") or spec.category
+        mine = verdicts[r * samples_per_prompt : (r + 1) * samples_per_prompt]
+        by_cat.setdefault(cat, []).extend(mine)
+        held[bool(rec.metadata.get("held_out", False))].extend(mine)
+        if len(spec.objects) == 2:
+            pair = "+".join(sorted(o.shape for o in spec.objects))
+            by_pair.setdefault(cat, {}).setdefault(pair, []).extend(v.strict for v in mine)
     cats = [c for c in CATEGORIES if c in by_cat]
     strict = {c: float(np.mean([v.strict for v in by_cat[c]])) for c in cats}
     clean = {c: float(np.mean([v.clean for v in by_cat[c]])) for c in cats}
@@ -167,6 +178,11 @@ def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_
         "held_out_strict": float(np.mean([v.strict for v in held[True]])) if held[True] else None,
         "seen_strict": float(np.mean([v.strict for v in held[False]])) if held[False] else None,
         "detections_per_image": {c: float(np.mean([len(v.detections) for v in by_cat[c]])) for c in cats},
+        # Strict accuracy of the two-object prompts split by their (unordered) pair of shapes: the shapes the
+        # model draws alike fail together, in every category that names two objects.
+        "shape_pairs": {
+            c: {pair: float(np.mean(ok)) for pair, ok in sorted(by_pair[c].items())} for c in cats if c in by_pair
+        },
         "histogram": {
             "colors": {c: colors.get(c, 0) for c in COLORS},
             "shapes": {s: shapes.get(s, 0) for s in SHAPES},

@@ -57,6 +57,27 @@ def test_summary_is_mean_of_category_accuracies():
     assert rep["held_out_strict"] == 0.0 and rep["seen_strict"] == 1.0
     assert rep["histogram"]["colors"]["red"] == 7 and rep["histogram"]["shapes"]["circle"] == 7
     assert rep["detections_per_image"]["counting"] == pytest.approx(1.25)
+    assert rep["shape_pairs"] == {}
+
+
+def test_summary_splits_two_object_prompts_by_shape_pair():
+    recs = [
+        PromptRecord("a circle and a square", {"category": "two_object"}),
+        PromptRecord("a square and a circle", {"category": "two_object"}),
+        PromptRecord("a triangle and a circle", {"category": "two_object"}),
+        PromptRecord("a red circle and a blue circle", {"category": "color_attr"}),
+        PromptRecord("a square left of a triangle", {}),  # category from the grammar
+        PromptRecord("three squares", {"category": "counting"}),
+    ]
+    strict = [True, False, False, False, True, True, False, True, True, True, True, True]
+    rep = summarize(recs, [_v(s, s) for s in strict], samples_per_prompt=2)
+    assert rep["shape_pairs"] == {
+        "two_object": {"circle+square": 0.25, "circle+triangle": 1.0},
+        "position": {"square+triangle": 1.0},
+        "color_attr": {"circle+circle": 0.5},
+    }
+    with pytest.raises(ValueError, match="7 verdicts for 6 prompts x 1"):
+        summarize(recs, [_v(True, True)] * 7, samples_per_prompt=1)
 
 
 def test_shapes_reward_penalises_extra_objects():
