@@ -159,7 +159,7 @@ def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_
         by_cat.setdefault(cat, []).extend(mine)
         held[bool(rec.metadata.get("held_out", False))].extend(mine)
         if len(spec.objects) == 2:
-            pair = "+".join(sorted(o.shape for o in spec.objects))
+            pair = "/".join(sorted(o.shape for o in spec.objects))
             by_pair.setdefault(cat, {}).setdefault(pair, []).extend(v.strict for v in mine)
     cats = [c for c in CATEGORIES if c in by_cat]
     strict = {c: float(np.mean([v.strict for v in by_cat[c]])) for c in cats}

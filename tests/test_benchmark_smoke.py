@@ -79,3 +79,36 @@ def test_position_direction_tally_on_rendered_scenes_and_on_their_swapped_prompt
     assert swapped["all"]["both_drawn"] == 1.0 and swapped["all"]["asked_given_both"] == 0.0
     assert swapped["all"]["strict"] == 0.0
     assert bench.swapped("a red circle right of a blue square") == "a blue square right of a red circle"
+
+
+def test_shapes_grpo_report_tables_a_synthetic_run(tmp_path):
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("shapes_grpo_bench", ROOT / "benchmarks" / "shapes_grpo.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+
+    def evaluation(two, pos, pairs):
+        cats = {"two_object": two, "position": pos}
+        return {"overall": (two + pos) / 2, "clean_overall": (two + pos) / 2, "categories": cats,
+                "clean_categories": cats, "held_out_strict": 0.5, "seen_strict": 0.5, "num_prompts": 8,
+                "samples_per_prompt": 2, "detections_per_image": {"two_object": 2.0, "position": 2.0},
+                "histogram": {"colors": {"red": 3, "white": 1}, "shapes": {"circle": 2, "square": 2}, "blobs": 0},
+                "settings": {"num_steps": 40, "guidance_scale": 4.5}, "shape_pairs": pairs}  # fmt: skip
+
+    (tmp_path / "eval").mkdir()
+    before = evaluation(0.25, 0.5, {"two_object": {"circle/square": 0.0, "circle/triangle": 0.5}})
+    after = evaluation(0.75, 0.5, {"two_object": {"circle/square": 0.5, "circle/triangle": 1.0}})
+    (tmp_path / "eval" / "iter_00000.json").write_text(json.dumps(before))
+    (tmp_path / "eval" / "iter_00002.json").write_text(json.dumps(after))
+    rows = [{"iteration": i, "reward": 0.5 + 0.1 * i, "time_iteration": 30.0} for i in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text, raw = bench.report("shapes_grpo_cpu", tmp_path, None, 1e-3)
+    assert "Strict overall **0.375 -> 0.625** (+25.0 points)" in text
+    assert "| two_object | 0.250 | 0.750 | +0.500 |" in text
+    assert "| circle/square | 0.00 -> 0.50 |" in text and "| circle/triangle | 0.50 -> 1.00 |" in text
+    assert "2 iterations in **1.0 min**" in text and raw["kl_to_base"] == 1e-3
+    # Reports of evaluations written before the split by pair have no such table.
+    del before["shape_pairs"]
+    (tmp_path / "eval" / "iter_00000.json").write_text(json.dumps(before))
+    assert "by their pair of shapes" not in bench.report("shapes_grpo_cpu", tmp_path, None, 1e-3)[0]

@@ -72,9 +72,9 @@ def test_summary_splits_two_object_prompts_by_shape_pair():
     strict = [True, False, False, False, True, True, False, True, True, True, True, True]
     rep = summarize(recs, [_v(s, s) for s in strict], samples_per_prompt=2)
     assert rep["shape_pairs"] == {
-        "two_object": {"circle+square": 0.25, "circle+triangle": 1.0},
-        "position": {"square+triangle": 1.0},
-        "color_attr": {"circle+circle": 0.5},
+        "two_object": {"circle/square": 0.25, "circle/triangle": 1.0},
+        "position": {"square/triangle": 1.0},
+        "color_attr": {"circle/circle": 0.5},
     }
     with pytest.raises(ValueError, match="7 verdicts for 6 prompts x 1"):
         summarize(recs, [_v(True, True)] * 7, samples_per_prompt=1)
