@@ -112,3 +112,41 @@ def test_shapes_grpo_report_tables_a_synthetic_run(tmp_path):
     del before["shape_pairs"]
     (tmp_path / "eval" / "iter_00000.json").write_text(json.dumps(before))
     assert "by their pair of shapes" not in bench.report("shapes_grpo_cpu", tmp_path, None, 1e-3)[0]
+
+
+def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_path):
+    import importlib.util
+
+    import torch
+
+    from rewardflow.models.tiny_dit import load_policy
+
+    spec_ = importlib.util.spec_from_file_location("prompt_paths", ROOT / "benchmarks" / "prompt_paths.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    policy = load_policy("base")
+    model, tok = policy.module, policy.tokenizer
+    tokens = tok(["a circle", ""])
+    x, sigma = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.7)
+    with torch.no_grad():
+        plain = model(x, sigma, tokens)
+        with bench.pooled_from(model, tok(["a circle"])):
+            own = model(x, sigma, tokens)
+        with bench.pooled_from(model, tok(["a square"])):
+            other = model(x, sigma, tokens)
+        with bench.pooled_from(model, None):
+            cut = model(x, sigma, tokens)
+        after = model(x, sigma, tokens)
+    assert torch.equal(own, plain) and torch.equal(after, plain) and "encode_text" not in vars(model)
+    for swapped in (other, cut):  # the prompt's row changes, the null prompt's (CFG) row does not
+        assert not torch.allclose(swapped[0], plain[0], atol=1e-3) and torch.equal(swapped[1], plain[1])
+    out = tmp_path / "pp.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "prompt_paths.py"), "--samples", "1", "--threads", "1",
+           "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prompt"], r["pooled_from"]) for r in rows][:4] == [
+        ("a circle and a square", "itself"), ("a circle and a square", "a square"),
+        ("a circle and a square", "a circle"), ("a circle and a square", "cut"),
+    ]  # fmt: skip
+    assert all(r["samples"] == 1 and 0.0 <= r["strict"] <= 1.0 for r in rows)
