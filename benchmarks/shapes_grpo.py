@@ -92,11 +92,13 @@ def pair_table(before: dict, after: dict) -> list[str]:
     pairs = sorted({p for c in cats for p in after["shape_pairs"][c]})
     lines = ["Strict accuracy of the prompts that name two objects, by their pair of shapes (base -> tuned):", ""]
     lines += ["| pair | " + " | ".join(cats) + " |", "|---" * (1 + len(cats)) + "|"]
+
+    def cell(rep: dict, c: str, p: str) -> str:
+        value = rep["shape_pairs"].get(c, {}).get(p)
+        return "-" if value is None else f"{value:.2f}"
+
     for p in pairs:
-        cells = [
-            f"{before['shape_pairs'][c][p]:.2f} -> {after['shape_pairs'][c][p]:.2f}" if p in after["shape_pairs"][c]
-            else "" for c in cats
-        ]  # fmt: skip
+        cells = [f"{cell(before, c, p)} -> {cell(after, c, p)}" if p in after["shape_pairs"][c] else "" for c in cats]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return lines + [""]
 
