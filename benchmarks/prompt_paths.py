@@ -69,7 +69,7 @@ def measure(checkpoint: str, samples: int, cases=CASES) -> list[dict]:
     cfg = EvalConfig()
     rows = []
     for prompt, source in cases:
-        tokens = None if source is None or source == "" else policy.tokenizer([source])
+        tokens = policy.tokenizer([source]) if source else None
         swap = contextlib.nullcontext() if source is None else pooled_from(policy.module, tokens)
         with swap:
             images = generate(policy, [prompt] * samples, cfg)
