@@ -74,6 +74,32 @@ def test_checkpoint_round_trip(tmp_path, tiny_config):
         assert torch.equal(a, b), k
 
 
+def test_without_the_pooled_prompt_the_prompt_reaches_the_image_only_through_attention(tmp_path, tiny_config):
+    import dataclasses
+    import json
+
+    config = dataclasses.replace(tiny_config, pooled_prompt=False)
+    policy = make_policy(config)
+    assert policy.module.pooled_proj is None
+    assert not any(k.startswith("pooled_proj") for k in policy.module.state_dict())
+    model, x, sigma = policy.module, torch.randn(2, 3, 32, 32), torch.rand(2)
+    tokens = ShapesTokenizer(config.vocabulary, config.max_prompt_tokens)(["a red circle", "three squares"])
+    encode = model.encode_text
+    with torch.no_grad():
+        v = model(x, sigma, tokens)
+        model.encode_text = lambda t: (encode(t)[0], torch.randn(t.shape[0], config.dim))  # any pooled vector
+        assert torch.equal(model(x, sigma, tokens), v)
+        model.encode_text = lambda t: (torch.zeros_like(encode(t)[0]), encode(t)[1])  # the tokens still matter
+        assert not torch.allclose(model(x, sigma, tokens), v, atol=1e-4)
+    del model.encode_text
+    save_tiny_dit(model, tmp_path / "m.safetensors")
+    assert load_tiny_dit(tmp_path / "m.safetensors").config.pooled_prompt is False
+    # A config written before the option existed (the shipped base's) keeps the pooled path.
+    legacy = {k: v for k, v in json.loads(tiny_config.to_json()).items() if k != "pooled_prompt"}
+    assert TinyDiTConfig.from_json(json.dumps(legacy)).pooled_prompt is True
+    assert load_policy("base").module.pooled_proj is not None
+
+
 def test_corrupt_missing_and_mismatched_checkpoints(tmp_path, tiny_config):
     with pytest.raises(FileNotFoundError):
         load_tiny_dit(tmp_path / "nope.safetensors")

@@ -5,8 +5,8 @@ Design (all sizes from :class:`TinyDiTConfig`):
 - a word-level tokenizer over the Shapes vocabulary (id 0 is padding; the empty prompt is the CFG null
   prompt) and a small pre-LN transformer text encoder;
 - 32x32x3 images cut into 4x4 patches (64 image tokens) with fixed 2-D sine-cosine positions;
-- DiT blocks with adaLN-zero modulation from the noise level and the pooled prompt, attending jointly over
-  [prompt tokens; image tokens];
+- DiT blocks with adaLN-zero modulation from the noise level (and, if ``pooled_prompt``, the mean of the encoded
+  prompt tokens), attending jointly over [prompt tokens; image tokens];
 - output: the velocity ``v = eps - x0`` at ``x_sigma = (1 - sigma) x0 + sigma eps``.
 
 :class:`TinyDiTPolicy` puts it behind the :class:`~rewardflow.models.protocol.FlowPolicy` protocol.
@@ -44,6 +44,11 @@ class TinyDiTConfig:
     text_depth: int = 2
     max_prompt_tokens: int = 12
     vocabulary: tuple[str, ...] = VOCABULARY
+    pooled_prompt: bool = True
+    """Add the pooled prompt (mean of the encoded tokens) to the adaLN conditioning of every image token. The
+    shipped base has it, and it hands every object of a prompt the same shape signal (docs/pretraining.md, "The
+    pooled prompt decides the shapes and the count"); without it the prompt reaches the image only through
+    attention."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -194,7 +199,7 @@ class TinyDiT(nn.Module):
             TextBlock(d, config.heads, config.mlp_ratio) for _ in range(config.text_depth)
         )
         self.text_norm = nn.LayerNorm(d)
-        self.pooled_proj = nn.Linear(d, d)
+        self.pooled_proj = nn.Linear(d, d) if config.pooled_prompt else None
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.patch_embed = nn.Linear(config.channels * p * p, d)
         self.register_buffer("image_pos", _pos_embed_2d(self.grid, d)[None], persistent=False)
@@ -221,7 +226,9 @@ class TinyDiT(nn.Module):
         b, ch, _, _ = x.shape
         p, g = self.config.patch_size, self.grid
         text, pooled = self.encode_text(tokens)
-        c = self.time_mlp(_sincos(sigma * 1000.0, self.config.dim).to(x.dtype)) + self.pooled_proj(pooled)
+        c = self.time_mlp(_sincos(sigma * 1000.0, self.config.dim).to(x.dtype))
+        if self.pooled_proj is not None:
+            c = c + self.pooled_proj(pooled)
         patches = x.reshape(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)
         h = torch.cat([text, self.patch_embed(patches) + self.image_pos], dim=1)
         for block in self.blocks:
