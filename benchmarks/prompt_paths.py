@@ -49,7 +49,12 @@ def pooled_from(model: TinyDiT, tokens: torch.Tensor | None):
     """Inside, ``model`` uses the pooled vector of ``tokens`` [1, L] for every non-empty prompt (zeros for None).
 
     The CFG branch (the empty prompt) keeps its own pooled vector, so guidance still contrasts with the null prompt.
+
+    Raises:
+        ValueError: the model has no pooled path (``pooled_prompt=False``), so a swap would measure nothing.
     """
+    if not model.config.pooled_prompt:
+        raise ValueError("this tiny DiT has no pooled prompt path (config pooled_prompt=False): nothing to swap")
     original = model.encode_text
 
     def encode_text(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

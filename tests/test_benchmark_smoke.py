@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,6 +142,13 @@ def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_pa
     assert torch.equal(own, plain) and torch.equal(after, plain) and "encode_text" not in vars(model)
     for swapped in (other, cut):  # the prompt's row changes, the null prompt's (CFG) row does not
         assert not torch.allclose(swapped[0], plain[0], atol=1e-3) and torch.equal(swapped[1], plain[1])
+    import dataclasses
+
+    from rewardflow.models.tiny_dit import TinyDiT
+
+    with pytest.raises(ValueError, match="no pooled prompt path"):
+        with bench.pooled_from(TinyDiT(dataclasses.replace(model.config, pooled_prompt=False)), None):
+            pass
     out = tmp_path / "pp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "prompt_paths.py"), "--samples", "1", "--threads", "1",
            "--out", str(out)]  # fmt: skip

@@ -95,7 +95,7 @@ def test_without_the_pooled_prompt_the_prompt_reaches_the_image_only_through_att
     save_tiny_dit(model, tmp_path / "m.safetensors")
     assert load_tiny_dit(tmp_path / "m.safetensors").config.pooled_prompt is False
     # A config written before the option existed (the shipped base's) keeps the pooled path.
-    legacy = {k: v for k, v in json.loads(tiny_config.to_json()).items() if k != "pooled_prompt"}
+    legacy = {key: val for key, val in json.loads(tiny_config.to_json()).items() if key != "pooled_prompt"}
     assert TinyDiTConfig.from_json(json.dumps(legacy)).pooled_prompt is True
     assert load_policy("base").module.pooled_proj is not None
 
