@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -65,6 +66,9 @@ def test_a_second_stage_starts_from_the_init_checkpoint_and_its_architecture(tmp
     assert same_weights(init, still / "step_00002.safetensors")
     moved = pretrain(config(tmp_path / "moved", init=str(init), steps=2))
     assert not same_weights(init, moved / "step_00002.safetensors")
+    # The padding mask has no weights, so a second stage may switch it on; the rest stays the init's.
+    masked = pretrain(config(tmp_path / "masked", model=TinyDiTConfig(mask_padding=True), init=str(init), steps=2))
+    assert load_tiny_dit(masked / "step_00002.safetensors").config == dataclasses.replace(SMALL, mask_padding=True)
     with pytest.raises(FileNotFoundError):
         pretrain(config(tmp_path / "missing", init=str(tmp_path / "nope.safetensors")))
     assert not (tmp_path / "missing").exists()  # a bad --init leaves no folder behind

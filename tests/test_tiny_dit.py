@@ -100,6 +100,32 @@ def test_without_the_pooled_prompt_the_prompt_reaches_the_image_only_through_att
     assert load_policy("base").module.pooled_proj is not None
 
 
+def test_a_masked_prompt_reads_as_if_it_had_no_padding(tmp_path, tiny_config):
+    import dataclasses
+    import json
+
+    config = dataclasses.replace(tiny_config, mask_padding=True)
+    model = make_policy(config).module
+    tokenizer = ShapesTokenizer(config.vocabulary, config.max_prompt_tokens)
+    prompts = ["a circle", "a red circle left of a blue square", ""]
+    tokens, x, sigma = tokenizer(prompts), torch.randn(3, 3, 32, 32), torch.rand(3)
+    with torch.no_grad():
+        v = model(x, sigma, tokens)
+        assert torch.isfinite(v).all()  # the null prompt (all padding) keeps its first position
+        for i, prompt in enumerate(prompts):
+            length = max(1, len(prompt.split()))  # the same prompt cut to its words: no padding at all
+            trimmed = model(x[i : i + 1], sigma[i : i + 1], tokens[i : i + 1, :length])
+            torch.testing.assert_close(trimmed, v[i : i + 1], atol=1e-5, rtol=1e-5)
+        # Without the mask the padding is attended: the same weights give another velocity for "a circle".
+        model.config = tiny_config
+        assert not torch.allclose(model(x[:1], sigma[:1], tokens[:1]), v[:1], atol=1e-4)
+    model.config = config
+    save_tiny_dit(model, tmp_path / "m.safetensors")
+    assert load_tiny_dit(tmp_path / "m.safetensors").config.mask_padding is True
+    legacy = {key: val for key, val in json.loads(tiny_config.to_json()).items() if key != "mask_padding"}
+    assert TinyDiTConfig.from_json(json.dumps(legacy)).mask_padding is False  # the shipped base attends to it
+
+
 def test_corrupt_missing_and_mismatched_checkpoints(tmp_path, tiny_config):
     with pytest.raises(FileNotFoundError):
         load_tiny_dit(tmp_path / "nope.safetensors")

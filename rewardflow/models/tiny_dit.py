@@ -49,6 +49,11 @@ class TinyDiTConfig:
     shipped base has it, and it hands every object of a prompt the same shape signal (docs/pretraining.md, "The
     pooled prompt decides the shapes and the count"); without it the prompt reaches the image only through
     attention."""
+    mask_padding: bool = False
+    """Hide the prompt's padding tokens (id 0 after the first position) from every attention, text encoder and
+    DiT blocks alike, so that a two-word prompt is not diluted by ten padding keys. The first position always
+    stays visible: the null prompt (all padding) is one token. Without it (the shipped base) the padding tokens
+    are attended like words. It has no weights, so a second stage of pretraining (``--init``) may switch it on."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -108,8 +113,10 @@ def _pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([_sincos(ys.reshape(-1), dim // 2), _sincos(xs.reshape(-1), dim // 2)], dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention ``softmax(q k^T / sqrt(d)) v`` over [B, heads, N, d], the softmax in float32.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention ``softmax(q k^T / sqrt(d) + key_bias) v`` over [B, heads, N, d], the softmax in float32.
+
+    ``key_bias`` [B, 1, 1, N] (float32, 0 or -inf) hides keys; None attends to all of them.
 
     Written out instead of ``F.scaled_dot_product_attention``: at this model's 76 tokens PyTorch's fused CPU
     kernel spends longer in its backward than the rest of the network together, and a training step takes
@@ -117,6 +124,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     this same function, so the on-policy ratio stays bitwise 1.
     """
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if key_bias is not None:
+        scores = scores + key_bias
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
@@ -129,10 +138,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = attend(q, k, v)
+        out = attend(q, k, v, key_bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -156,8 +165,8 @@ class TextBlock(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, ratio)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn(self.norm1(h))
+    def forward(self, h: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h), key_bias)
         return h + self.mlp(self.norm2(h))
 
 
@@ -174,9 +183,9 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c))[:, None].chunk(6, dim=-1)
-        h = h + gate1 * self.attn(self.norm1(h) * (1 + scale1) + shift1)
+        h = h + gate1 * self.attn(self.norm1(h) * (1 + scale1) + shift1, key_bias)
         return h + gate2 * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
 
 
@@ -211,11 +220,21 @@ class TinyDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def padding_bias(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Key bias [B, 1, 1, L] that hides the padding after the first position (``mask_padding``), else None."""
+        if not self.config.mask_padding:
+            return None
+        hidden = tokens == 0
+        hidden[:, 0] = False
+        zero = torch.zeros((), dtype=torch.float32, device=tokens.device)
+        return torch.where(hidden, float("-inf"), zero)[:, None, None, :]
+
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt tokens [B, L, D] and a pooled vector [B, D] (mean over non-padding tokens)."""
         h = self.token_embed(tokens) + self.text_pos[:, : tokens.shape[1]]
+        bias = self.padding_bias(tokens)
         for block in self.text_blocks:
-            h = block(h)
+            h = block(h, bias)
         h = self.text_norm(h)
         mask = (tokens != 0).to(h.dtype)[..., None]
         pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -231,8 +250,11 @@ class TinyDiT(nn.Module):
             c = c + self.pooled_proj(pooled)
         patches = x.reshape(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)
         h = torch.cat([text, self.patch_embed(patches) + self.image_pos], dim=1)
+        bias = self.padding_bias(tokens)
+        if bias is not None:  # image tokens are always keys
+            bias = F.pad(bias, (0, g * g))
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, bias)
         h = h[:, text.shape[1] :]
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=-1)
         out = self.final_linear(self.final_norm(h) * (1 + scale) + shift)

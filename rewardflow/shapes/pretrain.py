@@ -53,8 +53,9 @@ class PretrainConfig:
     resume: bool = True
     """Continue from ``out_dir/train_state.pt`` when it exists."""
     init: str | None = None
-    """Start from the weights of this tiny-DiT checkpoint (its architecture replaces ``model``; the optimizer,
-    EMA and schedule start afresh) instead of random ones: a second stage of pretraining."""
+    """Start from the weights of this tiny-DiT checkpoint (its architecture replaces ``model``, except that
+    ``--model.mask-padding``, which has no weights, switches the padding mask on; the optimizer, EMA and schedule
+    start afresh) instead of random ones: a second stage of pretraining."""
     category_weights: tuple[float, ...] | None = None
     """How often each category is drawn, relative to the others, in the order of ``CATEGORIES``:
     single_object, two_object, counting, colors, position, color_attr. None: uniformly."""
@@ -122,6 +123,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     # Before the output folder is touched: a missing or broken --init checkpoint fails here.
     model = load_tiny_dit(cfg.init) if cfg.init else TinyDiT(cfg.model)
+    if cfg.model.mask_padding and not model.config.mask_padding:
+        model.config = dataclasses.replace(model.config, mask_padding=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recorded = dataclasses.replace(cfg, model=model.config)  # the architecture trained, also under --init
