@@ -8,7 +8,11 @@ detected shapes, colours and objects per image are counted. If the shapes follow
 draws the *mean* of a two-object prompt's words on every object: a circle and a square come out as two rounded
 blobs between the two (docs/pretraining.md, "The pooled prompt decides the shapes").
 
-    python benchmarks/prompt_paths.py --checkpoint base --samples 48 --out benchmarks/results/prompt_paths.json
+The base shipped since the thirty-sixth session has no pooled path (it refuses); the table in docs/pretraining.md
+measured the base before it, which git keeps:
+
+    git show 691057f:rewardflow/assets/tiny_dit_shapes.safetensors > /tmp/pooled_base.safetensors
+    python benchmarks/prompt_paths.py --checkpoint /tmp/pooled_base.safetensors --samples 48 --out prompt_paths.json
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def measure(checkpoint: str, samples: int, cases=CASES) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="base", help="'base' or a tiny-DiT checkpoint file")
+    parser.add_argument("--checkpoint", required=True, help="a tiny-DiT checkpoint file with the pooled prompt path")
     parser.add_argument("--samples", type=int, default=48, help="images per case")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="JSON file for the rows")

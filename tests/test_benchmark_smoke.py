@@ -52,9 +52,11 @@ def test_position_direction_splits_the_position_score_by_shape_pair(tmp_path):
     for v in result["by_pair"].values():
         assert v["strict"] <= v["both_drawn"]  # a strict pass needs both objects
         assert v["asked_given_both"] is None or 0.0 <= v["asked_given_both"] <= 1.0
-    # The shipped base barely reads word order: swapping the objects leaves its denoising loss within 1%.
+    # The shipped base reads word order: swapping the objects raises its denoising loss by 39-95% at sigma
+    # 0.7-0.3 here (2026-12-07; the base before the thirty-sixth session's stayed within 1% at every sigma).
     assert [r["sigma"] for r in result["swap_loss"]] == [0.95, 0.85, 0.7, 0.5, 0.3]
-    assert all(abs(r["increase"]) < 0.01 and r["true"] > 0 for r in result["swap_loss"])
+    assert all(r["true"] > 0 for r in result["swap_loss"])
+    assert all(r["increase"] > 0.2 for r in result["swap_loss"] if r["sigma"] <= 0.7)
 
 
 def test_position_direction_tally_on_rendered_scenes_and_on_their_swapped_prompts():
@@ -121,12 +123,13 @@ def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_pa
 
     import torch
 
-    from rewardflow.models.tiny_dit import load_policy
+    from rewardflow.models.tiny_dit import TinyDiTConfig
+    from tests.conftest import make_policy
 
     spec_ = importlib.util.spec_from_file_location("prompt_paths", ROOT / "benchmarks" / "prompt_paths.py")
     bench = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(bench)
-    policy = load_policy("base")
+    policy = make_policy(TinyDiTConfig(dim=32, depth=2, heads=2, text_depth=1))  # a model with the pooled path
     model, tok = policy.module, policy.tokenizer
     tokens = tok(["a circle", ""])
     x, sigma = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.7)
@@ -149,9 +152,12 @@ def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_pa
     with pytest.raises(ValueError, match="no pooled prompt path"):
         with bench.pooled_from(TinyDiT(dataclasses.replace(model.config, pooled_prompt=False)), None):
             pass
+    from rewardflow.models.tiny_dit import save_tiny_dit
+
+    save_tiny_dit(model, tmp_path / "pooled.safetensors")
     out = tmp_path / "pp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "prompt_paths.py"), "--samples", "1", "--threads", "1",
-           "--out", str(out)]  # fmt: skip
+           "--checkpoint", str(tmp_path / "pooled.safetensors"), "--out", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     rows = json.loads(out.read_text())["rows"]
     assert [(r["prompt"], r["pooled_from"]) for r in rows][:4] == [

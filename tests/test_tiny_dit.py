@@ -97,7 +97,6 @@ def test_without_the_pooled_prompt_the_prompt_reaches_the_image_only_through_att
     # A config written before the option existed (the shipped base's) keeps the pooled path.
     legacy = {key: val for key, val in json.loads(tiny_config.to_json()).items() if key != "pooled_prompt"}
     assert TinyDiTConfig.from_json(json.dumps(legacy)).pooled_prompt is True
-    assert load_policy("base").module.pooled_proj is not None
 
 
 def test_a_masked_prompt_reads_as_if_it_had_no_padding(tmp_path, tiny_config):
@@ -175,6 +174,8 @@ def test_lora_starts_as_identity_and_can_be_disabled(tiny_config):
 def test_shipped_base_checkpoint_loads():
     policy = load_policy("base")
     assert 1_000_000 <= sum(p.numel() for p in policy.module.parameters()) <= 5_000_000
+    # Since the thirty-sixth session: the prompt reaches the image through attention alone, padding hidden.
+    assert policy.module.pooled_proj is None and policy.module.config.mask_padding
     from rewardflow.models.tiny_dit import resolve_checkpoint
 
     assert resolve_checkpoint("base").stat().st_size <= 20 * 1024 * 1024
