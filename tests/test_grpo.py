@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -34,14 +35,22 @@ def test_clipped_loss_gradient_vanishes_outside_the_band():
     assert log_prob.grad[1] == pytest.approx(-1.05 / 2, rel=1e-5)
 
 
+@pytest.fixture(params=["pooled", "shipped"])
+def arch(request, tiny_config):
+    """The tiny config as it is (pooled prompt, padding attended) and with the shipped base's prompt path."""
+    if request.param == "pooled":
+        return tiny_config
+    return dataclasses.replace(tiny_config, pooled_prompt=False, mask_padding=True)
+
+
 def _batch(policy, cfg, n_per_prompt=2, seed=0):
     cond = policy.encode_prompts([p for p in PROMPTS for _ in range(n_per_prompt)])
     return grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_on_policy_ratio_is_exactly_one(tiny_config, guidance):
-    policy = make_policy(tiny_config)
+def test_on_policy_ratio_is_exactly_one(arch, guidance):
+    policy = make_policy(arch)
     cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=guidance)
     batch = _batch(policy, cfg)
     for start in range(0, 8, 4):
@@ -53,8 +62,8 @@ def test_on_policy_ratio_is_exactly_one(tiny_config, guidance):
             assert torch.equal(kl, torch.zeros(4))  # reference == policy before any update
 
 
-def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(tiny_config):
-    policy = make_policy(tiny_config)
+def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(arch):
+    policy = make_policy(arch)
     policy.autocast = True
     cfg = GRPOConfig(num_steps=4, micro_batch=4, optimizer_steps=1, guidance_scale=4.5)
     batch = _batch(policy, cfg)
@@ -65,12 +74,12 @@ def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(tiny_config
             assert torch.equal(log_prob, batch.log_probs[start : start + 4, j])
 
 
-def test_compiled_network_keeps_the_on_policy_ratio_exactly_one_and_the_velocity(tiny_config):
+def test_compiled_network_keeps_the_on_policy_ratio_exactly_one_and_the_velocity(arch):
     from rewardflow.models.tiny_dit import compile_unavailable
 
     if compile_unavailable():
         pytest.skip(f"torch.compile cannot build code here: {compile_unavailable()}")
-    policy = make_policy(tiny_config)
+    policy = make_policy(arch)
     policy.autocast, policy.compile = True, True
     cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1, guidance_scale=4.5)
     batch = _batch(policy, cfg)  # sampled without gradient, as every rollout is

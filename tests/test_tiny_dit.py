@@ -28,7 +28,7 @@ def test_default_architecture_size_and_tokens():
 def test_a_new_prompt_encoder_reads_word_order():
     # Binding ("a circle left of a square", "a red circle and a blue square") needs the order of the words. Swapping
     # the two objects must move the pooled prompt a fair part of what changing one word does; with word positions
-    # at 1/50 of the token scale (the shipped base's initialisation) it moved it 0.4-0.9%.
+    # at 1/50 of the token scale (how the base shipped before the thirty-sixth session began) it moved it 0.4-0.9%.
     pairs = [
         ("a circle left of a square", "a square left of a circle", "a circle above a square"),
         ("a red circle and a blue square", "a blue circle and a red square", "a red circle and a green square"),
@@ -94,7 +94,7 @@ def test_without_the_pooled_prompt_the_prompt_reaches_the_image_only_through_att
     del model.encode_text
     save_tiny_dit(model, tmp_path / "m.safetensors")
     assert load_tiny_dit(tmp_path / "m.safetensors").config.pooled_prompt is False
-    # A config written before the option existed (the shipped base's) keeps the pooled path.
+    # A config written before the option existed (the pooled base's, shipped until the thirty-sixth session) keeps it.
     legacy = {key: val for key, val in json.loads(tiny_config.to_json()).items() if key != "pooled_prompt"}
     assert TinyDiTConfig.from_json(json.dumps(legacy)).pooled_prompt is True
 
@@ -122,7 +122,7 @@ def test_a_masked_prompt_reads_as_if_it_had_no_padding(tmp_path, tiny_config):
     save_tiny_dit(model, tmp_path / "m.safetensors")
     assert load_tiny_dit(tmp_path / "m.safetensors").config.mask_padding is True
     legacy = {key: val for key, val in json.loads(tiny_config.to_json()).items() if key != "mask_padding"}
-    assert TinyDiTConfig.from_json(json.dumps(legacy)).mask_padding is False  # the shipped base attends to it
+    assert TinyDiTConfig.from_json(json.dumps(legacy)).mask_padding is False  # as the pooled base did
 
 
 def test_corrupt_missing_and_mismatched_checkpoints(tmp_path, tiny_config):

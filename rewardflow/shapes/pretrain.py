@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
-    """Settings of ``rewardflow pretrain`` (the shipped base used the defaults; see docs/pretraining.md)."""
+    """Settings of ``rewardflow pretrain`` (the shipped base: two stages, docs/pretraining.md, "Reproduce")."""
 
     out_dir: str = "runs/pretrain"
     model: TinyDiTConfig = field(default_factory=TinyDiTConfig)
