@@ -18,10 +18,11 @@ images each, group-normalised judge advantages), the norm of each step's policy-
 the number of trained steps, as ``train_step`` does), under the plain Flow-GRPO ratio and under GRPO-Guard's
 (``grpo.guard``).
 
-    python benchmarks/step_variance.py --preset shapes_grpo --prompts-per-category 8 --continuations 8
+    python benchmarks/step_variance.py --prompts-per-category 8 --continuations 8
 
-The default preset, ``shapes_grpo``, has the 10-step sampler of the Shapes recipe, which ``shapes_grpo_cpu`` had when
-docs/results.md's table was measured with ``--preset shapes_grpo_cpu``; the demo preset now trains on 6 steps.
+The default, ``--preset recipe``, is :func:`rewardflow.presets.shapes_recipe` with its 10-step sampler, which
+``shapes_grpo_cpu`` had when docs/results.md's table was measured with ``--preset shapes_grpo_cpu``; the demo preset
+and ``shapes_grpo`` now train on 6 steps.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from rewardflow.algorithms import grpo
 from rewardflow.algorithms.advantages import group_advantages
 from rewardflow.models.tiny_dit import load_policy
-from rewardflow.presets import get_preset
+from rewardflow.presets import get_preset, shapes_recipe
 from rewardflow.rewards.shapes import ShapesJudgeReward
 from rewardflow.sampling.rollout import rollout
 from rewardflow.shapes.grammar import CATEGORIES
@@ -47,7 +48,7 @@ from rewardflow.shapes.prompts import all_prompts, is_held_out
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="shapes_grpo")
+    parser.add_argument("--preset", default="recipe", help="a preset name, or 'recipe' for shapes_recipe()")
     parser.add_argument("--checkpoint", default="base")
     parser.add_argument("--prompts-per-category", type=int, default=8)
     parser.add_argument("--continuations", type=int, default=8)
@@ -60,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = get_preset(args.preset)
+    cfg = shapes_recipe() if args.preset == "recipe" else get_preset(args.preset)
     g = cfg.grpo
     sigmas, levels = g.sigmas, g.noise_levels
     steps = len(levels)
