@@ -69,6 +69,10 @@ def test_a_second_stage_starts_from_the_init_checkpoint_and_its_architecture(tmp
     # The padding mask has no weights, so a second stage may switch it on; the rest stays the init's.
     masked = pretrain(config(tmp_path / "masked", model=TinyDiTConfig(mask_padding=True), init=str(init), steps=2))
     assert load_tiny_dit(masked / "step_00002.safetensors").config == dataclasses.replace(SMALL, mask_padding=True)
+    # Any other architecture field asked for and not the checkpoint's is an error, before a folder is made.
+    with pytest.raises(ValueError, match=r"model\.pooled_prompt is False but the --init checkpoint has True"):
+        pretrain(config(tmp_path / "clash", model=TinyDiTConfig(pooled_prompt=False), init=str(init)))
+    assert not (tmp_path / "clash").exists()
     with pytest.raises(FileNotFoundError):
         pretrain(config(tmp_path / "missing", init=str(tmp_path / "nope.safetensors")))
     assert not (tmp_path / "missing").exists()  # a bad --init leaves no folder behind

@@ -54,8 +54,9 @@ class PretrainConfig:
     """Continue from ``out_dir/train_state.pt`` when it exists."""
     init: str | None = None
     """Start from the weights of this tiny-DiT checkpoint (its architecture replaces ``model``, except that
-    ``--model.mask-padding``, which has no weights, switches the padding mask on; the optimizer, EMA and schedule
-    start afresh) instead of random ones: a second stage of pretraining."""
+    ``--model.mask-padding``, which has no weights, switches the padding mask on; any other ``--model`` field that
+    disagrees with the checkpoint is an error; the optimizer, EMA and schedule start afresh) instead of random ones:
+    a second stage of pretraining."""
     category_weights: tuple[float, ...] | None = None
     """How often each category is drawn, relative to the others, in the order of ``CATEGORIES``:
     single_object, two_object, counting, colors, position, color_attr. None: uniformly."""
@@ -123,6 +124,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     # Before the output folder is touched: a missing or broken --init checkpoint fails here.
     model = load_tiny_dit(cfg.init) if cfg.init else TinyDiT(cfg.model)
+    if cfg.init:
+        default = TinyDiTConfig()
+        for f in dataclasses.fields(TinyDiTConfig):
+            asked, has = getattr(cfg.model, f.name), getattr(model.config, f.name)
+            if f.name != "mask_padding" and asked != getattr(default, f.name) and asked != has:
+                raise ValueError(
+                    f"pretrain.model.{f.name} is {asked!r} but the --init checkpoint has {has!r}: under --init the "
+                    "checkpoint decides the architecture, and only model.mask_padding may be switched on"
+                )
     if cfg.model.mask_padding and not model.config.mask_padding:
         model.config = dataclasses.replace(model.config, mask_padding=True)
     out = Path(cfg.out_dir)
