@@ -1,7 +1,8 @@
 """Quality benchmark: a Shapes preset (any algorithm), before and after, strict and clean, with hacking monitors.
 
-Runs ``rewardflow train PRESET`` into a fresh run folder (the run evaluates the base at iteration 0 and the
-EMA weights at the end), then measures the KL of the tuned policy to the base along its own SDE rollouts
+Runs ``rewardflow train PRESET`` into a fresh run folder (the run evaluates the base at iteration 0, the EMA weights
+every ``eval_every`` iterations if the preset sets it, and at the end; the report compares the first and the last),
+then measures the KL of the tuned policy to the base along its own SDE rollouts
 on the evaluation prompts, and writes a Markdown report with per-category before/after tables, the two-object
 prompts split by pair of shapes, colour and shape histograms and detections per image, plus the raw numbers as JSON.
 
@@ -109,7 +110,11 @@ def report(preset: str, run: Path, wall: float | None, kl: float) -> tuple[str, 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [m for m in metrics if "reward" in m]
     train_seconds = sum(m["time_iteration"] for m in train_rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The commit the run trained at (meta.json), not the one the report is written at.
+    meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else {}
+    commit = (meta.get("git_commit") or "")[:7] or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     hist = [
         "| | "
         + " | ".join(before["histogram"]["colors"])
@@ -133,7 +138,7 @@ def report(preset: str, run: Path, wall: float | None, kl: float) -> tuple[str, 
         f"(run folder `{run}`)",
         f"- Machine: {machine()}",
         f"- Training: {len(train_rows)} iterations in **{train_seconds / 60:.1f} min** of training loop"
-        + (f" ({wall / 60:.1f} min wall including the two evaluations)" if wall is not None else ""),
+        + (f" ({wall / 60:.1f} min wall including the {len(evals)} evaluations)" if wall is not None else ""),
         f"- Evaluation: {before['num_prompts']} prompts x {before['samples_per_prompt']} samples, "
         f"{before['settings']['num_steps']} Euler steps, CFG {before['settings']['guidance_scale']}, EMA weights",
         f"- Strict overall **{before['overall']:.3f} -> {after['overall']:.3f}** "

@@ -51,10 +51,10 @@ class ModelConfig:
     natively: CUDA, or a CPU with AVX512-BF16 / AMX; on other CPUs the network runs in float32, since emulated
     bfloat16 is several times slower (``rewardflow.models.protocol.native_bf16``)."""
     compile: bool = False
-    """tiny-dit: run the networks through ``torch.compile`` (on in ``shapes_grpo_cpu``): on 2 CPU cores in bf16 a
-    10-step Shapes iteration took 10.4 s instead of 13.3 (little gain in float32), after a first iteration of about
-    1.5 minutes that compiles (cached on disk for later runs). The on-policy ratio stays exactly 1 (docs/models.md).
-    Where nothing can be compiled it warns and runs eagerly."""
+    """tiny-dit: run the networks through ``torch.compile`` (on in ``shapes_grpo_cpu`` and ``shapes_grpo``): on 2 CPU
+    cores in bf16 a 10-step Shapes iteration took 10.4 s instead of 13.3 (little gain in float32), after a first
+    iteration of about 1.5 minutes that compiles (cached on disk for later runs). The on-policy ratio stays exactly 1
+    (docs/models.md). Where nothing can be compiled it warns and runs eagerly."""
     device: str = "cpu"
     """Where the network runs: "cpu", "cuda", "cuda:N", or "auto" (CUDA when available). Sampling noise is
     drawn on the CPU either way, so a seed gives the same noise on every device."""

@@ -17,9 +17,9 @@ from rewardflow.evaluate import EvalConfig
 def shapes_recipe() -> TrainConfig:
     """The recipe the Shapes presets share: Flow-GRPO with GRPO-Guard on a 10-step sampler, 72 iterations.
 
-    Until the twenty-seventh session this was ``shapes_grpo_cpu`` itself (the long run derives from the demo); the
-    other Shapes presets (the GRPO family, DiffusionNFT, the direct methods) change it where their method differs and
-    were measured so.
+    Until the twenty-seventh session this was ``shapes_grpo_cpu`` itself. The demo (and through it the long
+    ``shapes_grpo``) and the other Shapes presets (the GRPO family, DiffusionNFT, the direct methods) change it where
+    they differ and were measured so.
     Full fine-tune at lr 5e-5: the prototype found that the papers' LoRA rate (3e-4) destroys a full
     fine-tune of a tiny model and 2e-4 degrades it; here 1e-4 lost 2-6 points within 25 iterations
     (docs/results.md). 16 prompts x 8 images per iteration, CFG 4.5, 10 rollout steps (9 trained), clip
@@ -82,7 +82,8 @@ def shapes_grpo() -> TrainConfig:
     one of every 4 forwards, the compiled network, the EMA capped at 0.97), evaluated every 50 iterations. On the
     shipped base, 2 CPU cores, seed 0: 0.528 -> 0.806 strict (+27.8 points), 0.486 -> 0.786 clean (+30.0) in 53
     minutes of training (about 7 s an iteration), above +20 at every evaluation from iteration 150 and at its peak,
-    +31.5, at 300 (docs/results.md, "The long preset is the demo's recipe, three times as long"). Until the
+    +31.5, at 300 (docs/results.md, "The long preset is the demo's recipe, three times as long"). On a GPU it runs
+    compiled in bf16 too; ``tests/test_gpu.py`` has a compiled case of the ratio test, not yet run on a GPU. Until the
     thirty-seventh session this preset was :func:`shapes_recipe` for 600 iterations with the plain ratio; on this base
     that recipe flattened at +14 strict points from iteration 30 to 90.
     """

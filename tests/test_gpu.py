@@ -20,9 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square and a white circle"]
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_on_policy_ratio_is_exactly_one_on_cuda_with_cfg(autocast):
+@pytest.mark.parametrize("autocast, compiled", [(False, False), (True, False), (True, True)])
+def test_on_policy_ratio_is_exactly_one_on_cuda_with_cfg(autocast, compiled):
     policy = load_policy("base", autocast=autocast, device="cuda")
+    policy.compile = compiled  # shapes_grpo on a GPU: compiled, bf16
     cfg = GRPOConfig(num_steps=6, micro_batch=8, optimizer_steps=1, guidance_scale=4.5)
     cond = policy.encode_prompts([p for p in PROMPTS for _ in range(4)])
     batch = grpo.collect(policy, cond, cfg, torch.Generator().manual_seed(0))
@@ -33,7 +34,10 @@ def test_on_policy_ratio_is_exactly_one_on_cuda_with_cfg(autocast):
             out, kl = grpo.step_terms(policy, batch, rows, j, cfg, need_reference=True)
             log_prob = out.log_prob
             assert torch.equal(log_prob, batch.log_probs[rows, j])
-            assert torch.equal(kl, torch.zeros_like(kl))
+            if compiled:  # the frozen reference runs its own graph: equal within bf16 rounding
+                assert kl.abs().max() < 1e-3
+            else:
+                assert torch.equal(kl, torch.zeros_like(kl))
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "nft"])

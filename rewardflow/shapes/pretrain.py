@@ -54,8 +54,9 @@ class PretrainConfig:
     """Continue from ``out_dir/train_state.pt`` when it exists."""
     init: str | None = None
     """Start from the weights of this tiny-DiT checkpoint (its architecture replaces ``model``, except that
-    ``--model.mask-padding``, which has no weights, switches the padding mask on; any other ``--model`` field that
-    disagrees with the checkpoint is an error; the optimizer, EMA and schedule start afresh) instead of random ones:
+    ``--model.mask-padding``, which has no weights, switches the padding mask on; any other ``--model`` field set to
+    something other than its default and the checkpoint's value is an error (a field at its default cannot be told
+    from one left out, so it is not checked); the optimizer, EMA and schedule start afresh) instead of random ones:
     a second stage of pretraining."""
     category_weights: tuple[float, ...] | None = None
     """How often each category is drawn, relative to the others, in the order of ``CATEGORIES``:
