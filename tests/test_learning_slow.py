@@ -3,7 +3,8 @@
 Run with ``pytest -m slow``. The quality claims on the Shapes judge are measured by
 ``benchmarks/shapes_grpo.py`` and ``benchmarks/study.py`` (docs/results.md); these tests only check that
 learning happens at all. The Flow-GRPO and NFT margins are several times their seed-to-seed spread (2 seeds);
-the other methods' were set from one seed, where each gained at least 1.4x its margin.
+the other GRPO-family methods' were set from one seed, where each gained at least 1.4x its margin; the
+direct-gradient methods' from two sets of seeds, where each gained at least 2.2x its margin.
 """
 
 import pytest
@@ -15,6 +16,7 @@ from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.nft import NFTConfig
 from rewardflow.models.tiny_dit import load_policy
 from rewardflow.sampling.rollout import rollout
+from rewardflow.types import RewardOutput
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +26,15 @@ PROMPTS = ["a circle", "a blue square", "two triangles", "a red circle left of a
 def brightness(images: torch.Tensor) -> torch.Tensor:
     """Mean pixel value per image in [0, 1]: a reward with a clear gradient and nothing to parse."""
     return images.float().mean(dim=(1, 2, 3))
+
+
+class Brightness:
+    """``brightness`` behind the reward protocol, differentiable, for the direct-gradient methods."""
+
+    name, differentiable = "brightness", True
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        return RewardOutput(scores=brightness(images))
 
 
 @torch.no_grad()
@@ -97,26 +108,25 @@ def test_nft_raises_a_brightness_reward_on_the_base_model():
     assert after > before + 0.2, (before, after)
 
 
-# variant: (algorithm, settings, minimum rise of the learned reward in 6 iterations, about half the measured one)
+# variant: (algorithm, settings, minimum rise of the brightness of deterministic samples in 6 iterations)
 DIRECT_VARIANTS = {
-    "draft-1": ("draft", {"method": "draft", "k": 1}, 0.015),
-    "draft-lv": ("draft", {"method": "draft-lv"}, 0.025),
-    "refl": ("draft", {"method": "refl", "refl_last": 3}, 0.025),
-    "alignprop": ("draft", {"method": "alignprop", "alignprop_min": 7}, 0.004),
-    "leapalign": ("leapalign", {}, 0.012),
+    "draft-1": ("draft", {"method": "draft", "k": 1}, 0.01),
+    "draft-lv": ("draft", {"method": "draft-lv"}, 0.01),
+    "refl": ("draft", {"method": "refl", "refl_last": 3}, 0.01),
+    "alignprop": ("draft", {"method": "alignprop", "alignprop_min": 7}, 0.01),
+    "leapalign": ("leapalign", {}, 0.01),
 }
 
 
 @pytest.mark.parametrize("variant", list(DIRECT_VARIANTS))
-def test_direct_gradient_methods_raise_the_learned_reward(variant):
-    """Each direct-gradient method raises the shipped shapes-score reward of deterministic samples."""
+def test_direct_gradient_methods_raise_a_brightness_reward(variant):
+    """Each direct-gradient method raises the brightness of deterministic samples by backpropagating it."""
     from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
     from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
-    from rewardflow.rewards.shapes_score import ShapesScoreReward
 
     torch.manual_seed(0)
     policy = load_policy("base", autocast=True)
-    reward = ShapesScoreReward()
+    reward = Brightness()
     algorithm, kwargs, margin = DIRECT_VARIANTS[variant]
     if algorithm == "draft":
         cfg = DraftConfig(num_steps=10, micro_batch=16, **kwargs)
@@ -128,13 +138,13 @@ def test_direct_gradient_methods_raise_the_learned_reward(variant):
     prompts = [p for p in PROMPTS for _ in range(8)]
 
     @torch.no_grad()
-    def learned_reward() -> float:
+    def sample_brightness() -> float:
         cond = policy.encode_prompts(prompts)
         traj = rollout(policy, cond, probe.sigmas, torch.zeros(10), guidance_scale=4.5,
                        generator=torch.Generator().manual_seed(123))  # fmt: skip
         return reward(policy.decode(traj.xs[:, -1]), prompts, [{}] * len(prompts)).scores.mean().item()
 
-    before = learned_reward()
+    before = sample_brightness()
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5, weight_decay=1e-4)
     cond = policy.encode_prompts(prompts)
     for it in range(6):
@@ -142,10 +152,11 @@ def test_direct_gradient_methods_raise_the_learned_reward(variant):
             policy, optimizer, cond, [{}] * len(prompts), loss_fn, cfg, generator=torch.Generator().manual_seed(it)
         )
         assert torch.isfinite(torch.tensor(metrics["loss"]))
-    after = learned_reward()
-    print(f"{variant}: learned reward {before:.3f} -> {after:.3f}")
-    # Calibration (2026-11-23, seventh session's count-head scorer, seed 0, 6 iterations, pytest on 2 threads):
-    # 0.805 -> draft-1 0.835, draft-lv 0.855, refl 0.859, alignprop 0.814, leapalign 0.829 (the first scorer:
-    # 0.765 -> 0.798-0.826). This checks that the gradient plumbing optimises the reward; whether the judge agrees
-    # is what the direct-gradient study and tests/test_presets_learn_slow.py are for.
+    after = sample_brightness()
+    print(f"{variant}: brightness {before:.3f} -> {after:.3f}")
+    # Calibration (2026-12-07, thirty-seventh session, the base shipped since the thirty-sixth, `pytest -m slow -n
+    # 2`, two sets of generator seeds): 0.154 -> 0.176-0.181 for every method. Until then these tests raised the
+    # learned shapes-score, made from the earlier base's samples; on today's base it starts at 0.774 and 6
+    # iterations moved it by -0.02 to +0.05 depending on the seeds (shapes-count too), so they checked the seeds,
+    # not the gradient plumbing. The learned rewards are checked end to end by tests/test_presets_learn_slow.py.
     assert after > before + margin, (before, after)
