@@ -57,3 +57,15 @@ def tiny_run_args(tmp_path, tiny_config):
         "--eval.num-steps", "2",
         "--eval.samples-per-prompt", "2",
     ]  # fmt: skip
+
+
+class Brightness:
+    """A differentiable toy reward behind the reward protocol: the mean pixel value of each image in [0, 1]."""
+
+    name = "brightness"
+    differentiable = True
+
+    def __call__(self, images, prompts, metadata):
+        from rewardflow.types import RewardOutput
+
+        return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))

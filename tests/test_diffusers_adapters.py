@@ -28,7 +28,7 @@ from rewardflow.models.sd3 import load_sd3_policy  # noqa: E402
 from rewardflow.models.tiny_diffusers import save_tiny_flux, save_tiny_sd1, save_tiny_sd3  # noqa: E402
 from rewardflow.sampling.rollout import rollout  # noqa: E402
 from rewardflow.sampling.schedules import sd3_schedule, uniform  # noqa: E402
-from rewardflow.types import RewardOutput  # noqa: E402
+from tests.conftest import Brightness  # noqa: E402
 
 PROMPTS = ["a red cube", "two dogs on grass"]
 
@@ -96,14 +96,6 @@ def adapter(request, sd3_dir, flux_dir, sd1_dir):
 
 def _eps(policy, seed: int) -> torch.Tensor:
     return torch.randn(2, *policy.noise(1).shape[1:], generator=torch.Generator().manual_seed(seed))
-
-
-class Brightness:
-    name = "brightness"
-    differentiable = True
-
-    def __call__(self, images, prompts, metadata):
-        return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))
 
 
 def test_shapes_dtypes_and_prompt_encoding(adapter):

@@ -9,20 +9,9 @@ from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
 from rewardflow.cli import main
 from rewardflow.rewards import REWARDS
 from rewardflow.sampling.grad import truncated_euler
-from rewardflow.types import RewardOutput
-from tests.conftest import make_policy
+from tests.conftest import Brightness, make_policy
 
 PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square"]
-
-
-class Brightness:
-    """A differentiable toy reward: mean pixel value."""
-
-    name = "brightness"
-    differentiable = True
-
-    def __call__(self, images, prompts, metadata):
-        return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)), details={})
 
 
 def grad_of(policy, loss_fn, cond, seed=0):

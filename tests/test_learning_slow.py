@@ -16,7 +16,7 @@ from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.nft import NFTConfig
 from rewardflow.models.tiny_dit import load_policy
 from rewardflow.sampling.rollout import rollout
-from rewardflow.types import RewardOutput
+from tests.conftest import Brightness
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +26,6 @@ PROMPTS = ["a circle", "a blue square", "two triangles", "a red circle left of a
 def brightness(images: torch.Tensor) -> torch.Tensor:
     """Mean pixel value per image in [0, 1]: a reward with a clear gradient and nothing to parse."""
     return images.float().mean(dim=(1, 2, 3))
-
-
-class Brightness:
-    """``brightness`` behind the reward protocol, differentiable, for the direct-gradient methods."""
-
-    name, differentiable = "brightness", True
-
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
-        return RewardOutput(scores=brightness(images))
 
 
 @torch.no_grad()
