@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -112,9 +111,7 @@ def report(preset: str, run: Path, wall: float | None, kl: float) -> tuple[str, 
     train_seconds = sum(m["time_iteration"] for m in train_rows)
     # The commit the run trained at (meta.json), not the one the report is written at.
     meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else {}
-    commit = (meta.get("git_commit") or "")[:7] or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = (meta.get("git_commit") or "unknown")[:7]
     hist = [
         "| | "
         + " | ".join(before["histogram"]["colors"])
