@@ -41,8 +41,8 @@ class IncompatibleState(ValueError):
     """A readable resume state that belongs to another model or LoRA setting (not a damaged file)."""
 
 
-def config_differences(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted names of the fields whose values differ between two configs."""
+def config_differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted names of the fields whose values differ between two configs (dataclasses of the same kind)."""
 
     def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(obj, dict):

@@ -22,6 +22,7 @@ import torch
 
 from rewardflow.models.protocol import bf16_autocast
 from rewardflow.models.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
+from rewardflow.run_state import config_differences
 from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import render
@@ -126,14 +127,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # Before the output folder is touched: a missing or broken --init checkpoint fails here.
     model = load_tiny_dit(cfg.init) if cfg.init else TinyDiT(cfg.model)
     if cfg.init:
-        default = TinyDiTConfig()
-        for f in dataclasses.fields(TinyDiTConfig):
-            asked, has = getattr(cfg.model, f.name), getattr(model.config, f.name)
-            if f.name != "mask_padding" and asked != getattr(default, f.name) and asked != has:
-                raise ValueError(
-                    f"pretrain.model.{f.name} is {asked!r} but the --init checkpoint has {has!r}: under --init the "
-                    "checkpoint decides the architecture, and only model.mask_padding may be switched on"
-                )
+        asked = config_differences(TinyDiTConfig(), cfg.model, ignore=("mask_padding",))
+        clash = sorted(set(asked) & set(config_differences(model.config, cfg.model)))
+        if clash:
+            name = clash[0]
+            raise ValueError(
+                f"pretrain.model.{name} is {getattr(cfg.model, name)!r} but the --init checkpoint has "
+                f"{getattr(model.config, name)!r}: under --init the checkpoint decides the architecture, and only "
+                "model.mask_padding may be switched on"
+            )
     if cfg.model.mask_padding and not model.config.mask_padding:
         model.config = dataclasses.replace(model.config, mask_padding=True)
     out = Path(cfg.out_dir)
