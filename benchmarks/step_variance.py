@@ -63,9 +63,9 @@ def main() -> None:
 
     cfg = shapes_recipe() if args.preset == "recipe" else get_preset(args.preset)
     g = cfg.grpo
-    sigmas, levels = g.sigmas, g.noise_levels
-    steps = len(levels)
     policy = load_policy(args.checkpoint, autocast=cfg.model.autocast)
+    sigmas, levels = policy.schedule(g.num_steps, g.shift), g.noise_levels
+    steps = len(levels)
     reward = ShapesJudgeReward(cfg.reward.extra_object_penalty)
     rng = np.random.default_rng(args.seed)
     prompts = []

@@ -55,14 +55,14 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def phases(policy, algorithm: str, cond: Conditioning, steps: int, guidance: float, shift: float, batch: int):
+def phases(policy, algorithm: str, cond: Conditioning, steps: int, guidance: float, batch: int):
     """(name, callable) pairs of one iteration of ``algorithm``: rollout then training."""
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
     adv = torch.linspace(-1, 1, batch)
     if algorithm == "grpo":
         cfg = GRPOConfig(num_steps=steps, micro_batch=batch, optimizer_steps=1, guidance_scale=guidance,
-                         kl_beta=0.04, shift=shift)  # fmt: skip
+                         kl_beta=0.04)  # fmt: skip
         state = {}
 
         def rollout():
@@ -75,7 +75,7 @@ def phases(policy, algorithm: str, cond: Conditioning, steps: int, guidance: flo
         ]
     if algorithm == "nft":
         policy.init_old()
-        cfg = NFTConfig(num_steps=steps, micro_batch=batch, optimizer_steps=1, shift=shift)
+        cfg = NFTConfig(num_steps=steps, micro_batch=batch, optimizer_steps=1)
         state = {}
 
         def rollout():
@@ -87,7 +87,7 @@ def phases(policy, algorithm: str, cond: Conditioning, steps: int, guidance: flo
             ("rollout", torch.no_grad()(rollout)),
             ("train", lambda: nft.train_step(policy, opt, state["batch"], r, cfg)),
         ]
-    cfg = DraftConfig(num_steps=steps, micro_batch=batch, k=1, guidance_scale=guidance, shift=shift)
+    cfg = DraftConfig(num_steps=steps, micro_batch=batch, k=1, guidance_scale=guidance)
     loss_fn = draft_loss(MeanPixel(), cfg)
     return [("sample+train", lambda: direct_train_step(policy, opt, cond, [{}] * batch, loss_fn, cfg, generator=gen))]
 
@@ -100,9 +100,8 @@ def run(model, size, mode, algorithm, args, device, dtype) -> list[dict]:
     policy.weights.merge_lora = mode == "lora-merged"  # rollouts with the adapter folded into the weights
     cond = random_conditioning(model, size, args.batch, device, dtype)
     guidance = EMBEDDINGS[(model, size)][3]
-    shift = 3.0 if model == "sd3" else policy.shift
     out = []
-    for name, fn in phases(policy, algorithm, cond, args.steps, guidance, shift, args.batch):
+    for name, fn in phases(policy, algorithm, cond, args.steps, guidance, args.batch):
         for _ in range(args.warmup):
             fn()
         with FlopCounterMode(display=False) as counter:

@@ -7,6 +7,7 @@ rewardflow pretrain [--out-dir DIR] [--steps N ...]
 rewardflow reward-model [--out FILE] [--steps N ...]   (trains the learned shapes-score reward)
 rewardflow serve-reward NAME [--port N] [--token-env VAR] [--reward.field VALUE ...]   (a reward over HTTP)
 rewardflow report RUN_DIR [--out FILE.html]   (one self-contained HTML page about a run)
+rewardflow export RUN_DIR --out DIR [--iteration N]   (a run's weights as a diffusers pipeline loads them)
 rewardflow presets
 """
 
@@ -76,7 +77,7 @@ def _cmd_train(argv: list[str]) -> None:
     from rewardflow.utils import distributed
 
     try:
-        run = train(cfg, resume=resume)
+        run = train(cfg, resume=resume, preset=name)
         distributed.barrier()  # leave together: a rank tearing gloo down while rank 0 still evaluates can abort
     finally:
         distributed.shutdown()
@@ -120,7 +121,7 @@ def _cmd_eval(argv: list[str]) -> None:
     else:
         print(text)
     if args.grid:
-        save_grid(images[:64], Path(args.grid))
+        save_grid(images.samples, Path(args.grid))
 
 
 def _cmd_pretrain(argv: list[str]) -> None:
@@ -200,6 +201,27 @@ def _cmd_report(argv: list[str]) -> None:
     print(f"report: {write_report(args.run_dir, args.out)}")
 
 
+@dataclass
+class ExportArgs:
+    """Write a run's trained weights in the diffusers layout, with a model card (LoRA, or the whole network)."""
+
+    run_dir: tyro.conf.Positional[str]
+    """The run folder (model.kind sd3, flux or sd1)."""
+    out: str
+    """A new (or empty) folder to write."""
+    iteration: int | None = None
+    """Which saved iteration (checkpoints/iter_*.safetensors); default: the newest."""
+    device: str = "cpu"
+    """Where to build the model while exporting."""
+
+
+def _cmd_export(argv: list[str]) -> None:
+    from rewardflow.export import export_run
+
+    args = tyro.cli(ExportArgs, args=argv, prog="rewardflow export")
+    print(f"exported: {export_run(args.run_dir, args.out, args.iteration, args.device)}")
+
+
 def _cmd_presets(argv: list[str]) -> None:
     from rewardflow.presets import PRESETS
 
@@ -215,6 +237,7 @@ COMMANDS = {
     "reward-model": _cmd_reward_model,
     "serve-reward": _cmd_serve_reward,
     "report": _cmd_report,
+    "export": _cmd_export,
     "presets": _cmd_presets,
 }
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from rewardflow.algorithms.batching import fit_world
 from rewardflow.algorithms.draft import DraftConfig
 from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.leapalign import LeapAlignConfig
@@ -43,6 +44,10 @@ class ModelConfig:
     """0 trains every weight (against a frozen reference copy); > 0 trains LoRA adapters of this rank."""
     lora_alpha: float = 0.0
     """LoRA scale numerator; 0 means 2 * rank."""
+    lora_targets: tuple[str, ...] = ()
+    """sd3 / flux / sd1: the module names LoRA goes on (suffixes, as peft matches them, e.g. ``to_q`` matches every
+    block's ``attn.to_q``); empty: the adapter's default (every attention projection of both streams for SD3 and
+    FLUX, ``to_q to_k to_v to_out.0`` for the SD UNet)."""
     merge_lora_rollouts: bool = False
     """LoRA: sample rollouts and evaluations with the adapter folded into the base weights (faster on large models;
     Flow-GRPO's on-policy ratio is then 1 within rounding, not bitwise; docs/models.md)."""
@@ -71,6 +76,11 @@ class ModelConfig:
             )
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_targets and (self.kind == "tiny-dit" or not self.lora_rank):
+            raise ValueError(
+                "model.lora_targets names the LoRA layers of a diffusers model (model.kind sd3, flux or "
+                "sd1) with model.lora_rank > 0; leave it empty otherwise"
+            )
         if self.merge_lora_rollouts and not self.lora_rank:
             raise ValueError("model.merge_lora_rollouts folds LoRA adapters into the weights: set model.lora_rank > 0")
         if self.compile and self.kind != "tiny-dit":
@@ -117,9 +127,11 @@ class RewardConfig:
     """Registered rewards (``rewardflow.rewards.REWARDS``): shapes-judge, jpeg-compressibility, ..."""
     weights: tuple[float, ...] = ()
     """One weight per reward (empty: 1 each)."""
-    aggregate: Literal["reward", "advantage"] = "reward"
-    """Several rewards: advantages of the weighted sum of rewards (Flow-GRPO, DiffusionNFT), or the weighted sum
-    of each reward's own group advantages (DanceGRPO, MixGRPO). One reward: the same either way."""
+    aggregate: Literal["reward", "advantage", "loss"] = "reward"
+    """Several rewards: advantages of the weighted sum of rewards (Flow-GRPO, DiffusionNFT); the weighted sum of each
+    reward's own group advantages (MixGRPO); or each reward's own advantages in its own clipped policy loss, the
+    losses summed with the weights (DanceGRPO's FLUX script; ``grpo`` only; it differs from "advantage" once a ratio
+    leaves the clip band). One reward: the same in all three."""
     extra_object_penalty: float = 0.25
     """shapes-judge: score subtracted per detected object the prompt did not ask for."""
     score_checkpoint: str = "shipped"
@@ -160,8 +172,8 @@ class RewardConfig:
                 f"reward.weights must have one weight per reward in reward.names ({len(self.names)}), "
                 f"got {len(self.weights)}"
             )
-        if self.aggregate not in ("reward", "advantage"):
-            raise ValueError(f"reward.aggregate must be 'reward' or 'advantage', got {self.aggregate!r}")
+        if self.aggregate not in ("reward", "advantage", "loss"):
+            raise ValueError(f"reward.aggregate must be 'reward', 'advantage' or 'loss', got {self.aggregate!r}")
 
     @property
     def resolved_weights(self) -> tuple[float, ...]:
@@ -230,6 +242,11 @@ class TrainConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         self.algo.check_batch(self.rows_per_iter)
+        if self.reward.aggregate == "loss" and self.algorithm != "grpo":
+            raise ValueError(
+                f"reward.aggregate 'loss' (a clipped loss per reward) is Flow-GRPO's family's; algorithm "
+                f"{self.algorithm!r} takes 'reward' or 'advantage'"
+            )
         k = self.grpo.best_worst_k
         if self.algorithm == "grpo" and k:
             if k > self.group_size:
@@ -239,6 +256,23 @@ class TrainConfig:
             except ValueError as e:
                 rows = self.prompts_per_iter * k
                 raise ValueError(f"with grpo.best_worst_k = {k}, {rows} rows are trained: {e}") from e
+
+    def for_world(self, world: int) -> tuple[TrainConfig, list[str]]:
+        """This config with the batch geometry fitted to ``world`` ranks, and a line per field that changed.
+
+        :func:`rewardflow.algorithms.batching.fit_world`: the per-rank micro-batch shrinks so that each optimizer
+        step's rows split over the ranks, keeping the images per optimizer step where it can.
+        """
+        a = self.algo
+        fit = fit_world(self.prompts_per_iter, self.group_size, a.micro_batch, a.optimizer_steps, world)
+        before = {"prompts_per_iter": self.prompts_per_iter, f"{self.algorithm}.micro_batch": a.micro_batch,
+                  f"{self.algorithm}.optimizer_steps": a.optimizer_steps}  # fmt: skip
+        changes = [f"{k} {v} -> {w}" for (k, v), w in zip(before.items(), fit) if v != w]
+        if not changes:
+            return self, []
+        algo = dataclasses.replace(a, micro_batch=fit.micro_batch, optimizer_steps=fit.optimizer_steps)
+        fitted = dataclasses.replace(self, prompts_per_iter=fit.prompts_per_iter, **{self.algorithm: algo})
+        return fitted, changes
 
     @property
     def algo(self) -> GRPOConfig | NFTConfig | DraftConfig | LeapAlignConfig:
@@ -315,6 +349,10 @@ def from_yaml(text: str) -> TrainConfig:
     reward = raw.get("reward") if isinstance(raw, dict) else None
     if isinstance(reward, dict) and "name" in reward:  # run folders written before several rewards existed
         reward["names"] = [reward.pop("name")]
+    for section in ("grpo", "nft", "draft", "leapalign", "eval"):
+        # Run folders written when grids were scaled by hand: the start of the grid is now the model's own.
+        if isinstance(raw, dict) and isinstance(raw.get(section), dict):
+            raw[section].pop("sigma_max", None)
     return _build(TrainConfig, raw, "")
 
 

@@ -19,7 +19,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,9 +28,9 @@ from rewardflow.data.prompts import PromptRecord, check_prompts, load_prompts
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.sampling.ode import solve_ode
 from rewardflow.sampling.rollout import rollout
-from rewardflow.sampling.schedules import sd3_schedule
 from rewardflow.shapes.grammar import CATEGORIES, COLORS, SHAPES, parse_prompt
 from rewardflow.shapes.judge import Verdict, judge_images
+from rewardflow.utils import distributed
 
 if TYPE_CHECKING:
     from rewardflow.config import RewardConfig
@@ -44,10 +44,10 @@ class EvalConfig:
     prompts: str = "shapes:eval"
     samples_per_prompt: int = 4
     num_steps: int = 40
-    shift: float = 3.0
-    sigma_max: float = 1.0
-    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
-    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
+    shift: float = 0.0
+    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
+    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
+    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model."""
     guidance_scale: float = 4.5
     seed: int = 20261122
     batch_size: int = 120
@@ -69,8 +69,8 @@ class EvalConfig:
         unknown = [n for n in self.rewards if n not in REWARDS]
         if unknown:
             raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
-        if not 0.0 < self.sigma_max <= 1.0:
-            raise ValueError(f"eval.sigma_max must be in (0, 1], got {self.sigma_max}")
+        if self.shift < 0:
+            raise ValueError(f"eval.shift must be >= 0 (0: the model's own grid), got {self.shift}")
         from rewardflow.sampling.ode import SOLVERS
 
         if self.solver not in SOLVERS:
@@ -86,30 +86,54 @@ def headline(report: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def shard_rows(rows: int, batch_size: int, rank: int, world: int) -> tuple[range, int]:
+    """The rows of an ``rows``-row evaluation that ``rank`` of ``world`` samples, and the batches every rank runs.
+
+    Whole batches of ``batch_size``, dealt in contiguous runs: each rank samples exactly the batches one process
+    would, so the images (and the report) are the same bit for bit. The last ranks may get fewer or none.
+    """
+    batches = -(-rows // batch_size)
+    per = -(-batches // world)
+    return range(min(rows, rank * per * batch_size), min(rows, (rank + 1) * per * batch_size)), per
+
+
 @torch.no_grad()
 def generate(
-    policy: FlowPolicy, prompts: list[str], cfg: EvalConfig, noise: torch.Tensor | None = None
+    policy: FlowPolicy,
+    prompts: list[str],
+    cfg: EvalConfig,
+    noise: torch.Tensor | None = None,
+    rows: range | None = None,
+    batches: int = 0,
 ) -> torch.Tensor:
-    """ODE samples [N, 3, H, W] in [0, 1] for ``prompts``.
+    """ODE samples [N, 3, H, W] in [0, 1] for ``prompts`` (only those in ``rows``, when given).
 
-    The initial noise is drawn once from ``cfg.seed`` (or given), so results do not depend on the batch size.
+    The initial noise is drawn once for all prompts from ``cfg.seed`` (or given), so results do not depend on the
+    batch size or on which rows are sampled. ``batches``: run at least this many batches, repeating the first
+    batch of the whole set for the missing ones and discarding them (every rank of a sharded model must run the
+    same forward passes).
     """
+    sigmas = policy.schedule(cfg.num_steps, cfg.shift)
     if noise is None:
-        noise = policy.noise(len(prompts), torch.Generator(device="cpu").manual_seed(cfg.seed))
-    sigmas = sd3_schedule(cfg.num_steps, cfg.shift) * cfg.sigma_max
+        noise = policy.noise(len(prompts), torch.Generator(device="cpu").manual_seed(cfg.seed), float(sigmas[0]))
+    rows = range(len(prompts)) if rows is None else rows
+    spans = [(s, min(s + cfg.batch_size, rows.stop)) for s in range(rows.start, rows.stop, cfg.batch_size)]
+    real = len(spans)
+    # A rank without rows of its own runs one batch anyway, for the shape of its (empty) result.
+    spans += [(0, min(cfg.batch_size, len(prompts)))] * max(batches - real, 0 if real else 1)
     zeros = torch.zeros(cfg.num_steps)
     images = []
     with policy.sampling():
-        for start in range(0, len(prompts), cfg.batch_size):
-            cond = policy.encode_prompts(prompts[start : start + cfg.batch_size])
-            x = noise[start : start + len(cond)]
+        for i, (lo, hi) in enumerate(spans):
+            cond = policy.encode_prompts(prompts[lo:hi])
+            x = noise[lo:hi]
             if cfg.solver == "euler":
                 final = rollout(policy, cond, sigmas, zeros, guidance_scale=cfg.guidance_scale, x_init=x).final
             else:
                 velocity = lambda x, s, c=cond: policy.velocity(x, s, c, cfg.guidance_scale)  # noqa: E731
                 final = solve_ode(velocity, x, sigmas, cfg.solver)
-            images.append(policy.decode(final).cpu())
-    return torch.cat(images)
+            images.append(policy.decode(final).cpu() if i < real else policy.decode(final).cpu()[:0])
+    return torch.cat(images[: max(real, 1)])
 
 
 def pooled(images: torch.Tensor) -> torch.Tensor:
@@ -122,20 +146,23 @@ def pooled(images: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
-def diversity(images: torch.Tensor, samples_per_prompt: int) -> float | None:
-    """Mean over prompts of the mean pairwise RMS distance between the prompt's samples (None for 1 sample)."""
+def diversity(pooled_images: torch.Tensor, samples_per_prompt: int) -> float | None:
+    """Mean over prompts of the mean pairwise RMS distance between the prompt's samples (None for 1 sample).
+
+    ``pooled_images`` [N, D]: :func:`pooled` images, each prompt's samples in a row.
+    """
     if samples_per_prompt < 2:
         return None
-    x = pooled(images)
+    x = pooled_images
     x = x.view(-1, samples_per_prompt, x.shape[1])
     d = torch.cdist(x, x) / x.shape[-1] ** 0.5  # [P, S, S] RMS distances
     pairs = samples_per_prompt * (samples_per_prompt - 1)
     return float((d.sum(dim=(1, 2)) / pairs).mean())
 
 
-def drift(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean RMS distance between each image and the reference of the same prompt and noise (``pooled`` [N, D])."""
-    a, b = pooled(images), reference.float()
+def drift(pooled_images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean RMS distance between each image and the reference of the same prompt and noise (both ``pooled``)."""
+    a, b = pooled_images, reference.float()
     if a.shape != b.shape:
         raise ValueError(
             f"drift needs the base's images under the same settings: {tuple(a.shape)} vs {tuple(b.shape)}"
@@ -196,15 +223,15 @@ REFERENCE_FORMAT = "rewardflow-eval-reference"
 
 def _identity(cfg: EvalConfig) -> str:
     """The settings that decide the evaluation images (not how they are scored or batched)."""
-    keep = ("prompts", "samples_per_prompt", "num_steps", "shift", "sigma_max", "guidance_scale", "seed", "solver")
+    keep = ("prompts", "samples_per_prompt", "num_steps", "shift", "guidance_scale", "seed", "solver")
     return json.dumps({k: getattr(cfg, k) for k in keep}, sort_keys=True)
 
 
-def save_reference(path: Path, cfg: EvalConfig, images: torch.Tensor) -> None:
+def save_reference(path: Path, cfg: EvalConfig, pooled_images: torch.Tensor) -> None:
     """Keep the base model's :func:`pooled` evaluation images (float16) for later ``drift``."""
     from rewardflow.utils.checkpoint import save_safetensors_atomic
 
-    save_safetensors_atomic({"pooled": pooled(images).half()}, path,
+    save_safetensors_atomic({"pooled": pooled_images.half()}, path,
                             {"format": REFERENCE_FORMAT, "settings": _identity(cfg)})  # fmt: skip
 
 
@@ -244,36 +271,65 @@ def eval_rewards(cfg: EvalConfig, reward_cfg: RewardConfig | None = None) -> Wei
     return build_reward(dataclasses.replace(reward_cfg or RewardConfig(), names=cfg.rewards, weights=()))
 
 
+class EvalImages(NamedTuple):
+    """What an evaluation keeps of its images."""
+
+    pooled: torch.Tensor
+    """[N, D] every image :func:`pooled` (diversity, drift, the base's reference)."""
+    samples: torch.Tensor
+    """[k, 3, H, W] the first sample of every third prompt, at most 48 (the run's sample grid)."""
+
+
 def evaluate(
     policy: FlowPolicy,
     cfg: EvalConfig,
     reward_cfg: RewardConfig | None = None,
     rewards: WeightedRewards | None = None,
     reference: torch.Tensor | None = None,
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Sample ``samples_per_prompt`` images per prompt, judge them; returns (report, images).
+    world: distributed.World | None = None,
+    lockstep: bool = False,
+) -> tuple[dict[str, Any], EvalImages]:
+    """Sample ``samples_per_prompt`` images per prompt, judge and score them; returns (report, images).
 
     ``cfg.rewards`` score the same images: ``rewards`` when given (built once by :func:`eval_rewards`, as the
     training loop does, since reward models load slowly), else built here from ``reward_cfg``. ``reference``:
     the base model's :func:`pooled` images under the same settings, for ``drift``.
+
+    ``world``: under torchrun every rank calls this; each samples and scores its share of the images
+    (:func:`shard_rows`), and the scores, pooled images and the grid's samples are gathered, so every rank ends
+    with the report one process would write. ``lockstep``: the ranks run the same number of forward passes (a
+    model sharded with FSDP, whose forwards gather weights from every rank).
     """
     records = load_prompts(cfg.prompts)
     if cfg.judge:
         check_prompts(records, cfg.prompts, parse_prompt)
-    prompts = [r.prompt for r in records for _ in range(cfg.samples_per_prompt)]
-    images = generate(policy, prompts, cfg)
-    report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": cfg.samples_per_prompt}
-    if cfg.judge:
-        verdicts = judge_images([parse_prompt(p) for p in prompts], images.numpy())
-        report = summarize(records, verdicts, cfg.samples_per_prompt)
+    per = cfg.samples_per_prompt
+    prompts = [r.prompt for r in records for _ in range(per)]
+    metadata = [r.metadata for r in records for _ in range(per)]
+    rows, batches = (
+        (range(len(prompts)), 0) if world is None else shard_rows(len(prompts), cfg.batch_size, world.rank, world.size)
+    )
+    images = generate(policy, prompts, cfg, rows=rows, batches=batches if lockstep else 0)
+    mine = slice(rows.start, rows.stop)
+    grid = range(0, len(prompts), per * 3)[:48]
+    local = {"pooled": pooled(images), "samples": images[[i - rows.start for i in grid if i in rows]]}
+    if cfg.judge:  # the Shapes judge's images are 32 pixels a side: every one goes to the judge
+        local["images"] = images
     if cfg.rewards:
-        metadata = [r.metadata for r in records for _ in range(cfg.samples_per_prompt)]
         with torch.no_grad():
-            scored = (rewards or eval_rewards(cfg, reward_cfg))(images, prompts, metadata)
-        report["rewards"] = {n: s.mean().item() for n, s in scored.components.items()}
-    report["diversity"] = diversity(images, cfg.samples_per_prompt)
+            scored = (rewards or eval_rewards(cfg, reward_cfg))(images, prompts[mine], metadata[mine])
+        names = list(scored.components)
+        local["rewards"] = torch.stack([scored.components[n].float().cpu() for n in names], dim=1)
+    every = {k: distributed.gather_ragged(v) for k, v in local.items()}
+    report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": per}
+    if cfg.judge:
+        verdicts = judge_images([parse_prompt(p) for p in prompts], every["images"].numpy())
+        report = summarize(records, verdicts, per)
+    if cfg.rewards:
+        report["rewards"] = {n: every["rewards"][:, i].mean().item() for i, n in enumerate(names)}
+    report["diversity"] = diversity(every["pooled"], per)
     if reference is not None:
-        report["drift"] = drift(images, reference)
+        report["drift"] = drift(every["pooled"], reference)
     report["settings"] = {
         "num_steps": cfg.num_steps,
         "shift": cfg.shift,
@@ -282,4 +338,4 @@ def evaluate(
         "seed": cfg.seed,
         "prompts": cfg.prompts,
     }
-    return report, images
+    return report, EvalImages(every["pooled"], every["samples"])

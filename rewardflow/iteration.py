@@ -118,28 +118,35 @@ def online_iteration(
     if not all(torch.isfinite(t).all() for t in (reward.scores, *reward.components.values())):
         log.warning("iteration %d: non-finite rewards; the update is skipped", it + 1)
         return images, reward, {**metrics, "skipped_steps": float(cfg.algo.optimizer_steps)}
+    weights = dict(zip(cfg.reward.names, cfg.reward.resolved_weights))
+    norm = {"eps": cfg.grpo.adv_eps, "unbiased": cfg.grpo.std_unbiased} if cfg.algorithm == "grpo" else {}
     adv = aggregate_advantages(
         reward.scores,
         reward.components,
-        dict(zip(cfg.reward.names, cfg.reward.resolved_weights)),
+        weights,
         layout.group_ids,
         cfg.reward.aggregate,
         global_std=cfg.algo.global_std,
         clip=cfg.algo.adv_clip_max,
+        **norm,
     )[layout.own]
     t1 = time.time()
     if cfg.algorithm == "grpo":
+        # One clipped loss per reward ([N, K] advantages): rows are chosen by their weighted sum.
+        reward_weights = torch.tensor([weights[n] for n in reward.components]) if adv.ndim == 2 else None
+        combined = adv if reward_weights is None else adv @ reward_weights
         # best_worst_k and drop_zero_advantage: one process only (train() checks), so the kept rows are its own.
         if cfg.grpo.best_worst_k:
-            keep = grpo.best_worst_rows(adv, own_groups, cfg.grpo.best_worst_k)
-            batch, adv = batch.select(keep), adv[keep]
+            keep = grpo.best_worst_rows(combined, own_groups, cfg.grpo.best_worst_k)
+            batch, adv, combined = batch.select(keep), adv[keep], combined[keep]
         if cfg.grpo.drop_zero_advantage:
-            keep = grpo.rows_with_signal(adv, cfg.grpo.micro_batch)
+            keep = grpo.rows_with_signal(combined, cfg.grpo.micro_batch)
             metrics["trained_rows"] = len(keep) / len(adv)
             if not len(keep):  # every group scored alike: nothing to learn from, and no failure either
                 return images, reward, metrics
             batch, adv = batch.select(keep), adv[keep]
-        update = grpo.train_step(policy, optimizer, batch, adv.to(policy.device), cfg.grpo, ema.step, generator=gen)
+        update = grpo.train_step(policy, optimizer, batch, adv.to(policy.device), cfg.grpo, ema.step, generator=gen,
+                                 reward_weights=reward_weights)  # fmt: skip
     else:
         r = nft.optimality_probability(adv.to(policy.device), cfg.nft.adv_clip_max, cfg.nft.adv_mode)
         update = nft.train_step(policy, optimizer, nft_batch, r, cfg.nft, ema.step, generator=gen)

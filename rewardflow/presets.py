@@ -318,19 +318,19 @@ def sd35m_geneval_flow_grpo() -> TrainConfig:
     return cfg
 
 
-FLUX_SHIFT_512 = 1.88  # FLUX.1-dev's resolution-dependent shift e^mu at 512 px (FluxPolicy.shift)
-
-
 def flux_hps_dance_grpo() -> TrainConfig:
     """DanceGRPO on FLUX.1-dev against HPS v2.1: the 8-GPU LoRA script's settings.
 
     Needs ``models/FLUX.1-dev`` (a diffusers folder), ``models/hps_v2.1`` (converted with
     ``rewardflow.rewards.hps.convert_open_clip_checkpoint``, docs/rewards.md) and HPDv2 training prompts
-    ``data/hpdv2/train.txt`` / ``test.txt``. From DanceGRPO's FLUX LoRA script: LoRA r 128, alpha 256, lr 3e-4,
-    weight decay 1e-4, grad clip 1; 12 images per prompt sharing their initial noise, 16 prompts per iteration
-    (2 per GPU on 8 GPUs: run it with ``torchrun --nproc_per_node 8``; docs/distributed.md); 12 steps of the
-    constant-noise SDE with eta 0.3 and a fixed shift of 3, a random 60% of the steps trained per image; no KL
-    and no reference model (``kl_beta`` 0); no true CFG (the guidance embedding at 3.5); 720 px, bf16.
+    ``data/hpdv2/train.txt`` / ``test.txt``. From DanceGRPO's FLUX LoRA script: LoRA r 128, alpha 256 on
+    ``to_q to_k to_v to_out.0``, lr 3e-4, weight decay 1e-4, grad clip 1; 12 images per prompt sharing their initial
+    noise, 16 prompts per iteration (2 per GPU on 8 GPUs: ``torchrun --nproc_per_node 8``; any other number of
+    processes derives its micro-batch, docs/distributed.md), one optimizer step per 96 images (12 per GPU); 12 steps
+    of the constant-noise SDE with eta 0.3 on DanceGRPO's grid (a fixed shift of 3), ``int(0.6 x 11)`` = 6 of the 11
+    SDE steps trained per image; advantages per group with the unbiased std and eps 1e-8; no KL and no reference
+    model (``kl_beta`` 0); no true CFG (the guidance embedding at 3.5); 720 px, bf16. Evaluation: FluxPipeline's
+    defaults (28 steps on its grid, guidance 3.5). Field by field against the script: docs/papers.md.
     """
     return TrainConfig(
         run_dir="runs/flux_hps_dance_grpo",
@@ -340,41 +340,40 @@ def flux_hps_dance_grpo() -> TrainConfig:
         group_size=12,
         save_every=25,
         eval_every=25,
-        model=ModelConfig(kind="flux", path="models/FLUX.1-dev", lora_rank=128, lora_alpha=256, resolution=720,
-                          dtype="bfloat16", device="cuda", gradient_checkpointing=True),
+        model=ModelConfig(kind="flux", path="models/FLUX.1-dev", lora_rank=128, lora_alpha=256,
+                          lora_targets=("to_q", "to_k", "to_v", "to_out.0"), resolution=720, dtype="bfloat16",
+                          device="cuda", gradient_checkpointing=True),
         optim=OptimConfig(lr=3e-4, weight_decay=1e-4),
-        reward=RewardConfig(names=("hps",), hps_model="models/hps_v2.1", device="cuda"),
+        reward=RewardConfig(names=("hps",), hps_model="models/hps_v2.1", device="cuda", aggregate="loss"),
         grpo=GRPOConfig(num_steps=12, shift=3.0, sde_type="dance", noise_level=0.3, same_initial_noise=True,
-                        timestep_fraction=0.6, guidance_scale=3.5, kl_beta=0.0, micro_batch=4, optimizer_steps=1,
-                        grad_clip=1.0),
-        eval=EvalConfig(prompts="data/hpdv2/test.txt", samples_per_prompt=1, num_steps=28, shift=3.0,
-                        guidance_scale=3.5, judge=False, rewards=("hps",)),
+                        timestep_fraction=0.6, guidance_scale=3.5, kl_beta=0.0, micro_batch=4, optimizer_steps=2,
+                        grad_clip=1.0, global_std=False, std_unbiased=True, adv_eps=1e-8),
+        eval=EvalConfig(prompts="data/hpdv2/test.txt", samples_per_prompt=1, num_steps=28, guidance_scale=3.5,
+                        judge=False, rewards=("hps",)),
     )  # fmt: skip
 
 
 def flux_hps_leapalign() -> TrainConfig:
     """LeapAlign on FLUX.1-dev against HPS v2.1 (the paper's general-preference setting).
 
-    The same folders as ``flux_hps_dance_grpo``. From the published recipe as FlowBP reproduces it: 25 Euler
-    steps at 512 px on FLUX's shifted grid, the guidance embedding at 4.0 (no true CFG), a step pair drawn
-    uniformly over all steps, alpha 0.3, tau 0.1, the hinge at 0.55 (HPS scores are about 0.3: effectively
-    linear), AdamW lr 1e-5 with weight decay 1e-4 and grad clip 1, EMA 0.995, 8 images per GPU (64 per iteration
-    with ``torchrun --nproc_per_node 8``). One change:
-    LoRA r 64 rather than FlowBP's full fine-tune, which needs FSDP (not yet in rewardflow; docs/distributed.md).
+    The same folders as ``flux_hps_dance_grpo``. From the published recipe as FlowBP reproduces it: a full
+    fine-tune sharded with FSDP (``model.fsdp``: run it under ``torchrun``), bf16 weights with gradient
+    checkpointing, 25 Euler steps at 512 px on FluxPipeline's grid, the guidance embedding at 4.0 (no true CFG), a
+    step pair drawn uniformly over all steps, alpha 0.3, tau 0.1, the hinge at 0.55 (HPS scores are about 0.3:
+    effectively linear), AdamW lr 1e-5 with weight decay 1e-4 and grad clip 1, EMA 0.995, 8 images per GPU (64 per
+    iteration with ``torchrun --nproc_per_node 8``). Field by field: docs/papers.md.
     """
     cfg = flux_hps_dance_grpo()
     cfg.run_dir = "runs/flux_hps_leapalign"
     cfg.algorithm = "leapalign"
     cfg.prompts_per_iter, cfg.group_size, cfg.ema_decay = 32, 2, 0.995  # 64 images: 8 per GPU on 8 GPUs
-    cfg.model = dataclasses.replace(cfg.model, lora_rank=64, lora_alpha=128, resolution=512)
+    cfg.reward = dataclasses.replace(cfg.reward, aggregate="reward")
+    cfg.model = dataclasses.replace(cfg.model, lora_rank=0, lora_alpha=0.0, lora_targets=(), fsdp=True, resolution=512)
     cfg.optim = OptimConfig(lr=1e-5, weight_decay=1e-4)
-    cfg.leapalign = LeapAlignConfig(num_steps=25, shift=FLUX_SHIFT_512, guidance_scale=4.0, alpha=0.3, tau=0.1,
-                                    hinge=0.55, micro_batch=2, optimizer_steps=1, checkpointing=True)  # fmt: skip
-    cfg.eval = dataclasses.replace(cfg.eval, shift=FLUX_SHIFT_512, guidance_scale=4.0)
+    cfg.leapalign = LeapAlignConfig(num_steps=25, guidance_scale=4.0, alpha=0.3, tau=0.1, hinge=0.55, micro_batch=2,
+                                    optimizer_steps=1, checkpointing=True)  # fmt: skip
+    cfg.eval = dataclasses.replace(cfg.eval, shift=0.0, guidance_scale=4.0)
     return cfg
-
-
-SD1_SIGMA_MAX = 0.935958  # SD 1.x's last training timestep as a flow sigma (scaled-linear betas 0.00085-0.012)
 
 
 def sd15_aesthetic_draft_lv() -> TrainConfig:
@@ -383,8 +382,8 @@ def sd15_aesthetic_draft_lv() -> TrainConfig:
     Needs ``models/stable-diffusion-v1-5`` (a diffusers folder), ``models/clip-vit-large-patch14`` holding the
     converted ``aesthetic_head.safetensors`` (docs/rewards.md) and a prompt file ``data/aesthetic/train.txt``
     (DRaFT used simple animal prompts). The paper's small-scale settings: LoRA rank 8 at lr 4e-4, weight decay
-    0.1, 4 images per step, 50 sampling steps (deterministic, the flow view of DDIM scaled to SD 1.x's
-    ``sigma_max``), CFG 7.5, DRaFT-LV with 2 re-noised samples, 2,000 updates, 512 px.
+    0.1, 4 images per step, 50 sampling steps (deterministic: DDIM's 50 timesteps of the model's scheduler config,
+    seen as a flow), CFG 7.5, DRaFT-LV with 2 re-noised samples, 2,000 updates, 512 px.
     """
     return TrainConfig(
         run_dir="runs/sd15_aesthetic_draft_lv",
@@ -399,11 +398,10 @@ def sd15_aesthetic_draft_lv() -> TrainConfig:
                           resolution=512, dtype="bfloat16", device="cuda", gradient_checkpointing=True),
         optim=OptimConfig(lr=4e-4, weight_decay=0.1),
         reward=RewardConfig(names=("aesthetic",), aesthetic_model="models/clip-vit-large-patch14", device="cuda"),
-        # shift 1.6: about DDIM's uniform timestep spacing on SD 1.x, seen as flow sigmas
-        draft=DraftConfig(method="draft-lv", lv_samples=2, num_steps=50, shift=1.6, guidance_scale=7.5,
-                          micro_batch=4, optimizer_steps=1, sigma_max=SD1_SIGMA_MAX),
-        eval=EvalConfig(prompts="data/aesthetic/train.txt", samples_per_prompt=1, num_steps=50, shift=1.6,
-                        guidance_scale=7.5, judge=False, rewards=("aesthetic",), sigma_max=SD1_SIGMA_MAX),
+        draft=DraftConfig(method="draft-lv", lv_samples=2, num_steps=50, guidance_scale=7.5, micro_batch=4,
+                          optimizer_steps=1),
+        eval=EvalConfig(prompts="data/aesthetic/train.txt", samples_per_prompt=1, num_steps=50, guidance_scale=7.5,
+                        judge=False, rewards=("aesthetic",)),
     )  # fmt: skip
 
 

@@ -73,14 +73,15 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     return run
 
 
-def write_run_header(cfg: TrainConfig, run: Path, resume: bool) -> None:
-    """The resolved config, the folders, and (for a new run) the package version and git commit."""
+def write_run_header(cfg: TrainConfig, run: Path, resume: bool, preset: str = "") -> None:
+    """The resolved config, the folders, and (for a new run) the package version, git commit and preset name."""
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "samples").mkdir(exist_ok=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     if resume and (run / "meta.json").exists():
         return
-    meta = {"rewardflow_version": rewardflow.__version__, "git_commit": git_commit(), "torch": torch.__version__}
+    meta = {"rewardflow_version": rewardflow.__version__, "git_commit": git_commit(), "torch": torch.__version__,
+            "preset": preset}  # fmt: skip
     (run / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -88,6 +89,8 @@ def save(
     cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int
 ) -> None:
     """EMA weights for use (``checkpoints/iter_XXXXX.safetensors``) and a resume state (the newest ``keep``).
+
+    A diffusers model's EMA weights also go to ``diffusers/`` in the diffusers layout (:mod:`rewardflow.export`).
 
     Rank 0 alone, except for a sharded model (``model.fsdp``), where every rank calls it (:func:`save_sharded`).
     """
@@ -98,6 +101,10 @@ def save(
             iteration=str(iteration),
             weights="ema",
         )
+        if cfg.model.kind != "tiny-dit":  # the same weights as a plain diffusers pipeline loads them
+            from rewardflow.export import write_export
+
+            write_export(policy, cfg, run, iteration, run / "diffusers")
     state = {
         "iteration": iteration,
         "trainable": {n: p.detach().clone() for n, p in policy.named_trainable_state()},

@@ -18,7 +18,7 @@ from rewardflow.algorithms.batching import KeyedRandom
 from rewardflow.algorithms.draft import check_differentiable
 from rewardflow.config import DIRECT, TrainConfig
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
-from rewardflow.evaluate import eval_rewards, evaluate, generate, headline, load_reference, save_reference
+from rewardflow.evaluate import eval_rewards, evaluate, headline, load_reference, save_reference
 from rewardflow.iteration import RowLayout, direct_iteration, online_iteration
 from rewardflow.models.build import build_policy
 from rewardflow.models.protocol import FlowPolicy
@@ -43,43 +43,38 @@ log = logging.getLogger(__name__)
 BASE_REFERENCE = "eval/base_pooled.safetensors"  # the base model's evaluation images, for drift
 
 
-def check_sigma_max(cfg: TrainConfig, policy: FlowPolicy) -> None:
-    """The sampling grids must start where the model's noise is (1 for flows, ``sigma_max`` for SD 1.x)."""
-    for field, value in ((f"{cfg.algorithm}.sigma_max", cfg.algo.sigma_max), ("eval.sigma_max", cfg.eval.sigma_max)):
-        if abs(value - policy.sigma_max) > 1e-3:
-            raise ValueError(
-                f"{field} is {value}, but model.kind {cfg.model.kind!r} starts sampling at sigma "
-                f"{policy.sigma_max:.6f}: set {cfg.algorithm}.sigma_max and eval.sigma_max to it"
-            )
-
-
 def run_eval(
-    policy: FlowPolicy, ema: EMA, cfg: TrainConfig, run: Path, iteration: int, rewards: Any = None, write: bool = True
+    policy: FlowPolicy,
+    ema: EMA,
+    cfg: TrainConfig,
+    run: Path,
+    iteration: int,
+    rewards: Any = None,
+    world: distributed.World | None = None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate the EMA weights (``rewards``: the built ``eval.rewards``); write the report and a grid.
+    """Evaluate the EMA weights (``rewards``: the built ``eval.rewards``); rank 0 writes the report and a grid.
 
-    ``write=False``: evaluate only (the other ranks of a sharded model, whose forward passes rank 0 needs).
+    Under torchrun every rank samples and scores its share of the evaluation (:func:`evaluate`); ``sharded``: the
+    model is sharded with FSDP, so the ranks run the same forward passes.
     """
     t0 = time.time()
-    if not write:
-        prompts = [r.prompt for r in load_prompts(cfg.eval.prompts) for _ in range(cfg.eval.samples_per_prompt)]
-        with ema.swapped():
-            generate(policy, prompts, cfg.eval)  # the same forward passes as rank 0's evaluate, nothing scored
-        return {}
-    reference = load_reference(run / BASE_REFERENCE, cfg.eval) if iteration else None
+    main = world is None or world.main
+    reference = load_reference(run / BASE_REFERENCE, cfg.eval) if iteration and main else None
     with ema.swapped():
-        report, images = evaluate(policy, cfg.eval, cfg.reward, rewards, reference)
+        report, images = evaluate(policy, cfg.eval, cfg.reward, rewards, reference, world=world, lockstep=sharded)
+    if not main:
+        return {}
     (run / "eval").mkdir(exist_ok=True)
     if iteration == 0:
-        save_reference(run / BASE_REFERENCE, cfg.eval, images)
+        save_reference(run / BASE_REFERENCE, cfg.eval, images.pooled)
     (run / "eval" / f"iter_{iteration:05d}.json").write_text(json.dumps(report, indent=2))
-    per = cfg.eval.samples_per_prompt
-    save_grid(images[:: per * 3][:48], run / "samples" / f"eval_{iteration:05d}.png")
+    save_grid(images.samples, run / "samples" / f"eval_{iteration:05d}.png")
     log.info("eval at iteration %d: %s (%.0fs)", iteration, headline(report), time.time() - t0)
     return {"iteration": iteration, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}}
 
 
-def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
+def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Path:
     """Run (or resume) training as configured; returns the run folder.
 
     ``resume``: False starts a new run (the folder must be empty), True continues the run in the folder from its
@@ -93,6 +88,9 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
     world = distributed.init(device_type)
     if world.size > 1 and device_type == "cuda":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=f"cuda:{world.local_rank}"))
+    cfg, changes = cfg.for_world(world.size)
+    if changes and world.main:
+        log.info("batch geometry for %d processes: %s", world.size, ", ".join(changes))
     if world.size > 1 and cfg.algorithm == "grpo":
         for name in ("best_worst_k", "drop_zero_advantage"):
             if getattr(cfg.grpo, name):
@@ -113,7 +111,6 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg)
-    check_sigma_max(cfg, policy)
     if cfg.algorithm == "nft":
         policy.init_old()
     sharded = cfg.model.fsdp and world.size > 1
@@ -126,7 +123,7 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
     if sharded:
         ema.on_swap = lambda: distributed.reshard(policy.module)
     reward_fn = build_reward(cfg.reward)
-    eval_scorers = eval_rewards(cfg.eval, cfg.reward) if world.main else None  # built before anything is written
+    eval_scorers = eval_rewards(cfg.eval, cfg.reward)  # every rank scores its share; built before anything is written
     if cfg.algorithm in DIRECT:
         check_differentiable(reward_fn, cfg.algorithm)
     start = 0
@@ -140,7 +137,7 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
                 "nothing was changed. Start a new run in another folder"
             )
     if world.main:
-        write_run_header(cfg, run, bool(resume))
+        write_run_header(cfg, run, bool(resume), preset)
     distributed.barrier()  # the folder exists before any rank goes on
     metrics_path = run / "metrics.jsonl"
     if resume and world.main:
@@ -183,11 +180,9 @@ def _loop(
              world.size)  # fmt: skip
 
     def record_eval(done: int) -> None:
-        if not world.main:  # rank 0 evaluates; the others wait for it at the next collective,
-            if sharded:  # or run the same forward passes, whose weight gathers rank 0's need
-                run_eval(policy, ema, cfg, run, done, eval_scorers, write=False)
+        record = run_eval(policy, ema, cfg, run, done, eval_scorers, world, sharded)
+        if not world.main:
             return
-        record = run_eval(policy, ema, cfg, run, done, eval_scorers)
         append_jsonl(metrics_path, record)
         trackers.log(record)
         trackers.log_image("samples/eval", run / "samples" / f"eval_{done:05d}.png", done)

@@ -69,7 +69,7 @@ def test_aesthetic_head_and_its_conversion(clip_dir, tmp_path):
 
 
 def test_missing_reward_models_say_what_to_fetch(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download yuvalkirstain/PickScore_v1"):
+    with pytest.raises(FileNotFoundError, match="hf download yuvalkirstain/PickScore_v1"):
         build_reward(RewardConfig(names=("pickscore",)))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="aesthetic_head.safetensors"):

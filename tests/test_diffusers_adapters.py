@@ -7,7 +7,6 @@ The tests shared by all adapters take the ``adapter`` fixture; the ones about on
 import copy
 import importlib.util
 import json
-import math
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from rewardflow.models.sd1 import load_sd1_policy  # noqa: E402
 from rewardflow.models.sd3 import load_sd3_policy  # noqa: E402
 from rewardflow.models.tiny_diffusers import save_tiny_flux, save_tiny_sd1, save_tiny_sd3  # noqa: E402
 from rewardflow.sampling.rollout import rollout  # noqa: E402
-from rewardflow.sampling.schedules import sd3_schedule, uniform  # noqa: E402
+from rewardflow.sampling.schedules import sd3_schedule  # noqa: E402
 from tests.conftest import Brightness  # noqa: E402
 
 PROMPTS = ["a red cube", "two dogs on grass"]
@@ -58,14 +57,10 @@ class Adapter:
     def load(self, lora: bool = True, **kwargs):
         return self._load(self.folder, **{"lora_rank": 4 if lora else 0, "resolution": 32, **self._kwargs, **kwargs})
 
-    def sigmas(self, policy, steps: int) -> torch.Tensor:
-        if self.name == "sd1":
-            return policy.schedule(steps)  # the DDIM timesteps' sigmas
-        return sd3_schedule(steps, 3.0 if self.name == "sd3" else policy.shift)
-
     def ours(self, policy, eps: torch.Tensor, steps: int) -> torch.Tensor:
-        """Our Euler ODE sample from pure noise ``eps`` (at SD 1.x's noisiest timestep: ``eps / (a + b)``)."""
-        sigmas = self.sigmas(policy, steps)
+        """Our Euler ODE sample on the model's own grid from pure noise ``eps`` (the state at the grid's first
+        sigma: ``eps`` for a flow, ``eps / (a + b)`` for SD 1.x)."""
+        sigmas = policy.schedule(steps)
         x_init = eps
         if self.name == "sd1":
             _, a, b = policy.vp_state(sigmas[:1])
@@ -73,13 +68,26 @@ class Adapter:
         return rollout(policy, policy.encode_prompts(PROMPTS), sigmas, torch.zeros(steps),
                        guidance_scale=self.guidance, x_init=x_init).final  # fmt: skip
 
-    def theirs(self, policy, eps: torch.Tensor, steps: int) -> torch.Tensor:
-        """The diffusers pipeline's sample from ``eps``: Euler on our (unshifted) sigmas, or DDIM for SD 1.x."""
-        kwargs = dict(guidance_scale=self.guidance, output_type="latent", height=32, width=32)
+    def theirs(self, policy, eps: torch.Tensor, steps: int, record: list | None = None, tokens: int | None = 16):
+        """The diffusers pipeline's own ``__call__`` from ``eps`` (its scheduler's sigmas; DDIM for SD 1.x).
+
+        ``record``: filled with the sigmas the pipeline's scheduler sampled on. ``tokens``: T5's sequence length
+        (None: the pipeline's default, which a policy built from a run's config uses).
+        """
+        kwargs = dict(guidance_scale=self.guidance, output_type="latent", height=32, width=32,
+                      num_inference_steps=steps)  # fmt: skip
+        if record is not None:
+
+            def keep(pipe, i, t, tensors):
+                if i == 0:
+                    record.append(pipe.scheduler.sigmas.clone() if self.name != "sd1" else pipe.scheduler.timesteps)
+                return tensors
+
+            kwargs["callback_on_step_end"] = keep
         if self.name == "sd1":
-            return policy.pipe(PROMPTS, num_inference_steps=steps, latents=eps.clone(), **kwargs).images
-        # The scheduler applies its shift (SD3's 3.0, FLUX's exp(mu)) to the sigmas it is given and appends 0.
-        kwargs |= dict(sigmas=uniform(steps)[:-1].tolist(), max_sequence_length=16)
+            return policy.pipe(PROMPTS, latents=eps.clone(), **kwargs).images
+        if tokens:
+            kwargs["max_sequence_length"] = tokens
         if self.name == "sd3":
             return policy.pipe(PROMPTS, latents=eps.clone(), **kwargs).images
         return unpack(policy.pipe(PROMPTS, latents=pack(eps), **kwargs).images, *eps.shape[-2:])
@@ -137,17 +145,35 @@ def test_velocity_is_the_transformer_at_1000_sigma_and_cfg_combines_it(sd3_dir):
     assert torch.allclose(policy.velocity(x, sigma, unconditional, guidance_scale=4.5), v_u, atol=1e-5)
 
 
-def test_our_euler_ode_sample_equals_the_diffusers_pipeline(adapter):
-    """Same initial noise and timesteps, with guidance: our rollout and the diffusers pipeline agree.
+@pytest.mark.parametrize("steps", [4, 6])
+def test_our_euler_ode_sample_equals_the_diffusers_pipeline(adapter, steps):
+    """Same initial noise, with guidance: our rollout on the model's own grid and the pipeline's ``__call__`` agree.
 
-    SD3 and FLUX: the pipeline's Euler sampler on the same shifted sigmas. SD 1.x: the pipeline's DDIM sampler,
-    which our Euler steps reproduce through the change of variables (rewardflow/models/sd1.py).
+    SD3 and FLUX: the pipeline's Euler sampler on its scheduler's sigmas. SD 1.x: the pipeline's DDIM sampler, which
+    our Euler steps reproduce through the change of variables (rewardflow/models/sd1.py).
     """
     policy = adapter.load()
     eps = _eps(policy, 2)
-    ours, theirs = adapter.ours(policy, eps, 4), adapter.theirs(policy, eps, 4)
+    ours, theirs = adapter.ours(policy, eps, steps), adapter.theirs(policy, eps, steps)
     assert (ours - eps).abs().mean() > 0.1  # the sample moved
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("steps", [6, 10, 28, 40])
+def test_the_model_grid_is_the_sigmas_its_pipeline_samples_on(adapter, steps):
+    """``policy.schedule(T)`` equals the sigmas the pipeline's ``__call__`` gave its scheduler for T steps (SD 1.x:
+    the flow sigmas of its DDIM timesteps), recorded from inside the call."""
+    policy = adapter.load()
+    record: list = []
+    adapter.theirs(policy, _eps(policy, 0), steps, record)
+    ours = policy.schedule(steps)
+    if adapter.name == "sd1":
+        theirs = policy.vp_state(ours[:-1])[0]
+        assert torch.allclose(theirs, record[0].float(), atol=1e-3) and ours[-1] == 0
+    else:
+        assert ours.shape == record[0].shape and torch.allclose(ours, record[0].float(), atol=1e-6)
+    fixed = policy.schedule(steps, 3.0)  # a fixed shift instead: DanceGRPO's grid on any model
+    assert torch.allclose(fixed / fixed[0], sd3_schedule(steps, 3.0), atol=1e-6)
 
 
 def test_on_policy_ratio_is_exactly_one_through_the_adapter(adapter):
@@ -267,9 +293,9 @@ def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):
         ModelConfig(kind="sdxl", path="x")
     with pytest.raises(ValueError, match="model.compile is implemented for the tiny DiT only, not model.kind 'sd3'"):
         ModelConfig(kind="sd3", path="x", compile=True)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-diffusion-3.5-medium"):
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/stable-diffusion-3.5-medium"):
         load_sd3_policy(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download black-forest-labs/FLUX.1-dev"):
+    with pytest.raises(FileNotFoundError, match="hf download black-forest-labs/FLUX.1-dev"):
         load_flux_policy(tmp_path / "nowhere")
     other = tmp_path / "flux"
     other.mkdir()
@@ -303,12 +329,6 @@ def test_flux_guidance_is_embedded_for_a_distilled_model_and_true_cfg_otherwise(
     assert torch.allclose(plain.velocity(x, 0.5, cond, 3.5), v_u + 3.5 * (v_c - v_u), atol=1e-5)
     with pytest.raises(ValueError, match="guidance-distilled"):
         load_flux_policy(tmp_path / "cfg", lora_rank=2, resolution=32, guidance="embedded")
-
-
-def test_flux_shift_is_exp_mu_of_the_image_tokens(flux_dir):
-    policy = load_flux_policy(flux_dir, lora_rank=2, resolution=32)
-    mu = 0.5 + (1.15 - 0.5) * (64 - 16) / (256 - 16)  # 16x16 latents -> 64 tokens, the tiny scheduler's anchors
-    assert policy.shift == pytest.approx(math.exp(mu))
 
 
 def test_sd1_flow_coordinates_hit_the_training_timesteps(sd1_dir):
@@ -359,25 +379,14 @@ def test_sd1_euler_step_is_the_ddim_step(sd1_dir, prediction):
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux", "sd1"])
-def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(
-    kind, sd3_dir, flux_dir, sd1_dir, tmp_path, capsys
-):
+def test_train_and_eval_commands_run_a_diffusers_model_on_free_prompts(kind, sd3_dir, flux_dir, sd1_dir, tmp_path):
     from rewardflow.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\ntwo dogs on grass\na lighthouse at dusk\n")
     run = tmp_path / "run"
     folder = {"sd3": sd3_dir, "flux": flux_dir, "sd1": sd1_dir}[kind]
-    start = []
-    if kind == "sd1":  # a VP model starts sampling at its sigma_max, and the run must say so
-        sigma_max = load_sd1_policy(sd1_dir, lora_rank=2).sigma_max
-        bare = ["train", "shapes_grpo_smoke", "--run-dir", str(run), "--model.kind", "sd1", "--model.path",
-                str(folder), "--train-prompts", str(prompts), "--balance-prompts-by", "",
-                "--reward.names", "jpeg-compressibility"]  # fmt: skip
-        assert main(bare) == 2 and f"starts sampling at sigma {sigma_max:.6f}" in capsys.readouterr().err
-        assert not run.exists()
-        start = ["--grpo.sigma-max", f"{sigma_max:.6f}", "--eval.sigma-max", f"{sigma_max:.6f}"]
-    args = [*start, "--run-dir", str(run), "--model.kind", kind, "--model.path", str(folder),
+    args = ["--run-dir", str(run), "--model.kind", kind, "--model.path", str(folder),
             "--model.resolution", "32", "--model.lora-rank", "4", "--train-prompts", str(prompts),
             "--balance-prompts-by", "", "--reward.names", "jpeg-compressibility", "--eval.prompts", str(prompts),
             "--eval.no-judge", "--eval.rewards", "jpeg-compressibility", "--eval.num-steps", "2",
@@ -409,7 +418,7 @@ def test_paper_presets_name_what_they_need_and_run_on_tiny_stand_ins(sd3_dir, fl
     for split in ("train", "test"):
         (tmp_path / "data" / "pickscore" / f"{split}.txt").write_text("a red cube\ntwo dogs on grass\n")
     assert main(["train", "sd35m_pickscore_flow_grpo", *cpu]) == 2
-    assert "huggingface-cli download stabilityai/stable-diffusion-3.5-medium" in capsys.readouterr().err
+    assert "hf download stabilityai/stable-diffusion-3.5-medium" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     small = [*cpu, "--model.resolution", "32", "--model.dtype", "float32", "--iterations", "1",
              "--prompts-per-iter", "2", "--group-size", "2", "--eval.num-steps", "2",
@@ -436,9 +445,7 @@ def test_paper_presets_name_what_they_need_and_run_on_tiny_stand_ins(sd3_dir, fl
 def test_the_sd15_draft_lv_preset_runs_on_tiny_stand_ins(sd1_dir, tmp_path, monkeypatch):
     from rewardflow.cli import main
     from rewardflow.models.tiny_diffusers import save_tiny_clip
-    from rewardflow.presets import SD1_SIGMA_MAX
 
-    assert load_sd1_policy(sd1_dir, lora_rank=2).sigma_max == pytest.approx(SD1_SIGMA_MAX, abs=1e-6)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "aesthetic").mkdir(parents=True)
     (tmp_path / "data" / "aesthetic" / "train.txt").write_text("a photo of a cat\na photo of a dog\n")
@@ -489,3 +496,88 @@ def test_the_geneval_and_flux_hps_presets_run_on_tiny_stand_ins(sd3_dir, flux_di
         assert main(["train", preset, *cpu, *hps, *extra]) == 0
         report = json.loads((tmp_path / "runs" / preset / "eval" / "iter_00001.json").read_text())
         assert set(report["rewards"]) == {"hps"}
+
+
+def test_a_hub_id_resolves_offline_from_the_cache_and_a_missing_one_says_what_to_do(sd3_dir, tmp_path, monkeypatch):
+    """``model.path`` and a reward's model path take a Hub id, found in a prepared Hub cache with HF_HUB_OFFLINE=1."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from rewardflow.models.tiny_diffusers import save_tiny_clip
+    from rewardflow.rewards.clip import ClipScoreReward
+    from rewardflow.utils.hub import model_folder
+
+    cache = tmp_path / "hub"
+    for repo, folder in (("someone/tiny-sd3", sd3_dir), ("someone/tiny-clip", save_tiny_clip(tmp_path / "clip"))):
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, entry / "snapshots" / ("c" * 40))
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    policy = load_sd3_policy("someone/tiny-sd3", lora_rank=2, resolution=32, max_sequence_length=16)
+    plain = load_sd3_policy(sd3_dir, lora_rank=2, resolution=32, max_sequence_length=16)
+    assert torch.equal(next(iter(policy.pipe.vae.parameters())), next(iter(plain.pipe.vae.parameters())))
+    assert ClipScoreReward("someone/tiny-clip").model.config.projection_dim > 0
+    assert model_folder(sd3_dir, "model.path") == sd3_dir  # a local folder is itself
+    with pytest.raises(FileNotFoundError, match=r"model.path 'someone/missing' is neither a local folder nor a Hub "
+                       r"model .*offline mode.*`hf download someone/missing`"):  # fmt: skip
+        load_sd3_policy("someone/missing", lora_rank=2)
+
+
+class _Plain:
+    """A plain diffusers pipeline in the place ``Adapter.theirs`` looks for one."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_runs_export_loads_in_a_plain_pipeline_and_samples_the_trained_policy(adapter, lora, tmp_path):
+    """Train, then ``rewardflow export``: the exported LoRA (or network) in a plain diffusers pipeline samples what
+    the trained policy samples from the same noise, and not what the base samples; the run's own ``diffusers/``
+    export at its last save is the same weights."""
+    import diffusers
+
+    from rewardflow.cli import main
+    from rewardflow.export import PIPELINES
+    from rewardflow.models.build import load_trained_policy
+
+    if not lora and adapter.name != "sd3":
+        pytest.skip("the full fine-tune export is the same code for every kind; sd3 stands for all")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    run = tmp_path / "run"
+    args = ["train", "shapes_grpo_smoke", "--run-dir", str(run), "--model.kind", adapter.name, "--model.path",
+            str(adapter.folder), "--model.resolution", "32", "--model.lora-rank", "4" if lora else "0",
+            "--train-prompts", str(prompts), "--balance-prompts-by", "", "--reward.names", "jpeg-compressibility",
+            "--eval.prompts", str(prompts), "--eval.no-judge", "--eval.rewards", "jpeg-compressibility",
+            "--eval.num-steps", "2", "--eval.samples-per-prompt", "1", "--optim.lr", "0.05",
+            "--grpo.clip-range", "10", "--model.no-autocast"]  # fmt: skip
+    assert main(args) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "shapes_grpo_smoke" in card and "grpo" in card and str(adapter.folder) in card
+    policy, _ = load_trained_policy(run)
+    pipe = getattr(diffusers, PIPELINES[adapter.name]).from_pretrained(adapter.folder)
+    pipe.set_progress_bar_config(disable=True)
+    base = adapter.theirs(_Plain(pipe), _eps(policy, 3), 4, tokens=None)
+    if lora:
+        pipe.load_lora_weights(out)
+    else:
+        pipe.transformer = type(pipe.transformer).from_pretrained(out / "transformer")
+    theirs = adapter.theirs(_Plain(pipe), _eps(policy, 3), 4, tokens=None)
+    ours = adapter.ours(policy, _eps(policy, 3), 4)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert (theirs - base).abs().max() > 1e-3  # the export carries the training
+    weights = sorted(p.name for p in (run / "diffusers").rglob("*.safetensors"))
+    assert weights == sorted(p.name for p in out.rglob("*.safetensors"))
+    with pytest.raises(FileExistsError, match="is not empty"):
+        from rewardflow.export import export_run
+
+        export_run(run, out)
+    with pytest.raises(FileNotFoundError, match=r"saved no weights at iteration 7; saved: \[1, 2\]"):
+        export_run(run, tmp_path / "other", iteration=7)
+    assert not (tmp_path / "other").exists()

@@ -9,6 +9,7 @@ from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
 from rewardflow.cli import main
 from rewardflow.rewards import REWARDS
 from rewardflow.sampling.grad import truncated_euler
+from rewardflow.sampling.schedules import sd3_schedule
 from tests.conftest import Brightness, make_policy
 
 PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square"]
@@ -42,7 +43,7 @@ def test_draft_k_equal_to_all_steps_is_full_backprop(tiny_config):
     # by hand: an Euler loop with every step in the graph
     policy.module.zero_grad()
     x = policy.noise(4, torch.Generator().manual_seed(0))
-    sig = cfg.sigmas
+    sig = policy.schedule(cfg.num_steps)
     for i in range(4):
         x = x + (sig[i + 1] - sig[i]) * policy.velocity(x, sig[i], cond, 2.0)
     (-policy.decode(x).mean(dim=(1, 2, 3)).mean()).backward()
@@ -63,14 +64,17 @@ def test_method_samples(tiny_config, monkeypatch):
         return policy.velocity(x, s, cond, 1.0)
 
     x = policy.noise(4, torch.Generator().manual_seed(0))
-    real = truncated_euler(velocity, x, DraftConfig(num_steps=6).sigmas, grad_from=6)
-    lv, lv_real = DraftConfig(method="draft-lv", num_steps=6, lv_samples=3).sample(velocity, x, torch.Generator())
+    grid = policy.schedule(6)
+    real = truncated_euler(velocity, x, grid, grad_from=6)
+    lv_cfg = DraftConfig(method="draft-lv", num_steps=6, lv_samples=3)
+    lv, lv_real = lv_cfg.sample(velocity, x, grid, torch.Generator())
     assert len(lv) == 4 and torch.allclose(lv[0], real, atol=1e-6)  # the base term is the real sample
     no_base = DraftConfig(method="draft-lv", num_steps=6, lv_samples=3, lv_include_base=False)
-    scored, real_nb = no_base.sample(velocity, x, torch.Generator())
+    scored, real_nb = no_base.sample(velocity, x, grid, torch.Generator())
     assert len(scored) == 3 and torch.allclose(real_nb, real, atol=1e-6)  # the monitor still sees the real one
     # ReFL scores a clean prediction but reports the real sample
-    (pred,), refl_real = DraftConfig(method="refl", num_steps=6, refl_last=3).sample(velocity, x, torch.Generator())
+    refl = DraftConfig(method="refl", num_steps=6, refl_last=3)
+    (pred,), refl_real = refl.sample(velocity, x, grid, torch.Generator())
     assert pred.requires_grad and not refl_real.requires_grad and torch.allclose(refl_real, real, atol=1e-6)
     # AlignProp: the first grad-carrying step is drawn in [alignprop_min, num_steps)
     starts = []
@@ -84,7 +88,7 @@ def test_method_samples(tiny_config, monkeypatch):
     cfg = DraftConfig(method="alignprop", num_steps=6, alignprop_min=3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(30):
-        cfg.sample(lambda x, s: x * 0, x, gen)
+        cfg.sample(lambda x, s: x * 0, x, sd3_schedule(6), gen)
     assert set(starts) == {3, 4, 5}
 
 

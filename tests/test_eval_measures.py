@@ -14,14 +14,14 @@ def test_diversity_and_drift_on_hand_made_images():
     b = torch.full((2, 3, 8, 8), 0.25)
     # Two prompts, two samples each: prompt 0's samples differ by 0.25 everywhere, prompt 1's are identical.
     images = torch.stack([a[0], b[0], a[1], a[1]])
-    assert diversity(images, 2) == pytest.approx(0.125)
-    assert diversity(images, 1) is None
-    assert drift(images, pooled(images)) == 0.0
-    assert drift(images, pooled(images + 0.1)) == pytest.approx(0.1, abs=1e-6)
+    assert diversity(pooled(images), 2) == pytest.approx(0.125)
+    assert diversity(pooled(images), 1) is None
+    assert drift(pooled(images), pooled(images)) == 0.0
+    assert drift(pooled(images), pooled(images + 0.1)) == pytest.approx(0.1, abs=1e-6)
     big = torch.rand(2, 3, 256, 200)
     assert pooled(big).shape == (2, 3 * 64 * 50)  # pooled by 4 to at most 64 a side
     with pytest.raises(ValueError, match="same settings"):
-        drift(images, pooled(images[:2]))
+        drift(pooled(images), pooled(images[:2]))
 
 
 def test_the_eval_solver_is_a_choice_and_is_checked(tiny_policy):

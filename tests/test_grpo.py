@@ -259,7 +259,8 @@ def test_timestep_fraction_trains_a_random_subset_per_sample(tiny_config, monkey
 
     # A fraction that keeps every step is the full update.
     full = GRPOConfig(num_steps=9, micro_batch=2, optimizer_steps=1)
-    assert GRPOConfig(num_steps=9, timestep_fraction=0.99).steps_per_sample == full.steps_per_sample == 8
+    assert GRPOConfig(num_steps=9, timestep_fraction=1.0).steps_per_sample == full.steps_per_sample == 8
+    assert GRPOConfig(num_steps=9, timestep_fraction=0.99).steps_per_sample == 7  # truncated, as DanceGRPO counts
     assert GRPOConfig(num_steps=9, timestep_fraction=0.01).steps_per_sample == 1
 
 

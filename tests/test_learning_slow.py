@@ -35,7 +35,7 @@ def ode_brightness(policy, cfg: GRPOConfig, seed: int) -> float:
     traj = rollout(
         policy,
         cond,
-        cfg.sigmas,
+        policy.schedule(cfg.num_steps, cfg.shift),
         torch.zeros(cfg.num_steps),
         guidance_scale=cfg.guidance_scale,
         generator=torch.Generator().manual_seed(seed),
@@ -125,13 +125,12 @@ def test_direct_gradient_methods_raise_a_brightness_reward(variant):
     else:
         cfg = LeapAlignConfig(num_steps=10, micro_batch=16)
         loss_fn = leapalign_loss(reward, cfg)
-    probe = GRPOConfig(num_steps=10, guidance_scale=4.5)
     prompts = [p for p in PROMPTS for _ in range(8)]
 
     @torch.no_grad()
     def sample_brightness() -> float:
         cond = policy.encode_prompts(prompts)
-        traj = rollout(policy, cond, probe.sigmas, torch.zeros(10), guidance_scale=4.5,
+        traj = rollout(policy, cond, policy.schedule(10), torch.zeros(10), guidance_scale=4.5,
                        generator=torch.Generator().manual_seed(123))  # fmt: skip
         return reward(policy.decode(traj.xs[:, -1]), prompts, [{}] * len(prompts)).scores.mean().item()
 

@@ -41,12 +41,10 @@ def test_three_training_steps_on_the_sd3_architecture_in_bf16(size, device, reso
         torch.cuda.reset_peak_memory_stats()
     if algorithm == "grpo":
         guidance = EMBEDDINGS[("sd3", size)][3]
-        cfg = GRPOConfig(
-            num_steps=4, micro_batch=batch, optimizer_steps=1, guidance_scale=guidance, kl_beta=0.04, shift=3.0
-        )
+        cfg = GRPOConfig(num_steps=4, micro_batch=batch, optimizer_steps=1, guidance_scale=guidance, kl_beta=0.04)
     else:
         policy.init_old()
-        cfg = NFTConfig(num_steps=4, micro_batch=batch, optimizer_steps=1, shift=3.0)
+        cfg = NFTConfig(num_steps=4, micro_batch=batch, optimizer_steps=1)
     for _ in range(3):
         if algorithm == "grpo":
             rollout = grpo.collect(policy, cond, cfg, gen)

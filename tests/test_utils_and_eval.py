@@ -123,7 +123,7 @@ def test_evaluation_scores_extra_rewards_on_its_images(tiny_policy, tmp_path, mo
     prompts.write_text('{"prompt": "a circle", "category": "single_object"}\n{"prompt": "a red square"}\n')
     cfg = EvalConfig(prompts=str(prompts), samples_per_prompt=2, num_steps=2, rewards=("brightness",))
     report, images = evaluate(tiny_policy, cfg, RewardConfig(extra_object_penalty=0.5))
-    assert report["rewards"]["brightness"] == pytest.approx(images.mean().item(), rel=1e-6)
+    assert report["rewards"]["brightness"] == pytest.approx(images.pooled.mean().item(), rel=1e-6)
     assert seen["penalty"] == 0.5 and seen["prompts"] == ["a circle"] * 2 + ["a red square"] * 2
     assert seen["metadata"][0]["category"] == "single_object"
     assert "rewards" not in evaluate(tiny_policy, EvalConfig(prompts=str(prompts), num_steps=2))[0]

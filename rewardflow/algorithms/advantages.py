@@ -64,19 +64,23 @@ def aggregate_advantages(
     *,
     global_std: bool = True,
     clip: float = 5.0,
+    eps: float = 1e-4,
+    unbiased: bool = False,
 ) -> torch.Tensor:
-    """Advantages of several rewards, by one of the two published conventions.
+    """Advantages of several rewards, by one of the three published conventions.
 
     ``aggregate="reward"`` normalises the weighted sum ``scores`` (Flow-GRPO, DiffusionNFT); ``"advantage"``
-    normalises each reward in ``components`` on its own and sums ``w_i A_i`` (DanceGRPO, MixGRPO), so that a
-    reward with a large spread cannot drown the others; the sum is clipped to ``[-clip, clip]`` again.
+    normalises each reward in ``components`` on its own and sums ``w_i A_i`` (MixGRPO), so that a reward with a
+    large spread cannot drown the others; the sum is clipped to ``[-clip, clip]`` again. ``"loss"`` returns each
+    reward's own advantages, [N, K] in the order of ``components``, for one clipped loss per reward (DanceGRPO).
+    ``eps`` and ``unbiased`` go to :func:`group_advantages`.
     """
+    norm = dict(global_std=global_std, clip=clip, eps=eps, unbiased=unbiased)
     if aggregate == "reward" or len(components) <= 1:
-        return group_advantages(scores, group_ids, global_std=global_std, clip=clip)
+        return group_advantages(scores, group_ids, **norm)
+    per_reward = {name: group_advantages(r, group_ids, **norm) for name, r in components.items()}
+    if aggregate == "loss":
+        return torch.stack(list(per_reward.values()), dim=1)
     if aggregate != "advantage":
-        raise ValueError(f"reward.aggregate must be 'reward' or 'advantage', got {aggregate!r}")
-    total = sum(
-        weights[name] * group_advantages(r, group_ids, global_std=global_std, clip=clip)
-        for name, r in components.items()
-    )
-    return total.clamp(-clip, clip)
+        raise ValueError(f"reward.aggregate must be 'reward', 'advantage' or 'loss', got {aggregate!r}")
+    return sum(weights[name] * a for name, a in per_reward.items()).clamp(-clip, clip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -24,6 +25,36 @@ def check_split(rows: int, micro_batch: int, optimizer_steps: int, section: str)
             f"{rows // micro_batch} micro-batches per iteration do not split into "
             f"{section}.optimizer_steps={optimizer_steps} equal accumulation groups"
         )
+
+
+class WorldLayout(NamedTuple):
+    """An iteration's geometry on a number of ranks (:func:`fit_world`)."""
+
+    prompts_per_iter: int
+    micro_batch: int
+    optimizer_steps: int
+
+
+def fit_world(
+    prompts_per_iter: int, group_size: int, micro_batch: int, optimizer_steps: int, world: int
+) -> WorldLayout:
+    """The geometry closest to the configured one that splits over ``world`` ranks (:func:`rank_rows`).
+
+    The images per optimizer step (``prompts x group / optimizer_steps``) are kept where the ranks can share them:
+    only the per-rank micro-batch shrinks, to the largest divisor of each rank's rows per optimizer step that is
+    at most ``micro_batch``. Where the rows per rank do not split into ``optimizer_steps``, fewer (larger) steps are
+    taken; where the rows do not split over the ranks at all, ``prompts_per_iter`` grows to the next multiple that
+    does (every rank holds whole rows). One process keeps a valid configuration as it is.
+    """
+    if world < 1:
+        raise ValueError(f"the world size must be >= 1, got {world}")
+    unit = world // math.gcd(group_size, world)  # prompts per iteration must be a multiple of this
+    prompts = -(-prompts_per_iter // unit) * unit
+    per_rank = prompts * group_size // world
+    steps = max(s for s in range(1, optimizer_steps + 1) if per_rank % s == 0)
+    rows = per_rank // steps
+    micro = max(d for d in range(1, min(micro_batch, rows) + 1) if rows % d == 0)
+    return WorldLayout(prompts, micro, steps)
 
 
 def rank_rows(

@@ -42,7 +42,6 @@ from rewardflow.algorithms.batching import (
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import Velocity, checkpointed, renoised_last_step, stopped_euler, truncated_euler
-from rewardflow.sampling.schedules import sd3_schedule
 from rewardflow.types import RewardOutput
 
 METHODS = ("draft", "draft-lv", "refl", "alignprop")
@@ -55,10 +54,10 @@ class DirectConfig:
     SECTION = "direct"
     num_steps: int = 20
     """Euler steps of the training sampler."""
-    shift: float = 3.0
-    sigma_max: float = 1.0
-    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
-    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
+    shift: float = 0.0
+    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
+    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
+    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
     guidance_scale: float = 4.5
     hinge: float | None = None
     """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
@@ -69,24 +68,20 @@ class DirectConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.sigma_max <= 1.0:
-            raise ValueError(f"{self.SECTION}.sigma_max must be in (0, 1], got {self.sigma_max}")
         s = self.SECTION
         if self.num_steps < 2:
             raise ValueError(f"{s}.num_steps must be >= 2, got {self.num_steps}")
         if self.hinge is not None and self.hinge <= 0:
             raise ValueError(f"{s}.hinge must be > 0 (or unset for the loss -r), got {self.hinge}")
-        if self.guidance_scale < 1 or self.shift <= 0 or self.grad_clip <= 0:
-            raise ValueError(f"{s}.guidance_scale must be >= 1, {s}.shift and {s}.grad_clip > 0")
+        if self.guidance_scale < 1 or self.shift < 0 or self.grad_clip <= 0:
+            raise ValueError(
+                f"{s}.guidance_scale must be >= 1, {s}.shift >= 0 (0: the model's own grid) and {s}.grad_clip > 0"
+            )
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError(f"{s}.micro_batch and {s}.optimizer_steps must be >= 1")
 
     def check_batch(self, rows: int) -> None:
         check_split(rows, self.micro_batch, self.optimizer_steps, self.SECTION)
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
 
 
 @dataclass
@@ -127,6 +122,7 @@ class DraftConfig(DirectConfig):
         self,
         velocity: Velocity,
         x: torch.Tensor,
+        sigmas: torch.Tensor,
         generator: torch.Generator | None,
         choices: torch.Generator | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -137,7 +133,7 @@ class DraftConfig(DirectConfig):
         (AlignProp's truncation, ReFL's stop; ``generator`` when None).
         """
         choices = generator if choices is None else choices
-        sigmas, steps = self.sigmas, self.num_steps
+        steps = self.num_steps
         if self.method in ("draft", "alignprop"):
             start = steps - self.k
             if self.method == "alignprop":
@@ -234,7 +230,9 @@ def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
 
     def loss_fn(policy: FlowPolicy, cond: Conditioning, metadata: list[dict], generator: Gen, choices: Gen):
         velocity = bind_velocity(policy, cond, cfg.guidance_scale, cfg.checkpointing)
-        samples, real = cfg.sample(velocity, policy.noise(len(cond), generator), generator, choices)
+        sigmas = policy.schedule(cfg.num_steps, cfg.shift)
+        x = policy.noise(len(cond), generator, float(sigmas[0]))
+        samples, real = cfg.sample(velocity, x, sigmas, generator, choices)
         outs = [reward_fn(policy.decode(x), cond.prompts, metadata) for x in samples]
         loss = torch.stack([reward_loss(o.scores, cfg.hinge).mean() for o in outs]).mean()
         return loss, real, outs[0], {}

@@ -67,7 +67,7 @@ from rewardflow.algorithms.batching import (
     rows_generator,
     shared_generator,
 )
-from rewardflow.algorithms.grpo_config import GRPOConfig
+from rewardflow.algorithms.grpo_config import GRPOConfig, trained_step_count
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.rollout import rollout
 from rewardflow.sampling.sde import KLForm, Reduction, transition_kl
@@ -115,16 +115,22 @@ def best_worst_rows(advantages: torch.Tensor, group_ids: torch.Tensor, k: int) -
 
 
 def clipped_policy_loss(
-    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float, weights: torch.Tensor | None = None
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    weights: torch.Tensor | None = None,
+    reward_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate ``mean w max(-A rho, -A clip(rho, 1-eps, 1+eps))`` and diagnostics.
 
     Args:
         log_ratio: [B] ``log rho`` (with gradient): ``log p_theta - log p_old``, or GRPO-Guard's
             :func:`guard_log_ratio`.
-        advantages: [B].
+        advantages: [B], or [B, K]: K rewards' own advantages, each in its own clipped term, the terms summed with
+            ``reward_weights`` [K] (``reward.aggregate`` "loss": DanceGRPO's several rewards).
         clip_range: ``eps``.
         weights: [B] per-row weights ``w`` of the terms (GRPO-Guard's ``1 / dt``); None is 1.
+        reward_weights: [K], with [B, K] advantages: each reward's weight on its clipped term.
 
     Returns:
         The scalar loss and a dict with ``ratio`` [B], ``clipped`` [B] (1 where |rho - 1| > eps) and
@@ -132,9 +138,14 @@ def clipped_policy_loss(
     """
     delta = log_ratio
     ratio = torch.exp(delta)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    r = ratio if advantages.ndim == 1 else ratio[:, None]
+    unclipped = -advantages * r
+    clipped = -advantages * torch.clamp(r, 1.0 - clip_range, 1.0 + clip_range)
     terms = torch.maximum(unclipped, clipped)
+    if advantages.ndim == 2:
+        if reward_weights is None or reward_weights.shape != advantages.shape[1:]:
+            raise ValueError(f"advantages of K = {advantages.shape[1]} rewards need reward_weights [K]")
+        terms = terms @ reward_weights.to(terms)
     loss = (terms if weights is None else weights * terms).mean()
     info = {
         "ratio": ratio.detach(),
@@ -177,16 +188,18 @@ def collect(
     one generator drawn from in turn, or the loop's :class:`KeyedRandom` (the window from a stream every rank
     shares, each chunk's noise from the stream of its first row, a group's shared noise from its group id).
     """
-    sigmas, levels = cfg.sigmas, cfg.draw_noise_levels(shared_generator(generator, "window"), iteration)
+    sigmas = policy.schedule(cfg.num_steps, cfg.shift)
+    levels = cfg.draw_noise_levels(shared_generator(generator, "window"), iteration)
     x_init = None
     if cfg.same_initial_noise:
         if group_ids is None:
             raise ValueError("grpo.same_initial_noise needs the rows' group ids")
         groups, inverse = torch.unique(group_ids, return_inverse=True)
         if isinstance(generator, KeyedRandom):  # a group's noise is the same on every rank that holds its rows
-            x_init = torch.cat([policy.noise(1, generator.shared("group-noise", int(g))) for g in groups])
+            start = float(sigmas[0])
+            x_init = torch.cat([policy.noise(1, generator.shared("group-noise", int(g)), start) for g in groups])
         else:
-            x_init = policy.noise(len(groups), generator)
+            x_init = policy.noise(len(groups), generator, float(sigmas[0]))
         x_init = x_init[inverse.to(policy.device)]
     xs, lps, means = [], [], []
     with policy.sampling():
@@ -266,8 +279,12 @@ def train_step(
     cfg: GRPOConfig,
     after_optimizer_step: Callable[[], None] | None = None,
     generator: Random = None,
+    reward_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One iteration's update: every micro-batch, its trained steps in time order.
+
+    ``advantages`` [N], or [N, K] with ``reward_weights`` [K] for one clipped loss per reward
+    (:func:`clipped_policy_loss`).
 
     Each row trains all SDE steps, or with ``cfg.timestep_fraction < 1`` its own random subset of
     ``cfg.steps_per_sample`` of them drawn from ``generator`` (the k-th forward of a micro-batch takes
@@ -277,10 +294,10 @@ def train_step(
     after every ``optimizer.step()`` (the loop folds its EMA in there).
     """
     n = batch.xs.shape[0]
-    if advantages.shape != (n,):
-        raise ValueError(f"advantages must be [{n}] (one per row of the batch), got {tuple(advantages.shape)}")
+    if advantages.shape[:1] != (n,) or advantages.ndim > 2:
+        raise ValueError(f"advantages must be [{n}] or [{n}, K] (rows of the batch), got {tuple(advantages.shape)}")
     all_steps = batch.trained_steps
-    n_steps = max(1, round(cfg.timestep_fraction * len(all_steps)))
+    n_steps = trained_step_count(cfg.timestep_fraction, len(all_steps))
     plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
     names = ("policy_loss", "clip_frac", "approx_kl", "ratio_dev")
@@ -305,7 +322,7 @@ def train_step(
                 weights = 1.0 / (batch.sigmas[j] - batch.sigmas[j + 1]).to(log_ratio.device)
             else:
                 log_ratio, weights = out.log_prob - batch.log_probs[rows][b, jd], None
-            pg, info = clipped_policy_loss(log_ratio, adv, cfg.clip_range, weights)
+            pg, info = clipped_policy_loss(log_ratio, adv, cfg.clip_range, weights, reward_weights)
             loss = pg + (cfg.kl_beta * cfg.kl_every * kl.mean() if kl is not None else 0.0)
             (loss / (share * n_steps)).backward()
             sums["policy_loss"] += pg.detach()

@@ -12,9 +12,13 @@ from typing import Literal
 import torch
 
 from rewardflow.algorithms.batching import check_split
-from rewardflow.sampling.schedules import sd3_schedule
 from rewardflow.sampling.sde import cps_step, dance_sde_step, sde_step
 from rewardflow.types import StepOutput
+
+
+def trained_step_count(fraction: float, steps: int) -> int:
+    """``int(fraction * steps)``, at least 1: the official scripts truncate (DanceGRPO: 6 of 11 steps at 0.6)."""
+    return max(1, int(fraction * steps))
 
 
 @dataclass
@@ -23,10 +27,10 @@ class GRPOConfig:
 
     num_steps: int = 10
     """Sampler steps in training rollouts (denoising reduction: evaluation uses more)."""
-    shift: float = 3.0
-    sigma_max: float = 1.0
-    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
-    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
+    shift: float = 0.0
+    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
+    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
+    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
     sde_type: Literal["flow", "dance", "cps"] = "flow"
     """The stochastic step of rollouts and training: Flow-GRPO's SDE (``g = a sqrt(sigma / (1 - sigma))``),
     DanceGRPO's constant ``g = eta``, or coefficients-preserving sampling (fresh-noise std
@@ -40,6 +44,10 @@ class GRPOConfig:
     adv_clip_max: float = 5.0
     global_std: bool = True
     """Normalise advantages by the std of the whole batch (True) or of each group."""
+    std_unbiased: bool = False
+    """Bessel-corrected std (DanceGRPO: torch's default) instead of the population std (Flow-GRPO: numpy's)."""
+    adv_eps: float = 1e-4
+    """Added to the std before dividing (Flow-GRPO 1e-4, DanceGRPO 1e-8)."""
     kl_beta: float = 0.04
     kl_every: int = 1
     """Compute the KL term in one of every ``kl_every`` training forwards (micro-batch, step), weighted by
@@ -73,7 +81,8 @@ class GRPOConfig:
     window_stride: int = 1
     """MixGRPO: steps the window moves at a time."""
     timestep_fraction: float = 1.0
-    """Fraction of the SDE steps trained, a random subset drawn for each sample (at least one step). Steps of
+    """Fraction of the SDE steps trained, a random subset of ``int(fraction * steps)`` (truncated, as DanceGRPO and
+    DiffusionNFT count; at least one) drawn for each sample. Steps of
     one trajectory share its advantage, so training fewer steps of more trajectories buys more independent
     signal per unit of compute (Flow-GRPO's and DanceGRPO's ``timestep_fraction``; DanceGRPO uses 0.6)."""
     best_worst_k: int = 0
@@ -90,12 +99,14 @@ class GRPOConfig:
     their transition means for it (as much memory again as the stored latents)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.sigma_max <= 1.0:
-            raise ValueError(f"grpo.sigma_max must be in (0, 1], got {self.sigma_max}")
+        if self.shift < 0:
+            raise ValueError(f"grpo.shift must be >= 0 (0: the model's own grid), got {self.shift}")
         if self.num_steps < 2:
             raise ValueError(f"grpo.num_steps must be >= 2 (the last step is never trained), got {self.num_steps}")
         if self.noise_level <= 0:
             raise ValueError(f"grpo.noise_level must be > 0 (0 makes every step an ODE step), got {self.noise_level}")
+        if not self.adv_eps > 0:
+            raise ValueError(f"grpo.adv_eps must be > 0, got {self.adv_eps}")
         for name in ("clip_range", "adv_clip_max", "kl_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
@@ -147,8 +158,8 @@ class GRPOConfig:
 
     @property
     def steps_per_sample(self) -> int:
-        """How many of its SDE steps each sample trains (``timestep_fraction`` of them, at least one)."""
-        return max(1, round(self.timestep_fraction * self.sde_steps))
+        """How many of its SDE steps each sample trains (``timestep_fraction`` of them, truncated, at least one)."""
+        return trained_step_count(self.timestep_fraction, self.sde_steps)
 
     @property
     def window_bounds(self) -> tuple[int, int]:
@@ -187,10 +198,6 @@ class GRPOConfig:
     @property
     def step(self) -> Callable[..., StepOutput]:
         return {"flow": sde_step, "dance": dance_sde_step, "cps": cps_step}[self.sde_type]
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
 
     @property
     def noise_levels(self) -> torch.Tensor:

@@ -75,9 +75,9 @@ def leapalign_loss(reward_fn: RewardFn, cfg: LeapAlignConfig) -> MicroBatchLoss:
     def loss_fn(policy: FlowPolicy, cond: Conditioning, metadata: list[dict], generator: Gen, choices: Gen):
         k, j = cfg.draw_pair(choices)
         velocity = bind_velocity(policy, cond, cfg.guidance_scale, cfg.checkpointing)
-        out = leap_rollout(
-            velocity, policy.noise(len(cond), generator), cfg.sigmas, k, j, alpha=cfg.alpha, tau=cfg.tau
-        )
+        sigmas = policy.schedule(cfg.num_steps, cfg.shift)
+        x = policy.noise(len(cond), generator, float(sigmas[0]))
+        out = leap_rollout(velocity, x, sigmas, k, j, alpha=cfg.alpha, tau=cfg.tau)
         reward = reward_fn(policy.decode(out.x0), cond.prompts, metadata)
         loss = (out.weight * reward_loss(reward.scores, cfg.hinge)).mean()
         extra = {"d_j": out.d_j.mean(), "d_0": out.d_0.mean(), "weight": out.weight.mean(), "k": k, "j": j}

@@ -42,7 +42,6 @@ from rewardflow.algorithms.batching import (
 )
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.sampling.ode import SOLVERS, solve_ode
-from rewardflow.sampling.schedules import sd3_schedule
 
 AdvMode = Literal["all", "positive_only", "negative_only", "one_only", "binary"]
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
@@ -54,10 +53,10 @@ class NFTConfig:
 
     num_steps: int = 10
     """Solver steps in rollouts."""
-    shift: float = 3.0
-    sigma_max: float = 1.0
-    """The noisiest sigma of the grid (the shifted grid is scaled by it): 1 for flow models; a VP model's
-    ``SD1Policy.sigma_max`` (its last training timestep, about 0.94 for SD 1.x)."""
+    shift: float = 0.0
+    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
+    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
+    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
     solver: str = "dpm2"
     """Deterministic rollout solver: "euler", "heun" or "dpm2" (2nd-order multistep DPM-Solver++, the paper's)."""
     guidance_scale: float = 1.0
@@ -84,8 +83,6 @@ class NFTConfig:
     old_decay_max: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.sigma_max <= 1.0:
-            raise ValueError(f"nft.sigma_max must be in (0, 1], got {self.sigma_max}")
         if self.num_steps < 1:
             raise ValueError(f"nft.num_steps must be >= 1, got {self.num_steps}")
         if self.solver not in SOLVERS:
@@ -106,16 +103,14 @@ class NFTConfig:
             raise ValueError(f"nft.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError("nft.micro_batch and nft.optimizer_steps must be >= 1")
-        if self.grad_clip <= 0 or self.shift <= 0 or self.guidance_scale < 1:
-            raise ValueError("nft.grad_clip and nft.shift must be > 0 and nft.guidance_scale >= 1")
+        if self.grad_clip <= 0 or self.shift < 0 or self.guidance_scale < 1:
+            raise ValueError(
+                "nft.grad_clip must be > 0, nft.shift >= 0 (0: the model's own grid) and nft.guidance_scale >= 1"
+            )
 
     def check_batch(self, rows: int) -> None:
         """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
         check_split(rows, self.micro_batch, self.optimizer_steps, "nft")
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return sd3_schedule(self.num_steps, self.shift) * self.sigma_max
 
     @property
     def sigmas_per_image(self) -> int:
@@ -204,12 +199,12 @@ def collect(
 
     ``on_chunk(rows, x0)`` is called with each chunk's samples as soon as they exist (see ``grpo.collect``).
     """
-    sigmas = cfg.sigmas
+    sigmas = policy.schedule(cfg.num_steps, cfg.shift)
     outs = []
     with policy.old(), policy.sampling():
         for start in range(0, len(cond), cfg.micro_batch):
             chunk = cond.index(slice(start, start + cfg.micro_batch))
-            x = policy.noise(len(chunk), rows_generator(generator, "rollout", start))
+            x = policy.noise(len(chunk), rows_generator(generator, "rollout", start), float(sigmas[0]))
             outs.append(
                 solve_ode(lambda x, s, c=chunk: policy.velocity(x, s, c, cfg.guidance_scale), x, sigmas, cfg.solver)
             )

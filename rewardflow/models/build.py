@@ -51,6 +51,7 @@ def _load(m: ModelConfig) -> FlowPolicy:
         dtype=getattr(torch, m.dtype),
         resolution=m.resolution or None,
         gradient_checkpointing=m.gradient_checkpointing,
+        lora_targets=m.lora_targets,
         autocast=m.autocast and m.dtype == "float32",
     )
 

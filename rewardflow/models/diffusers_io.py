@@ -15,19 +15,23 @@ from rewardflow.models.protocol import Conditioning
 
 
 def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
-    """``path`` as a local diffusers pipeline folder of class ``pipeline``, or an error that says what to fetch.
+    """``path`` (a local folder or a Hub id) as a diffusers pipeline folder of class ``pipeline``.
+
+    A Hub id is fetched through the Hub cache (:func:`rewardflow.utils.hub.model_folder`; offline: the cache only).
 
     Raises:
-        FileNotFoundError: no ``model_index.json`` there; the message names a model to download and how.
+        FileNotFoundError: not found, or no ``model_index.json`` there; the message names a model to download.
         ValueError: the folder holds another kind of pipeline.
     """
-    root = Path(path)
+    from rewardflow.utils.hub import model_folder
+
+    root = model_folder(path, "model.path", pipeline=True)
     index = root / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(
-            f"model.path {str(path)!r} is not a diffusers model folder (no model_index.json). Download the weights "
-            f"once where the network allows, e.g. `huggingface-cli download {example} --local-dir {path}`, "
-            "then point model.path at that folder."
+            f"model.path {str(path)!r} is not a diffusers model folder (no model_index.json). Give a Hub id such as "
+            f"{example!r}, or download one once where the network allows (`hf download {example} --local-dir "
+            f"{path}`) and point model.path at that folder."
         )
     kind = json.loads(index.read_text()).get("_class_name")
     if kind != pipeline:
@@ -54,6 +58,24 @@ def encode_distinct(
     rows = torch.tensor([where[p] for p in prompts], device=next(iter(tensors.values())).device)
     repeated = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in (null or {}).items()}
     return Conditioning(list(prompts), {k: v[rows] for k, v in tensors.items()}, repeated)
+
+
+def scheduler_sigmas(config, num_steps: int, **kwargs) -> torch.Tensor:
+    """The sigmas [num_steps + 1] (float32, ending at 0) that a diffusers scheduler of this config samples on.
+
+    A fresh scheduler of the config's class is set with ``diffusers``' own ``retrieve_timesteps``, given what a
+    pipeline's ``__call__`` gives it (``kwargs``: FLUX's custom ``sigmas`` and ``mu``, a dynamic-shifting SD3's
+    ``mu``), so the shift, ``use_dynamic_shifting``, ``shift_terminal`` and the rest come from the config itself.
+    """
+    import diffusers
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    config = dict(config)
+    scheduler = getattr(diffusers, config.get("_class_name", "FlowMatchEulerDiscreteScheduler")).from_config(config)
+    retrieve_timesteps(scheduler, num_steps, "cpu", **kwargs)
+    return scheduler.sigmas.float()
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -121,11 +143,13 @@ def load_diffusers_policy(
     dtype: torch.dtype = torch.float32,
     resolution: int | None = None,
     gradient_checkpointing: bool = False,
+    lora_targets: tuple[str, ...] = (),
     **policy_kwargs,
 ):
     """A ``policy_cls`` around the pipeline in a local folder, its network ready to train. Nothing is downloaded.
 
-    ``lora_rank > 0``: LoRA on the spec's targets (alpha defaults to 2 * rank); the reference is the network with
+    ``lora_rank > 0``: LoRA on ``lora_targets`` (module name suffixes, as peft matches them; empty: the spec's
+    targets), alpha defaulting to 2 * rank; the reference is the network with
     adapters off. Otherwise every weight of the network trains against a frozen copy. ``resolution`` defaults to
     the model's native size; ``policy_kwargs`` go to the policy (negative prompt, sequence length, autocast, ...).
     """
@@ -139,7 +163,7 @@ def load_diffusers_policy(
         network.enable_gradient_checkpointing()
     reference = None
     if lora_rank > 0:
-        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(spec.lora_targets))
+        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(lora_targets or spec.lora_targets))
     else:
         network.requires_grad_(True)
         reference = copy.deepcopy(network).requires_grad_(False).eval()

@@ -11,14 +11,12 @@ gives the guided velocity (``guidance="embedded"``, the default for such models)
 embedding (FLUX.1-schnell, or a de-distilled one) uses true classifier-free guidance with a negative prompt
 (``guidance="cfg"``).
 
-FLUX's resolution-dependent schedule is SD3's shift with ``s = exp(mu)``, ``mu`` linear in the number of image
-tokens (:func:`rewardflow.sampling.schedules.flux_mu`); :attr:`FluxPolicy.shift` gives it for the policy's
-resolution, to set as the algorithm's ``shift``.
+The sampling grid is the pipeline's (:func:`flux_sigmas`): ``linspace(1, 1/T, T)`` through the scheduler's
+resolution-dependent shift, ``mu`` linear in the number of image tokens.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -31,10 +29,29 @@ from rewardflow.models.diffusers_io import (
     draw_noise,
     encode_distinct,
     load_diffusers_policy,
+    scheduler_sigmas,
 )
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
-from rewardflow.sampling.schedules import flux_mu
+from rewardflow.sampling.schedules import sd3_schedule
+
+
+def flux_sigmas(scheduler_config, num_steps: int, latent_size: int) -> torch.Tensor:
+    """The sigmas ``FluxPipeline`` samples on for ``num_steps`` at this (square, unpacked) latent size.
+
+    As the pipeline: ``linspace(1, 1/T, T)`` given to the scheduler (unless the config sets ``use_flow_sigmas``),
+    with ``mu`` from the packed token count ``(latent_size / 2)^2`` and the config's anchors.
+    """
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = dict(scheduler_config)
+    tokens = (latent_size // 2) ** 2
+    mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))  # fmt: skip
+    sigmas = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+    return scheduler_sigmas(cfg, num_steps, sigmas=sigmas, mu=mu)
+
 
 # The LoRA targets of the FLUX scripts (DanceGRPO, Flow-GRPO's refactor): attention projections of both stream kinds.
 FLUX_LORA_TARGETS = (
@@ -115,15 +132,14 @@ class FluxPolicy:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    @property
-    def shift(self) -> float:
-        """FLUX's schedule shift at this resolution: ``exp(mu)`` with mu from the image token count."""
-        cfg = self.pipe.scheduler.config
-        tokens = (self.latent_size // 2) ** 2
-        return math.exp(
-            flux_mu(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                    cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        )  # fmt: skip
+    def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+        """The pipeline's sigmas at this resolution (:func:`flux_sigmas`).
+
+        ``shift > 0``: a uniform grid with that fixed shift instead (DanceGRPO's).
+        """
+        if shift:
+            return sd3_schedule(num_steps, shift)
+        return flux_sigmas(self.pipe.scheduler.config, num_steps, self.latent_size)
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
@@ -164,7 +180,7 @@ class FluxPolicy:
 
         return guided_velocity(forward, x, sigma, cond, 1.0 if embedded else guidance_scale)
 
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
         return draw_noise(
             (batch, self.module.config.in_channels // 4, self.latent_size, self.latent_size), generator, self.device
         )

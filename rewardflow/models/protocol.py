@@ -62,8 +62,20 @@ class FlowPolicy(Protocol):
         """``v(x, sigma)`` [B, ...] in float32; ``guidance_scale != 1`` applies classifier-free guidance."""
         ...
 
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Initial noise ``x`` at sigma = 1, shape [batch, ...]."""
+    def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+        """The sampling grid [num_steps + 1], float32, from the first sigma down to exactly 0.
+
+        ``shift`` 0: the model's own grid, the sigmas its diffusers pipeline samples on for ``num_steps`` (the
+        Shapes world's for the tiny DiT); ``shift > 0``: ``linspace(1, 0, T + 1)`` with that fixed shift, scaled to
+        start at :attr:`sigma_max` (DanceGRPO's grid).
+        """
+        ...
+
+    def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
+        """Initial state ``x`` [batch, ...] for pure noise at ``sigma``, a grid's first value.
+
+        ``sigma`` defaults to :attr:`sigma_max`; a flow model's noise is standard normal (its grids start at 1).
+        """
         ...
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ deterministic step from ``t`` to ``t'`` divided by ``a' + b'``: DRaFT's DDIM sam
 this library run on SD 1.x through the same code (tests/test_diffusers_adapters.py checks it against
 diffusers' DDIMScheduler).
 
-The noisiest state the UNet knows is ``t = T - 1`` (``s = sigma_max``, about 0.94 for SD 1.x, not 1): samplers
-start there from ``eps / (a + b)``, as the SD pipelines start from pure noise at their first timestep;
-:meth:`SD1Policy.schedule` gives the sigmas of the pipeline's own DDIM timesteps.
+The noisiest state the UNet knows is ``t = T - 1`` (``s = sigma_max``, about 0.94 for SD 1.x, not 1). The
+sampling grid (:meth:`SD1Policy.schedule`) is the sigmas of the timesteps the pipeline's scheduler config gives a
+DDIM sampler (50 steps of SD 1.5: 981, 961, ..., 1), ending at 0; samplers start at its first sigma from
+``eps / (a + b)``, as the pipelines start from pure noise at their first timestep. DDIM's last step of a config
+with ``set_alpha_to_one = False`` (SD 1.5's) lands on ``alphas_cumprod[0]`` (sigma about 0.03), ours on 0.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from rewardflow.models.diffusers_io import (
 )
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
+from rewardflow.sampling.schedules import sd3_schedule
 
 # DRaFT's and the diffusers LoRA scripts' targets on the SD UNet: the attention projections.
 SD1_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -98,10 +101,15 @@ class SD1Policy:
         t = (k - 1) + ((log_r - lo) / (hi - lo)).clamp(0.0, 1.0)
         return t.float(), a.float(), (ratio * a).float()
 
-    def schedule(self, num_steps: int) -> torch.Tensor:
-        """Flow sigmas [num_steps + 1] of the pipeline's DDIM timesteps (its spacing), ending at 0."""
+    def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+        """Flow sigmas [num_steps + 1] of the pipeline's DDIM timesteps (its spacing), ending at 0.
+
+        ``shift > 0``: a uniform grid with that fixed shift, scaled to start at :attr:`sigma_max`, instead.
+        """
         from diffusers import DDIMScheduler
 
+        if shift:
+            return sd3_schedule(num_steps, shift) * self.sigma_max
         ddim = DDIMScheduler.from_config(self.pipe.scheduler.config)
         ddim.set_timesteps(num_steps)
         ratio = torch.exp(self._log_ratio.double()[ddim.timesteps])
@@ -137,10 +145,10 @@ class SD1Policy:
 
         return guided_velocity(forward, x, sigma, cond, guidance_scale)
 
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The flow state at :attr:`sigma_max` for pure noise at the UNet's noisiest timestep: ``eps / (a + b)``."""
+    def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
+        """The flow state at ``sigma`` (default :attr:`sigma_max`) for pure VP noise there: ``eps / (a + b)``."""
         shape = (batch, self.module.config.in_channels, self.latent_size, self.latent_size)
-        _, a, b = self.vp_state(torch.tensor([self.sigma_max]))
+        _, a, b = self.vp_state(torch.tensor([self.sigma_max if sigma is None else float(sigma)]))
         return draw_noise(shape, generator, self.device) / (a + b).to(self.device)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ text encoders (two CLIPs and T5) come from the same ``StableDiffusion3Pipeline``
 encoded by the pipeline's own ``encode_prompt`` (once per distinct prompt of a batch, so a GRPO group of G
 copies costs one encoding), with the negative prompt for CFG. The model is called with diffusers' timestep
 ``1000 * sigma`` and predicts the rectified-flow velocity ``eps - x0`` in our convention, so the sampling and
-algorithm code is the one the tiny DiT runs. Only this file (and the other adapters) import diffusers.
+algorithm code is the one the tiny DiT runs. The sampling grid is the pipeline's (:func:`sd3_sigmas`). Only this
+file (and the other adapters) import diffusers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from rewardflow.models.diffusers_io import (
     draw_noise,
     encode_distinct,
     load_diffusers_policy,
+    scheduler_sigmas,
 )
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
+from rewardflow.sampling.schedules import sd3_schedule
 
 # Flow-GRPO's LoRA targets on SD3.5: every attention projection of the joint blocks, image and text streams.
 SD3_LORA_TARGETS = (
@@ -36,6 +39,23 @@ SD3_LORA_TARGETS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
+
+
+def sd3_sigmas(scheduler_config, num_steps: int, latent_size: int, patch_size: int = 2) -> torch.Tensor:
+    """The sigmas ``StableDiffusion3Pipeline`` samples on for ``num_steps`` at this latent size.
+
+    The scheduler's own grid (its shift, ``shift_terminal``, ...); with ``use_dynamic_shifting`` the pipeline's
+    ``mu`` for the image's token count, with the pipeline's defaults for anchors the config leaves out.
+    """
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    cfg = dict(scheduler_config)
+    kwargs = {}
+    if cfg.get("use_dynamic_shifting"):
+        tokens = (latent_size // patch_size) ** 2
+        kwargs["mu"] = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                       cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))  # fmt: skip
+    return scheduler_sigmas(cfg, num_steps, **kwargs)
 
 
 class SD3Policy:
@@ -79,6 +99,12 @@ class SD3Policy:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+        """The pipeline's sigmas (:func:`sd3_sigmas`); ``shift > 0``: a uniform grid with that fixed shift instead."""
+        if shift:
+            return sd3_schedule(num_steps, shift)
+        return sd3_sigmas(self.pipe.scheduler.config, num_steps, self.latent_size, self.module.config.patch_size)
+
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts,
@@ -114,7 +140,7 @@ class SD3Policy:
 
         return guided_velocity(forward, x, sigma, cond, guidance_scale)
 
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
         return draw_noise(
             (batch, self.module.config.in_channels, self.latent_size, self.latent_size), generator, self.device
         )

@@ -27,6 +27,7 @@ from torch import nn
 
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
 from rewardflow.models.weights import PolicyWeights
+from rewardflow.sampling.schedules import SHAPES_SHIFT, sd3_schedule
 from rewardflow.shapes.grammar import VOCABULARY, PromptError, normalize
 
 
@@ -354,7 +355,11 @@ class TinyDiTPolicy:
             self._compiled[id(net)] = torch.compile(net)
         return self._compiled[id(net)]
 
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+        """The Shapes world's grid: uniform, shifted by ``shift`` (0: :data:`SHAPES_SHIFT`, 3, as pretrained)."""
+        return sd3_schedule(num_steps, shift or SHAPES_SHIFT)
+
+    def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
         c = self.module.config
         gen_device = generator.device if generator is not None else self.device
         shape = (batch, c.channels, c.image_size, c.image_size)

@@ -27,12 +27,15 @@ from rewardflow.types import RewardOutput
 
 
 def _model_dir(path: str | Path, reward: str, example: str) -> Path:
-    root = Path(path) if path else None
+    """The reward's model folder: ``path`` itself, or the Hub model of that id (through the Hub cache)."""
+    from rewardflow.utils.hub import model_folder
+
+    root = model_folder(path, f"reward {reward!r}'s model path") if path else None
     if root is None or not (root / "config.json").is_file():
         raise FileNotFoundError(
-            f"reward {reward!r} needs a local transformers model folder (config.json, weights, tokenizer and "
-            f"preprocessor_config.json), got {str(path)!r}. Fetch it once where the network allows, e.g. "
-            f"`huggingface-cli download {example} --local-dir DIR`, and set the reward's model path to DIR."
+            f"reward {reward!r} needs a transformers model folder or Hub id (config.json, weights, tokenizer and "
+            f"preprocessor_config.json), got {str(path)!r}. E.g. {example!r}, or fetch it once where the network "
+            f"allows (`hf download {example} --local-dir DIR`) and set the reward's model path to DIR."
         )
     return root
 

@@ -167,7 +167,9 @@ class HPSReward(_ClipScorer):
     name = "hps"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
-        root = Path(path) if path else None
+        from rewardflow.utils.hub import model_folder
+
+        root = model_folder(path, "reward.hps_model") if path else None
         if root is None or not (root / "config.json").is_file():
             raise FileNotFoundError(
                 f"reward 'hps' needs a local folder holding HPS v2.1 as a transformers CLIP model, got {str(path)!r}. "
@@ -179,7 +181,7 @@ class HPSReward(_ClipScorer):
         if not any((root / f).is_file() for f in ("tokenizer.json", "vocab.json")):
             raise FileNotFoundError(
                 f"reward 'hps' needs the CLIP tokenizer in {root} (tokenizer.json, or vocab.json and merges.txt): "
-                "`huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*token*' vocab.json "
+                "`hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*token*' vocab.json "
                 f"merges.txt preprocessor_config.json --local-dir {root}`"
             )
         super().__init__(root, self.name, "xswu/HPSv2", device)

@@ -190,7 +190,9 @@ class ImageRewardReward:
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
-        root = Path(path) if path else None
+        from rewardflow.utils.hub import model_folder
+
+        root = model_folder(path, "reward.imagereward_model") if path else None
         if root is None or not (root / "config.json").is_file() or not (root / IMAGEREWARD_HEAD).is_file():
             raise FileNotFoundError(
                 f"reward 'imagereward' needs a local folder with ImageReward converted to transformers BLIP "

@@ -31,7 +31,7 @@ def rollout(
     Args:
         policy: the model.
         cond: encoded prompts, one row per image.
-        sigmas: the schedule [T+1], from 1 down to 0.
+        sigmas: the grid [T+1], down to 0 (``policy.schedule``).
         noise_levels: SDE noise level ``a`` for each of the T steps.
         guidance_scale: classifier-free guidance applied to every velocity.
         x_init: initial noise [B, ...]; drawn from ``policy.noise`` with ``generator`` when None.
@@ -46,7 +46,7 @@ def rollout(
     levels = torch.as_tensor(noise_levels, dtype=torch.float32)
     if levels.shape != (len(sigmas) - 1,):
         raise ValueError(f"noise_levels must have one entry per step ({len(sigmas) - 1}), got {tuple(levels.shape)}")
-    x = policy.noise(len(cond), generator) if x_init is None else x_init
+    x = policy.noise(len(cond), generator, float(sigmas[0])) if x_init is None else x_init
     xs, log_probs, means = [x.float()], [], []
     for i in range(len(sigmas) - 1):
         v = policy.velocity(x, sigmas[i], cond, guidance_scale)

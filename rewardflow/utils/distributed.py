@@ -144,6 +144,25 @@ def gather_rows(local: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out.to(local.device)
 
 
+def gather_ragged(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``local`` [n_r, ...] (``n_r`` may differ, the other sizes not), in rank order.
+
+    Every rank gets the whole; with one process ``local`` itself.
+    """
+    if not active():
+        return local
+    moved = local.detach().to(_comm_device()).contiguous()
+    count = torch.tensor([moved.shape[0]], device=moved.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros((longest, *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+    padded[: moved.shape[0]] = moved
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)]).to(local.device)
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over ranks (every rank holds the same number of rows, so this is the global mean)."""
     if not active() or not values:

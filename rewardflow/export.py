@@ -1,0 +1,136 @@
+"""A run's trained weights in the diffusers layout, with a model card: what a plain diffusers pipeline loads.
+
+LoRA runs export the adapter as ``pipe.load_lora_weights`` reads it (``pytorch_lora_weights.safetensors`` with its
+rank, alpha and targets); full fine-tunes export the trained network's folder (``transformer/`` or ``unet/``), to
+pass to the pipeline's ``from_pretrained``. ``README.md`` says what it is and how to load it. The training loop
+writes ``RUN_DIR/diffusers/`` at each save (the newest only); ``rewardflow export`` writes any saved iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rewardflow.config import TrainConfig, from_yaml
+from rewardflow.evaluate import headline
+from rewardflow.models.protocol import FlowPolicy
+
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sd1": "StableDiffusionPipeline"}
+NETWORKS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel", "sd1": "UNet2DConditionModel"}
+
+
+def _check_exportable(cfg: TrainConfig, run: Path) -> None:
+    if cfg.model.kind not in PIPELINES:
+        raise ValueError(
+            f"run {run} trained model.kind {cfg.model.kind!r}: export writes diffusers layouts (model.kind sd3, flux "
+            "or sd1); the tiny DiT's weights are its checkpoints/iter_*.safetensors already"
+        )
+
+
+def last_evaluation(run: Path, iteration: int) -> tuple[int, dict[str, Any]] | None:
+    """The newest evaluation report of ``run`` at or before ``iteration``, with its iteration."""
+    found = []
+    for path in (run / "eval").glob("iter_*.json"):
+        at = int(path.stem.removeprefix("iter_"))
+        if at <= iteration:
+            found.append((at, path))
+    if not found:
+        return None
+    at, path = max(found)
+    return at, json.loads(path.read_text())
+
+
+def model_card(cfg: TrainConfig, run: Path, iteration: int, lora: bool) -> str:
+    """A short README: the base model, the method and preset, the iteration, the last evaluation, how to load it."""
+    meta_path = run / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    pipeline, net = PIPELINES[cfg.model.kind], "unet" if cfg.model.kind == "sd1" else "transformer"
+    evaluation = last_evaluation(run, iteration)
+    seen = f"iteration {evaluation[0]}: {headline(evaluation[1])}" if evaluation else "none saved"
+    if lora:
+        load = (f'pipe = {pipeline}.from_pretrained("{cfg.model.path}")\n'
+                'pipe.load_lora_weights("THIS_FOLDER")')  # fmt: skip
+        weights = f"LoRA rank {cfg.model.lora_rank}, alpha {cfg.model.lora_alpha or 2 * cfg.model.lora_rank:g}"
+    else:
+        cls = NETWORKS[cfg.model.kind]
+        load = (f'{net} = {cls}.from_pretrained("THIS_FOLDER/{net}")\n'
+                f'pipe = {pipeline}.from_pretrained("{cfg.model.path}", {net}={net})')  # fmt: skip
+        weights = f"the whole {net} (full fine-tune)"
+    return "\n".join([
+        f"# {run.name}: {cfg.algorithm} on {cfg.model.path}",
+        "",
+        f"- base model: `{cfg.model.path}` ({pipeline})",
+        f"- method: `{cfg.algorithm}`; preset: `{meta.get('preset') or 'not recorded'}`; rewards: "
+        f"{', '.join(cfg.reward.names)}",
+        f"- weights: {weights}, the EMA of iteration {iteration} of {cfg.iterations}, at "
+        f"{cfg.model.resolution or 'the native size in'} px",
+        f"- last evaluation: {seen}",
+        f"- trained with rewardflow {meta.get('rewardflow_version', '?')} (commit {meta.get('git_commit') or '?'})",
+        "",
+        "```python",
+        f"from diffusers import {pipeline}" + ("" if lora else f", {cls}"),
+        load,
+        "```",
+        "",
+    ])  # fmt: skip
+
+
+def write_export(policy: FlowPolicy, cfg: TrainConfig, run: Path, iteration: int, out: Path) -> Path:
+    """Write ``policy``'s current weights (the caller swaps the EMA in) to ``out``, replacing it as a whole.
+
+    The folder is written beside ``out`` and moved into place, so a crash leaves the previous export intact.
+    """
+    from rewardflow.models.diffusers_io import save_lora
+    from rewardflow.models.lora import has_lora
+
+    lora = has_lora(policy.module)
+    tmp = out.with_name(out.name + ".writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if lora:
+        save_lora(policy, tmp)
+    else:
+        policy.module.save_pretrained(tmp / ("unet" if cfg.model.kind == "sd1" else "transformer"))
+    (tmp / "README.md").write_text(model_card(cfg, run, iteration, lora))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def export_run(run_dir: str | Path, out: str | Path, iteration: int | None = None, device: str = "cpu") -> Path:
+    """Export the EMA weights a run saved at ``iteration`` (default: its newest) to ``out`` (a new folder).
+
+    Raises:
+        FileNotFoundError: not a run folder, or no saved weights (at that iteration); the message lists those saved.
+        FileExistsError: ``out`` exists and is not empty (nothing is overwritten).
+        ValueError: the run trained the tiny DiT, which has no diffusers layout.
+    """
+    from rewardflow.models.build import build_policy
+    from rewardflow.utils.checkpoint import load_trainable
+
+    run, target = Path(run_dir), Path(out)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
+    cfg = from_yaml((run / "config.yaml").read_text())
+    _check_exportable(cfg, run)
+    saved = {int(p.stem.removeprefix("iter_")): p for p in (run / "checkpoints").glob("iter_*.safetensors")}
+    if not saved:
+        raise FileNotFoundError(f"run {run} has no saved weights yet (checkpoints/iter_*.safetensors)")
+    at = max(saved) if iteration is None else iteration
+    if at not in saved:
+        raise FileNotFoundError(f"run {run} saved no weights at iteration {at}; saved: {sorted(saved)}")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"--out {target} exists and is not empty: give a new folder (nothing is overwritten)")
+    cfg.model = dataclasses.replace(cfg.model, device=device, fsdp=False)
+    policy = build_policy(cfg)
+    load_trainable(list(policy.named_trainable_state()), saved[at])
+    if target.exists():
+        target.rmdir()
+    return write_export(policy, cfg, run, at, target)

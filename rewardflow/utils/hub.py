@@ -1,0 +1,47 @@
+"""Model paths that are a local folder or a Hugging Face Hub id, resolved through the normal Hub cache.
+
+A Hub id is fetched once (``hf download`` does the same by hand) and later found in the cache; with
+``HF_HUB_OFFLINE=1`` only the cache is read. Whatever cannot be found stops with one message naming the field,
+the path and both ways to provide it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def model_folder(path: str | Path, field: str, pipeline: bool = False) -> Path:
+    """``path`` as a local folder: itself if it exists, else the Hub model of that id from the cache or the Hub.
+
+    ``pipeline``: a diffusers pipeline, fetched with ``DiffusionPipeline.download`` (only the files the pipeline
+    loads, not the single-file checkpoints some repositories also hold); otherwise the whole repository.
+
+    Raises:
+        FileNotFoundError: neither a local folder nor a Hub model that could be found (no network, offline mode
+            with nothing cached, no such repository); the message names ``field`` and says what would work.
+    """
+    text = str(path)
+    local = Path(text).expanduser()
+    if not text or local.exists() or not HUB_ID.fullmatch(text):
+        return local
+    try:
+        if pipeline:
+            from diffusers import DiffusionPipeline
+
+            return Path(DiffusionPipeline.download(text))
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text))
+    except Exception as e:  # the Hub's errors (offline, not cached, not found, gated) all end the same way
+        from huggingface_hub import constants
+
+        why = "offline mode (HF_HUB_OFFLINE=1) and not in the cache" if constants.HF_HUB_OFFLINE else str(e)
+        why = why.splitlines()[0] if why else type(e).__name__
+        raise FileNotFoundError(
+            f"{field} {text!r} is neither a local folder nor a Hub model that could be fetched ({why})."
+            f" Download it once where the network allows (`hf download {text}`), "
+            f"then run again (the Hub cache is used) or point {field} at a local folder."
+        ) from e

@@ -1,0 +1,85 @@
+"""Evaluation sharded over 2 and 4 processes (torchrun, gloo) and over two launches of a two-node rendezvous gives
+the report one process gives, and its pooled images and sample grid, bit for bit."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardflow.evaluate import EvalConfig, evaluate, shard_rows
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def eval_config() -> EvalConfig:
+    """6 prompts x 3 samples in batches of 4: 5 batches, so 4 ranks hold 8, 8, 2 and 0 images."""
+    prompts = str(Path(__file__).parent / "data" / "eval_six.txt")
+    return EvalConfig(prompts=prompts, samples_per_prompt=3, num_steps=2, batch_size=4,
+                      rewards=("jpeg-compressibility",))  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(ROOT / "tests" / "dist_eval_worker.py"), str(out)]
+    return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    from rewardflow.models.tiny_dit import load_policy
+
+    torch.set_num_threads(1)
+    return evaluate(load_policy("base", autocast=False), eval_config())
+
+
+def _check(out: Path, one_process, world: int) -> None:
+    report, images = one_process
+    got = json.loads(out.read_text())
+    assert got["world"] == world
+    assert got["report"] == json.loads(json.dumps(report))  # every number the same
+    tensors = load_file(str(out) + ".safetensors")
+    assert torch.equal(tensors["pooled"], images.pooled) and torch.equal(tensors["samples"], images.samples)
+
+
+def test_shards_are_whole_batches_dealt_in_runs():
+    assert [shard_rows(18, 4, r, 4) for r in range(4)] == [
+        (range(0, 8), 2), (range(8, 16), 2), (range(16, 18), 2), (range(18, 18), 2)]  # fmt: skip
+    assert shard_rows(18, 4, 0, 1) == (range(0, 18), 5)
+
+
+@pytest.mark.parametrize("procs", [2, 4])
+def test_sharded_evaluation_equals_one_process(procs, tmp_path, one_process):
+    out = tmp_path / "report.json"
+    port = str(_port())
+    _finish([_launch(["--nproc_per_node", str(procs), "--master_addr", "127.0.0.1", "--master_port", port], out)])
+    _check(out, one_process, procs)
+
+
+def test_two_node_rendezvous_on_one_machine(tmp_path, one_process):
+    """Two launches of ``torchrun --nnodes 2`` meeting at a c10d rendezvous on 127.0.0.1, one process each."""
+    out = tmp_path / "report.json"
+    endpoint = f"127.0.0.1:{_port()}"
+    common = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+              "--rdzv_id", "rewardflow-test"]  # fmt: skip
+    _finish([_launch(common, out), _launch(common, tmp_path / "other.json")])
+    written = [p for p in (out, tmp_path / "other.json") if p.exists()]
+    assert len(written) == 1  # the launch that got rank 0 wrote it
+    _check(written[0], one_process, 2)
