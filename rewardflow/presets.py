@@ -277,6 +277,7 @@ def sd35m_pickscore_nft() -> TrainConfig:
     cfg.run_dir = "runs/sd35m_pickscore_nft"
     cfg.algorithm = "nft"
     cfg.nft = NFTConfig(micro_batch=8, optimizer_steps=1)
+    cfg.ema_every = 1  # DiffusionNFT folds the EMA in after every optimizer step (one per iteration)
     cfg.eval = EvalConfig(prompts="data/pickscore/test.txt", samples_per_prompt=1, guidance_scale=1.0, judge=False,
                           rewards=("pickscore",))  # fmt: skip
     return cfg

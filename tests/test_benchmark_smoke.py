@@ -165,3 +165,19 @@ def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_pa
         ("a circle and a square", "a circle"), ("a circle and a square", "cut"),
     ]  # fmt: skip
     assert all(r["samples"] == 1 and 0.0 <= r["strict"] <= 1.0 for r in rows)
+
+
+def test_the_gpu_check_runs_its_cpu_smoke_and_writes_its_table(tmp_path):
+    """``benchmarks/gpu_check.sh`` with the tiny configuration on the CPU: both models, the pipeline baseline, the
+    rollout and the training, one JSON and one markdown table."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "GPU_CHECK_SIZE": "tiny", "GPU_CHECK_DEVICE": "cpu"}  # fmt: skip
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True, capture_output=True, text=True,
+                   env=env)  # fmt: skip
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["model"] for r in report["results"]] == ["sd3", "flux"]
+    for r in report["results"]:
+        assert [p["phase"] for p in r["phases"]] == ["pipeline", "rollout", "train"]
+        assert r["rollout_vs_pipeline"] > 0 and r["rollout_plus_train_images_per_s"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "rollout / pipeline" in table and "| sd3 (tiny) |" in table and "| flux (tiny) |" in table

@@ -24,7 +24,9 @@ def add_lora(
 ) -> nn.Module:
     """Inject a LoRA adapter (Gaussian-initialised A, zero B, so the model is unchanged at start).
 
-    Only the adapter weights stay trainable.
+    Only the adapter weights stay trainable, and they are float32 whatever the base weights' dtype (peft casts the
+    layer's input to them and the result back): AdamW steps of a 3e-4 learning rate would be lost in bfloat16
+    adapters, and the official scripts train float32 adapters too.
     """
     from peft import LoraConfig, inject_adapter_in_model  # peft (and transformers) load only when LoRA is used
 
@@ -32,6 +34,8 @@ def add_lora(
     module = inject_adapter_in_model(config, module, adapter_name=adapter_name)
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
     return module
 
 
@@ -65,8 +69,8 @@ def add_adapter_copy(module: nn.Module, source: str, name: str) -> None:
         inject_adapter_in_model(config, module, adapter_name=name)
     params = dict(module.named_parameters())
     for n, p in params.items():
-        if f".{name}." in n:
-            p.copy_(params[n.replace(f".{name}.", f".{source}.")])
+        if f".{name}." in n:  # the copy takes the source's dtype too (float32 adapters on a bfloat16 base)
+            p.data = params[n.replace(f".{name}.", f".{source}.")].detach().clone()
             p.requires_grad_(False)
     for layer in layers.values():
         layer.set_adapter(source)  # peft activates the newest adapter; keep the trained one active
