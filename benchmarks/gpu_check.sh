@@ -9,7 +9,7 @@
 # diffusers or tyro. Fetch their wheels here once (x86-64, Python 3.12), into .whl/, which git ignores:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .whl diffusers tyro docstring-parser typeguard shtab
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 tyro docstring-parser typeguard
 # and carry .whl with the command (the device tool's carry: [".whl"]); this script installs them into /tmp/site.
 #
 # CPU smoke (the default test tier runs it): GPU_CHECK_SIZE=tiny GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh
