@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import phases, timed
-from torch.utils.flop_counter import FlopCounterMode
+from throughput import measure, phases
 
 from rewardflow.models.tiny_diffusers import EMBEDDINGS, random_conditioning, random_pipeline, random_policy
 
@@ -40,32 +39,17 @@ def pipeline_call(pipe, model: str, cond, steps: int, guidance: float, resolutio
     return lambda: pipe(generator=gen, **kwargs).images
 
 
-def measure(name: str, fn, args, device: torch.device) -> dict:
-    for _ in range(args.warmup):
-        fn()
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = sorted(timed(fn, device)[0] for _ in range(args.repeats))[args.repeats // 2]
-    flops = counter.get_total_flops()
-    row = {"phase": name, "seconds": seconds, "images_per_s": args.batch / seconds, "gflop": flops / 1e9,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}  # fmt: skip
-    if args.peak_tflops:
-        row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
-    return row
-
-
 def check_model(model: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     resolution = args.resolution if args.size == "real" else 32
     pipe = random_pipeline(model, args.size, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     cond = random_conditioning(model, args.size, args.batch, device, dtype)
     guidance = EMBEDDINGS[(model, args.size)][3]
-    rows = [measure("pipeline", pipeline_call(pipe, model, cond, args.steps, guidance, resolution), args, device)]
+    baseline = pipeline_call(pipe, model, cond, args.steps, guidance, resolution)
+    rows = [{"phase": "pipeline", **measure(baseline, args, device)}]
     policy = random_policy(pipe, model, "lora", resolution)  # LoRA goes on after the baseline: a plain pipeline
     for name, fn in phases(policy, "grpo", cond, args.steps, guidance, args.batch):
-        rows.append(measure(name, fn, args, device))
+        rows.append({"phase": name, **measure(fn, args, device)})
     by = {r["phase"]: r for r in rows}
     both = by["rollout"]["seconds"] + by["train"]["seconds"]
     result = {"model": model, "size": args.size, "resolution": resolution, "batch": args.batch, "steps": args.steps,

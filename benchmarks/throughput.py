@@ -102,24 +102,31 @@ def run(model, size, mode, algorithm, args, device, dtype) -> list[dict]:
     guidance = EMBEDDINGS[(model, size)][3]
     out = []
     for name, fn in phases(policy, algorithm, cond, args.steps, guidance, args.batch):
-        for _ in range(args.warmup):
-            fn()
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = sorted(timed(fn, device)[0] for _ in range(args.repeats))[args.repeats // 2]
-        flops = counter.get_total_flops()
         row = {"model": model, "size": size, "mode": mode, "algorithm": algorithm, "phase": name,
-               "batch": args.batch, "steps": args.steps, "seconds": seconds, "images_per_s": args.batch / seconds,
-               "gflop": flops / 1e9,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}  # fmt: skip
-        if args.peak_tflops:
-            row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
-            row["floor_ratio"] = seconds / (flops / (args.peak_tflops * 1e12))
+               "batch": args.batch, "steps": args.steps, **measure(fn, args, device)}  # fmt: skip
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
+
+
+def measure(fn, args, device: torch.device) -> dict:
+    """``args.warmup`` untimed calls, one with the FLOP counter, then the median of ``args.repeats`` timed ones:
+    seconds, images/s (``args.batch`` a call), GFLOP, peak GPU memory, and with ``args.peak_tflops`` the MFU and the
+    ratio of the time to the FLOP floor."""
+    for _ in range(args.warmup):
+        fn()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = sorted(timed(fn, device)[0] for _ in range(args.repeats))[args.repeats // 2]
+    flops = counter.get_total_flops()
+    row = {"seconds": seconds, "images_per_s": args.batch / seconds, "gflop": flops / 1e9,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}  # fmt: skip
+    if args.peak_tflops:
+        row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
+        row["floor_ratio"] = seconds / (flops / (args.peak_tflops * 1e12))
+    return row
 
 
 def main() -> None:

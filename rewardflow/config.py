@@ -33,6 +33,9 @@ class ModelConfig:
     """sd3 / flux: the local diffusers model folder (model_index.json and its subfolders)."""
     resolution: int = 0
     """sd3 / flux: image side in pixels (0: the model's native size)."""
+    max_sequence_length: int = 0
+    """sd3 / flux: T5 tokens per prompt (0: the pipeline's default, 256 for SD3 and 512 for FLUX; Flow-GRPO's SD3.5
+    scripts use 128)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """sd3 / flux: the weights' dtype (step math is float32 either way)."""
     fsdp: bool = False
@@ -44,6 +47,9 @@ class ModelConfig:
     """0 trains every weight (against a frozen reference copy); > 0 trains LoRA adapters of this rank."""
     lora_alpha: float = 0.0
     """LoRA scale numerator; 0 means 2 * rank."""
+    lora_init: Literal["gaussian", "kaiming"] = "gaussian"
+    """How LoRA's A starts (B starts at 0 either way): Gaussian (Flow-GRPO, DiffusionNFT) or peft's default
+    Kaiming-uniform (DanceGRPO)."""
     lora_targets: tuple[str, ...] = ()
     """sd3 / flux / sd1: the module names LoRA goes on (suffixes, as peft matches them, e.g. ``to_q`` matches every
     block's ``attn.to_q``); empty: the adapter's default (every attention projection of both streams for SD3 and
@@ -81,6 +87,13 @@ class ModelConfig:
                 "model.lora_targets names the LoRA layers of a diffusers model (model.kind sd3, flux or "
                 "sd1) with model.lora_rank > 0; leave it empty otherwise"
             )
+        if self.max_sequence_length < 0 or (self.max_sequence_length and self.kind not in ("sd3", "flux")):
+            raise ValueError(
+                f"model.max_sequence_length is T5's token count for model.kind sd3 or flux (0: the "
+                f"pipeline's default), got {self.max_sequence_length} for {self.kind!r}"
+            )
+        if self.lora_init not in ("gaussian", "kaiming"):
+            raise ValueError(f"model.lora_init must be 'gaussian' or 'kaiming', got {self.lora_init!r}")
         if self.merge_lora_rollouts and not self.lora_rank:
             raise ValueError("model.merge_lora_rollouts folds LoRA adapters into the weights: set model.lora_rank > 0")
         if self.compile and self.kind != "tiny-dit":
@@ -231,7 +244,7 @@ class TrainConfig:
                      "max_bad_iterations"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
+        if self.group_size < 2 and self.algorithm not in DIRECT:
             raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {self.group_size}")
         from rewardflow.utils.trackers import TRACKERS
 

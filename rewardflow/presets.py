@@ -239,15 +239,16 @@ def shapes_leapalign_cpu() -> TrainConfig:
 
 
 def sd35m_pickscore_flow_grpo() -> TrainConfig:
-    """Flow-GRPO on Stable Diffusion 3.5 Medium against PickScore: the paper's recipe on one GPU.
+    """Flow-GRPO on Stable Diffusion 3.5 Medium against PickScore: the paper's recipe, on 1 to 64 GPUs.
 
-    Needs three local folders (relative to where you run it; override with --model.path, --reward.pickscore-model,
-    --train-prompts, --eval.prompts): ``models/stable-diffusion-3.5-medium`` (a diffusers folder),
-    ``models/PickScore_v1`` (PickScore with the CLIP-H processor and tokenizer), and the Pick-a-Pic prompt files
-    ``data/pickscore/train.txt`` / ``test.txt``. Settings from the Flow-GRPO SD3.5 PickScore config: LoRA r 32,
-    alpha 64, lr 3e-4; 48 prompts x 24 images per iteration (G = 24: smaller groups collapsed in the paper), 10
-    SDE steps at a = 0.7 (evaluation: 40 Euler steps), CFG 4.5, clip 1e-4, code-form KL with beta 0.01, two
-    optimizer steps per iteration, EMA every 8 steps, 512 px, bf16 weights.
+    Needs a model and PickScore (local folders, relative to where you run it, or Hub ids; override with
+    --model.path, --reward.pickscore-model, --train-prompts, --eval.prompts): ``models/stable-diffusion-3.5-medium``
+    (a diffusers folder), ``models/PickScore_v1`` (PickScore with the CLIP-H processor and tokenizer), and the
+    Pick-a-Pic prompt files ``data/pickscore/train.txt`` / ``test.txt``. Settings from the Flow-GRPO SD3.5 PickScore
+    config: LoRA r 32, alpha 64, lr 3e-4; 48 prompts x 24 images per iteration (G = 24: smaller groups collapsed in
+    the paper), 10 SDE steps at a = 0.7 on the pipeline's grid (evaluation: 40 Euler steps), CFG 4.5, clip 1e-4,
+    code-form KL with beta 0.01, 576 images per optimizer step (two per iteration), EMA every 8 steps, 512 px,
+    T5 at 128 tokens, bf16 base weights with float32 LoRA. Field by field: docs/papers.md.
     """
     return TrainConfig(
         run_dir="runs/sd35m_pickscore_flow_grpo",
@@ -258,7 +259,8 @@ def sd35m_pickscore_flow_grpo() -> TrainConfig:
         save_every=50,
         eval_every=50,
         model=ModelConfig(kind="sd3", path="models/stable-diffusion-3.5-medium", lora_rank=32, lora_alpha=64,
-                          resolution=512, dtype="bfloat16", device="cuda", gradient_checkpointing=True),
+                          resolution=512, max_sequence_length=128, dtype="bfloat16", device="cuda",
+                          gradient_checkpointing=True),
         optim=OptimConfig(lr=3e-4),
         reward=RewardConfig(names=("pickscore",), pickscore_model="models/PickScore_v1", device="cuda"),
         grpo=GRPOConfig(micro_batch=8, optimizer_steps=2, kl_beta=0.01, noise_level=0.7),
@@ -314,7 +316,8 @@ def sd35m_geneval_flow_grpo() -> TrainConfig:
     cfg.train_prompts = "data/geneval/train_metadata.jsonl"
     cfg.reward = RewardConfig(names=("remote",), remote_url="http://127.0.0.1:18085")
     cfg.grpo.kl_beta = 0.04
-    cfg.eval = EvalConfig(prompts="data/geneval/test_metadata.jsonl", samples_per_prompt=4, judge=False,
+    # Flow-GRPO's test file lists each of GenEval's 553 prompts 4 times: one image a line is GenEval's 4 per prompt.
+    cfg.eval = EvalConfig(prompts="data/geneval/test_metadata.jsonl", samples_per_prompt=1, judge=False,
                           rewards=("remote",))  # fmt: skip
     return cfg
 
@@ -341,7 +344,9 @@ def flux_hps_dance_grpo() -> TrainConfig:
         group_size=12,
         save_every=25,
         eval_every=25,
-        model=ModelConfig(kind="flux", path="models/FLUX.1-dev", lora_rank=128, lora_alpha=256,
+        ema_decay=0.0,  # no EMA in DanceGRPO: evaluations and exports are the trained weights themselves
+        ema_every=1,
+        model=ModelConfig(kind="flux", path="models/FLUX.1-dev", lora_rank=128, lora_alpha=256, lora_init="kaiming",
                           lora_targets=("to_q", "to_k", "to_v", "to_out.0"), resolution=720, dtype="bfloat16",
                           device="cuda", gradient_checkpointing=True),
         optim=OptimConfig(lr=3e-4, weight_decay=1e-4),
@@ -367,13 +372,16 @@ def flux_hps_leapalign() -> TrainConfig:
     cfg = flux_hps_dance_grpo()
     cfg.run_dir = "runs/flux_hps_leapalign"
     cfg.algorithm = "leapalign"
-    cfg.prompts_per_iter, cfg.group_size, cfg.ema_decay = 32, 2, 0.995  # 64 images: 8 per GPU on 8 GPUs
+    cfg.prompts_per_iter, cfg.group_size = 64, 1  # 64 distinct prompts: 8 per GPU on 8 GPUs
+    cfg.ema_decay, cfg.ema_every = 0.995, 1
     cfg.reward = dataclasses.replace(cfg.reward, aggregate="reward")
-    cfg.model = dataclasses.replace(cfg.model, lora_rank=0, lora_alpha=0.0, lora_targets=(), fsdp=True, resolution=512)
+    cfg.model = dataclasses.replace(
+        cfg.model, lora_rank=0, lora_alpha=0.0, lora_targets=(), lora_init="gaussian", fsdp=True, resolution=512
+    )
     cfg.optim = OptimConfig(lr=1e-5, weight_decay=1e-4)
     cfg.leapalign = LeapAlignConfig(num_steps=25, guidance_scale=4.0, alpha=0.3, tau=0.1, hinge=0.55, micro_batch=2,
                                     optimizer_steps=1, checkpointing=True)  # fmt: skip
-    cfg.eval = dataclasses.replace(cfg.eval, shift=0.0, guidance_scale=4.0)
+    cfg.eval = dataclasses.replace(cfg.eval, num_steps=50, guidance_scale=4.0)
     return cfg
 
 
@@ -383,18 +391,21 @@ def sd15_aesthetic_draft_lv() -> TrainConfig:
     Needs ``models/stable-diffusion-v1-5`` (a diffusers folder), ``models/clip-vit-large-patch14`` holding the
     converted ``aesthetic_head.safetensors`` (docs/rewards.md) and a prompt file ``data/aesthetic/train.txt``
     (DRaFT used simple animal prompts). The paper's small-scale settings: LoRA rank 8 at lr 4e-4, weight decay
-    0.1, 4 images per step, 50 sampling steps (deterministic: DDIM's 50 timesteps of the model's scheduler config,
-    seen as a flow), CFG 7.5, DRaFT-LV with 2 re-noised samples, 2,000 updates, 512 px.
+    0.1, 4 images (4 prompts) per step, 50 sampling steps (deterministic: DDIM's 50 timesteps of the model's
+    scheduler config, seen as a flow), CFG 7.5, DRaFT-LV with 2 re-noised samples, 2,000 updates, 512 px, no EMA.
+    Field by field: docs/papers.md.
     """
     return TrainConfig(
         run_dir="runs/sd15_aesthetic_draft_lv",
         algorithm="draft",
         iterations=2000,
         train_prompts="data/aesthetic/train.txt",
-        prompts_per_iter=2,
-        group_size=2,
+        prompts_per_iter=4,
+        group_size=1,
         save_every=100,
         eval_every=100,
+        ema_decay=0.0,  # the paper averages no weights: evaluations and exports are the trained ones
+        ema_every=1,
         model=ModelConfig(kind="sd1", path="models/stable-diffusion-v1-5", lora_rank=8, lora_alpha=8,
                           resolution=512, dtype="bfloat16", device="cuda", gradient_checkpointing=True),
         optim=OptimConfig(lr=4e-4, weight_decay=0.1),

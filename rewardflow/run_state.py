@@ -90,8 +90,6 @@ def save(
 ) -> None:
     """EMA weights for use (``checkpoints/iter_XXXXX.safetensors``) and a resume state (the newest ``keep``).
 
-    A diffusers model's EMA weights also go to ``diffusers/`` in the diffusers layout (:mod:`rewardflow.export`).
-
     Rank 0 alone, except for a sharded model (``model.fsdp``), where every rank calls it (:func:`save_sharded`).
     """
     with ema.swapped():
@@ -101,10 +99,6 @@ def save(
             iteration=str(iteration),
             weights="ema",
         )
-        if cfg.model.kind != "tiny-dit":  # the same weights as a plain diffusers pipeline loads them
-            from rewardflow.export import write_export
-
-            write_export(policy, cfg, run, iteration, run / "diffusers")
     state = {
         "iteration": iteration,
         "trainable": {n: p.detach().clone() for n, p in policy.named_trainable_state()},

@@ -19,6 +19,7 @@ from rewardflow.algorithms.draft import check_differentiable
 from rewardflow.config import DIRECT, TrainConfig
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
 from rewardflow.evaluate import eval_rewards, evaluate, headline, load_reference, save_reference
+from rewardflow.export import write_export
 from rewardflow.iteration import RowLayout, direct_iteration, online_iteration
 from rewardflow.models.build import build_policy
 from rewardflow.models.protocol import FlowPolicy
@@ -244,6 +245,9 @@ def _loop(
                 save_sharded(cfg, policy, optimizer, ema, run, done, world.main)
             elif world.main:
                 save(cfg, policy, optimizer, ema, run, done)
+                if cfg.model.kind != "tiny-dit":  # the EMA weights as a plain diffusers pipeline loads them
+                    with ema.swapped():
+                        write_export(policy, cfg, run, done, run / "diffusers")
             if world.main:
                 plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
             distributed.barrier()

@@ -30,6 +30,8 @@ def build_policy(cfg: TrainConfig) -> FlowPolicy:
 
 def _load(m: ModelConfig) -> FlowPolicy:
     if m.kind == "tiny-dit":
+        if m.lora_init != "gaussian":
+            raise ValueError("model.lora_init is for the diffusers models (model.kind sd3, flux or sd1)")
         return load_policy(
             m.checkpoint,
             lora_rank=m.lora_rank,
@@ -43,6 +45,7 @@ def _load(m: ModelConfig) -> FlowPolicy:
         from rewardflow.models.flux import load_flux_policy as load
     else:
         from rewardflow.models.sd1 import load_sd1_policy as load
+    extra = {"max_sequence_length": m.max_sequence_length} if m.max_sequence_length else {}
     return load(
         m.path,
         lora_rank=m.lora_rank,
@@ -52,7 +55,9 @@ def _load(m: ModelConfig) -> FlowPolicy:
         resolution=m.resolution or None,
         gradient_checkpointing=m.gradient_checkpointing,
         lora_targets=m.lora_targets,
+        lora_init=m.lora_init,
         autocast=m.autocast and m.dtype == "float32",
+        **extra,
     )
 
 

@@ -25,7 +25,7 @@ def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
     """
     from rewardflow.utils.hub import model_folder
 
-    root = model_folder(path, "model.path", pipeline=True)
+    root = model_folder(path, "model.path", pipeline=True, example=example)
     index = root / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(
@@ -144,12 +144,13 @@ def load_diffusers_policy(
     resolution: int | None = None,
     gradient_checkpointing: bool = False,
     lora_targets: tuple[str, ...] = (),
+    lora_init: str = "gaussian",
     **policy_kwargs,
 ):
     """A ``policy_cls`` around the pipeline in a local folder, its network ready to train. Nothing is downloaded.
 
     ``lora_rank > 0``: LoRA on ``lora_targets`` (module name suffixes, as peft matches them; empty: the spec's
-    targets), alpha defaulting to 2 * rank; the reference is the network with
+    targets), alpha defaulting to 2 * rank, A initialised by ``lora_init``; the reference is the network with
     adapters off. Otherwise every weight of the network trains against a frozen copy. ``resolution`` defaults to
     the model's native size; ``policy_kwargs`` go to the policy (negative prompt, sequence length, autocast, ...).
     """
@@ -163,7 +164,8 @@ def load_diffusers_policy(
         network.enable_gradient_checkpointing()
     reference = None
     if lora_rank > 0:
-        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(lora_targets or spec.lora_targets))
+        add_lora(network, lora_rank, lora_alpha or 2.0 * lora_rank, list(lora_targets or spec.lora_targets),
+                 init=lora_init)  # fmt: skip
     else:
         network.requires_grad_(True)
         reference = copy.deepcopy(network).requires_grad_(False).eval()

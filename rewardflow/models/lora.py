@@ -20,9 +20,14 @@ OLD_ADAPTER = "old"
 
 
 def add_lora(
-    module: nn.Module, rank: int, alpha: float, target_modules: list[str], adapter_name: str = TRAINED_ADAPTER
+    module: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    adapter_name: str = TRAINED_ADAPTER,
+    init: str = "gaussian",
 ) -> nn.Module:
-    """Inject a LoRA adapter (Gaussian-initialised A, zero B, so the model is unchanged at start).
+    """Inject a LoRA adapter: B zero, so the model is unchanged at start; A Gaussian, or Kaiming-uniform (``init``).
 
     Only the adapter weights stay trainable, and they are float32 whatever the base weights' dtype (peft casts the
     layer's input to them and the result back): AdamW steps of a 3e-4 learning rate would be lost in bfloat16
@@ -30,7 +35,8 @@ def add_lora(
     """
     from peft import LoraConfig, inject_adapter_in_model  # peft (and transformers) load only when LoRA is used
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights="gaussian")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
+                        init_lora_weights="gaussian" if init == "gaussian" else True)  # fmt: skip
     module = inject_adapter_in_model(config, module, adapter_name=adapter_name)
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)

@@ -13,11 +13,12 @@ from pathlib import Path
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def model_folder(path: str | Path, field: str, pipeline: bool = False) -> Path:
+def model_folder(path: str | Path, field: str, pipeline: bool = False, example: str = "") -> Path:
     """``path`` as a local folder: itself if it exists, else the Hub model of that id from the cache or the Hub.
 
     ``pipeline``: a diffusers pipeline, fetched with ``DiffusionPipeline.download`` (only the files the pipeline
     loads, not the single-file checkpoints some repositories also hold); otherwise the whole repository.
+    ``example``: a Hub id of the right kind, named in the message.
 
     Raises:
         FileNotFoundError: neither a local folder nor a Hub model that could be found (no network, offline mode
@@ -42,6 +43,6 @@ def model_folder(path: str | Path, field: str, pipeline: bool = False) -> Path:
         why = why.splitlines()[0] if why else type(e).__name__
         raise FileNotFoundError(
             f"{field} {text!r} is neither a local folder nor a Hub model that could be fetched ({why})."
-            f" Download it once where the network allows (`hf download {text}`), "
-            f"then run again (the Hub cache is used) or point {field} at a local folder."
+            f" Where the network allows, `hf download {text}` fetches a Hub id into the Hub cache (used from then on),"
+            f" or `hf download {example or text} --local-dir {text}` makes that folder."
         ) from e
