@@ -78,10 +78,14 @@ def model_card(cfg: TrainConfig, run: Path, iteration: int, lora: bool) -> str:
     ])  # fmt: skip
 
 
-def write_export(policy: FlowPolicy, cfg: TrainConfig, run: Path, iteration: int, out: Path) -> Path:
+def write_export(
+    policy: FlowPolicy, cfg: TrainConfig, run: Path, iteration: int, out: Path, state: dict | None = None
+) -> Path:
     """Write ``policy``'s current weights (the caller swaps the EMA in) to ``out``, replacing it as a whole.
 
-    The folder is written beside ``out`` and moved into place, so a crash leaves the previous export intact.
+    ``state``: the whole network's state dict, for a full fine-tune sharded over the ranks (rank 0 holds it
+    gathered; its own module holds only shards). The folder is written beside ``out`` and moved into place, so a
+    crash leaves the previous export intact.
     """
     from rewardflow.models.diffusers_io import save_lora
     from rewardflow.models.lora import has_lora
@@ -90,10 +94,18 @@ def write_export(policy: FlowPolicy, cfg: TrainConfig, run: Path, iteration: int
     tmp = out.with_name(out.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    net = tmp / ("unet" if cfg.model.kind == "sd1" else "transformer")
     if lora:
         save_lora(policy, tmp)
+    elif state is not None:  # the layout save_pretrained writes, from the gathered weights
+        from safetensors.torch import save_file
+
+        policy.module.save_config(net)
+        save_file(
+            {k: v.detach().contiguous() for k, v in state.items()}, str(net / "diffusion_pytorch_model.safetensors")
+        )
     else:
-        policy.module.save_pretrained(tmp / ("unet" if cfg.model.kind == "sd1" else "transformer"))
+        policy.module.save_pretrained(net)
     (tmp / "README.md").write_text(model_card(cfg, run, iteration, lora))
     old = out.with_name(out.name + ".old")
     if out.exists():

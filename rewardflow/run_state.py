@@ -129,8 +129,11 @@ def _sharded_state(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.
 
 
 def save_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path,
-                 iteration: int, main: bool) -> None:  # fmt: skip
-    """:func:`save` for a sharded model: every rank writes its shards; rank 0 gathers the EMA export."""
+                 iteration: int, main: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """:func:`save` for a sharded model: every rank writes its shards; rank 0 gathers the EMA export.
+
+    Returns the network's whole EMA state dict on rank 0 (on the CPU; empty on the other ranks).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     with ema.swapped():
@@ -145,6 +148,7 @@ def save_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Op
     save_sharded_state(state, run / "checkpoints" / f"state_{iteration:05d}.dcp", main)
     if main:
         prune_states(run / "checkpoints", cfg.keep_checkpoints)
+    return full if main else {}
 
 
 def restore_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA,

@@ -242,10 +242,12 @@ def _loop(
         if done % cfg.save_every == 0 or done == cfg.iterations or stopping:
             distributed.check_in_step(params, "trained weights")
             if sharded:
-                save_sharded(cfg, policy, optimizer, ema, run, done, world.main)
+                full = save_sharded(cfg, policy, optimizer, ema, run, done, world.main)
+                if world.main and cfg.model.kind != "tiny-dit":  # the EMA weights as a plain pipeline loads them
+                    write_export(policy, cfg, run, done, run / "diffusers", state=full)
             elif world.main:
                 save(cfg, policy, optimizer, ema, run, done)
-                if cfg.model.kind != "tiny-dit":  # the EMA weights as a plain diffusers pipeline loads them
+                if cfg.model.kind != "tiny-dit":
                     with ema.swapped():
                         write_export(policy, cfg, run, done, run / "diffusers")
             if world.main:

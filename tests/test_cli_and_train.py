@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_unknown_preset_command_and_field(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_train_writes_a_complete_run_folder_and_resumes_exactly(tmp_path, tiny_run_args):
+def test_train_writes_a_complete_run_folder_and_resumes_exactly(tmp_path, tiny_run_args, capsys):
     full = tmp_path / "full"
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(full), *tiny_run_args]) == 0
     for rel in ("config.yaml", "meta.json", "metrics.jsonl", "reward_curve.png", "train.log",
@@ -89,6 +90,17 @@ def test_train_writes_a_complete_run_folder_and_resumes_exactly(tmp_path, tiny_r
     assert {"reward", "kl", "clip_frac", "strict", "clean", "grad_norm"} <= set(train_rows[0])
     report = json.loads((full / "eval" / "iter_00002.json").read_text())
     assert set(report["categories"]) == {"single_object", "colors", "counting", "position", "two_object"}
+    assert json.loads((full / "meta.json").read_text())["preset"] == "shapes_grpo_smoke"
+
+    # Export is for the diffusers models, and of saved weights only; a refused export writes nothing.
+    assert main(["export", str(full), "--out", str(tmp_path / "x")]) == 2
+    assert "model.kind 'tiny-dit'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    as_sd3 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="sd3", path="models/sd3"))
+    (bare / "config.yaml").write_text(to_yaml(as_sd3))
+    assert main(["export", str(bare), "--out", str(tmp_path / "x")]) == 2
+    assert "has no saved weights yet" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
     # The same run interrupted after one iteration and resumed ends with identical weights.
     part = tmp_path / "part"

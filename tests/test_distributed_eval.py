@@ -1,5 +1,6 @@
 """Evaluation sharded over 2 and 4 processes (torchrun, gloo) and over two launches of a two-node rendezvous gives
-the report one process gives, and its pooled images and sample grid, bit for bit."""
+the report one process gives, and its pooled images and sample grid, bit for bit; a sharded diffusers run exports
+its gathered weights."""
 
 import json
 import os
@@ -83,3 +84,33 @@ def test_two_node_rendezvous_on_one_machine(tmp_path, one_process):
     written = [p for p in (out, tmp_path / "other.json") if p.exists()]
     assert len(written) == 1  # the launch that got rank 0 wrote it
     _check(written[0], one_process, 2)
+
+
+def test_a_sharded_full_fine_tune_of_a_diffusers_model_exports_its_gathered_weights(tmp_path):
+    """Two ranks, FSDP, a full fine-tune of the tiny SD3: each save writes ``diffusers/transformer`` from the gathered
+    EMA weights, which a plain ``from_pretrained`` loads equal to the run's own EMA checkpoint; the run evaluates
+    sharded (``lockstep``: both ranks run the same forward passes)."""
+    pytest.importorskip("diffusers")
+    from diffusers import SD3Transformer2DModel
+
+    from rewardflow.models.tiny_diffusers import save_tiny_sd3
+
+    model = save_tiny_sd3(tmp_path / "sd3")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\ntwo dogs on grass\n")
+    run = tmp_path / "run"
+    train = ["-m", "rewardflow.cli", "train", "shapes_grpo_smoke", "--run-dir", str(run), "--model.kind", "sd3",
+             "--model.path", str(model), "--model.resolution", "32", "--model.lora-rank", "0", "--model.fsdp",
+             "--model.no-autocast", "--iterations", "1", "--threads", "1", "--train-prompts", str(prompts),
+             "--balance-prompts-by", "", "--reward.names", "jpeg-compressibility", "--eval.prompts", str(prompts),
+             "--eval.no-judge", "--eval.rewards", "jpeg-compressibility", "--eval.num-steps", "2",
+             "--eval.samples-per-prompt", "3", "--eval.batch-size", "2"]  # fmt: skip
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_port())]  # fmt: skip
+    done = subprocess.run([sys.executable, *launcher, *train], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ema = load_file(str(run / "checkpoints" / "iter_00001.safetensors"))
+    exported = SD3Transformer2DModel.from_pretrained(run / "diffusers" / "transformer").state_dict()
+    assert ema and all(torch.equal(exported[name], t) for name, t in ema.items())
+    assert "StableDiffusion3Pipeline" in (run / "diffusers" / "README.md").read_text()
