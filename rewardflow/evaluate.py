@@ -319,14 +319,14 @@ def evaluate(
         with torch.no_grad():
             scored = (rewards or eval_rewards(cfg, reward_cfg))(images, prompts[mine], metadata[mine])
         names = list(scored.components)
-        local["rewards"] = torch.stack([scored.components[n].float().cpu() for n in names], dim=1)
+        local |= {f"reward/{n}": scored.components[n].detach().cpu() for n in names}
     every = {k: distributed.gather_ragged(v) for k, v in local.items()}
     report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": per}
     if cfg.judge:
         verdicts = judge_images([parse_prompt(p) for p in prompts], every["images"].numpy())
         report = summarize(records, verdicts, per)
     if cfg.rewards:
-        report["rewards"] = {n: every["rewards"][:, i].mean().item() for i, n in enumerate(names)}
+        report["rewards"] = {n: every[f"reward/{n}"].mean().item() for n in names}
     report["diversity"] = diversity(every["pooled"], per)
     if reference is not None:
         report["drift"] = drift(every["pooled"], reference)
