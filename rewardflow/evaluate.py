@@ -132,8 +132,9 @@ def generate(
             else:
                 velocity = lambda x, s, c=cond: policy.velocity(x, s, c, cfg.guidance_scale)  # noqa: E731
                 final = solve_ode(velocity, x, sigmas, cfg.solver)
-            images.append(policy.decode(final).cpu() if i < real else policy.decode(final).cpu()[:0])
-    return torch.cat(images[: max(real, 1)])
+            if i < real or i == 0:  # a rank without rows decodes one batch, for the shape of its empty result
+                images.append(policy.decode(final).cpu()[: hi - lo if i < real else 0])
+    return torch.cat(images)
 
 
 def pooled(images: torch.Tensor) -> torch.Tensor:
