@@ -19,10 +19,10 @@ SIZE=${GPU_CHECK_SIZE:-real}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 DEST=${OUT:-benchmarks/results/gpu_check}
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+if [ "$DEVICE" != "cpu" ] && compgen -G ".whl/*.whl" > /dev/null; then  # the GPU machine's missing packages
+    site=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH=$site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$DEST"

@@ -26,18 +26,20 @@ class ModelConfig:
 
     kind: Literal["tiny-dit", "sd3", "flux", "sd1"] = "tiny-dit"
     """The Shapes tiny DiT, or a diffusers model from ``path``: Stable Diffusion 3 / 3.5, FLUX.1, or SD 1.x / 2.x
-    (a VP UNet seen as a flow, which starts at its ``sigma_max``; docs/models.md)."""
+    (a VP UNet seen as a flow; docs/models.md)."""
     checkpoint: str = "base"
     """tiny-dit: a checkpoint path, or "base" for the shipped Shapes base model."""
     path: str = ""
-    """sd3 / flux: the local diffusers model folder (model_index.json and its subfolders)."""
+    """sd3 / flux / sd1: the diffusers model: a local folder (model_index.json and its subfolders) or a Hub id,
+    fetched through the Hub cache (with HF_HUB_OFFLINE=1, the cache only)."""
     resolution: int = 0
     """sd3 / flux: image side in pixels (0: the model's native size)."""
     max_sequence_length: int = 0
     """sd3 / flux: T5 tokens per prompt (0: the pipeline's default, 256 for SD3 and 512 for FLUX; Flow-GRPO's SD3.5
     scripts use 128)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """sd3 / flux: the weights' dtype (step math is float32 either way)."""
+    """sd3 / flux / sd1: the frozen weights' dtype (LoRA weights and step math are float32 either way; with
+    ``autocast`` the network computes in bfloat16)."""
     fsdp: bool = False
     """Full fine-tuning under torchrun: shard weights, gradients and optimizer state over the ranks with FSDP2
     (``fully_shard`` per block; bfloat16 compute with float32 reduction when ``dtype`` is bfloat16)."""
@@ -144,7 +146,8 @@ class RewardConfig:
     """Several rewards: advantages of the weighted sum of rewards (Flow-GRPO, DiffusionNFT); the weighted sum of each
     reward's own group advantages (MixGRPO); or each reward's own advantages in its own clipped policy loss, the
     losses summed with the weights (DanceGRPO's FLUX script; ``grpo`` only; it differs from "advantage" once a ratio
-    leaves the clip band). One reward: the same in all three."""
+    leaves the clip band). One reward: the same in all three (its weight scales it before the normalisation, so only
+    the weight's sign matters)."""
     extra_object_penalty: float = 0.25
     """shapes-judge: score subtracted per detected object the prompt did not ask for."""
     score_checkpoint: str = "shipped"

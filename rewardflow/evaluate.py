@@ -86,15 +86,19 @@ def headline(report: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def shard_rows(rows: int, batch_size: int, rank: int, world: int) -> tuple[range, int]:
-    """The rows of an ``rows``-row evaluation that ``rank`` of ``world`` samples, and the batches every rank runs.
+def shard_rows(rows: int, batch_size: int, rank: int, world: int) -> tuple[range, int, int]:
+    """``rank``'s rows of an evaluation of ``rows`` images over ``world`` ranks, the batch size, the most batches.
 
-    Whole batches of ``batch_size``, dealt in contiguous runs: each rank samples exactly the batches one process
-    would, so the images (and the report) are the same bit for bit. The last ranks may get fewer or none.
+    Whole batches, dealt in contiguous runs as evenly as the ranks allow (a rank holds ``floor`` or ``ceil`` of
+    ``batches / world``). With at least ``world`` batches of ``batch_size`` each rank samples exactly the batches one
+    process would, so the images and the report are the same bit for bit; with fewer, the batch shrinks to
+    ``ceil(rows / world)`` so that every rank samples (the same images as one process with that ``eval.batch_size``).
+    A rank gets no rows only when there are fewer rows than ranks.
     """
-    batches = -(-rows // batch_size)
-    per = -(-batches // world)
-    return range(min(rows, rank * per * batch_size), min(rows, (rank + 1) * per * batch_size)), per
+    size = max(1, min(batch_size, -(-rows // world)))
+    batches = -(-rows // size)
+    lo, hi = rank * batches // world, (rank + 1) * batches // world
+    return range(min(rows, lo * size), min(rows, hi * size)), size, -(-batches // world)
 
 
 @torch.no_grad()
@@ -104,23 +108,25 @@ def generate(
     cfg: EvalConfig,
     noise: torch.Tensor | None = None,
     rows: range | None = None,
+    batch_size: int = 0,
     batches: int = 0,
 ) -> torch.Tensor:
     """ODE samples [N, 3, H, W] in [0, 1] for ``prompts`` (only those in ``rows``, when given).
 
     The initial noise is drawn once for all prompts from ``cfg.seed`` (or given), so results do not depend on the
-    batch size or on which rows are sampled. ``batches``: run at least this many batches, repeating the first
-    batch of the whole set for the missing ones and discarding them (every rank of a sharded model must run the
-    same forward passes).
+    batch size or on which rows are sampled. ``batch_size``: instead of ``cfg.batch_size``. ``batches``: run at
+    least this many batches, repeating the first batch of the whole set for the missing ones and discarding them
+    (every rank of a sharded model must run the same forward passes).
     """
     sigmas = policy.schedule(cfg.num_steps, cfg.shift)
     if noise is None:
         noise = policy.noise(len(prompts), torch.Generator(device="cpu").manual_seed(cfg.seed), float(sigmas[0]))
     rows = range(len(prompts)) if rows is None else rows
-    spans = [(s, min(s + cfg.batch_size, rows.stop)) for s in range(rows.start, rows.stop, cfg.batch_size)]
+    size = batch_size or cfg.batch_size
+    spans = [(s, min(s + size, rows.stop)) for s in range(rows.start, rows.stop, size)]
     real = len(spans)
     # A rank without rows of its own runs one batch anyway, for the shape of its (empty) result.
-    spans += [(0, min(cfg.batch_size, len(prompts)))] * max(batches - real, 0 if real else 1)
+    spans += [(0, min(size, len(prompts)))] * max(batches - real, 0 if real else 1)
     zeros = torch.zeros(cfg.num_steps)
     images = []
     with policy.sampling():
@@ -243,7 +249,13 @@ def load_reference(path: Path, cfg: EvalConfig) -> torch.Tensor | None:
     if not path.is_file():
         return None
     tensors, meta = load_safetensors_checked(path, REFERENCE_FORMAT)
-    return tensors["pooled"] if meta.get("settings") == _identity(cfg) else None
+    try:
+        saved = json.loads(meta.get("settings", ""))
+    except ValueError:
+        return None
+    # Run folders written when grids were scaled by hand name a sigma_max (1 for the flow models they ran).
+    saved.pop("sigma_max", None)
+    return tensors["pooled"] if json.dumps(saved, sort_keys=True) == _identity(cfg) else None
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -297,9 +309,9 @@ def evaluate(
     the base model's :func:`pooled` images under the same settings, for ``drift``.
 
     ``world``: under torchrun every rank calls this; each samples and scores its share of the images
-    (:func:`shard_rows`), and the scores, pooled images and the grid's samples are gathered, so every rank ends
-    with the report one process would write. ``lockstep``: the ranks run the same number of forward passes (a
-    model sharded with FSDP, whose forwards gather weights from every rank).
+    (:func:`shard_rows`), and the scores, pooled images and the grid's samples are gathered, so the report is the
+    one a single process writes (``drift`` where ``reference`` is given: rank 0's). ``lockstep``: the ranks run the
+    same number of forward passes (a model sharded with FSDP, whose forwards gather weights from every rank).
     """
     records = load_prompts(cfg.prompts)
     if cfg.judge:
@@ -307,27 +319,32 @@ def evaluate(
     per = cfg.samples_per_prompt
     prompts = [r.prompt for r in records for _ in range(per)]
     metadata = [r.metadata for r in records for _ in range(per)]
-    rows, batches = (
-        (range(len(prompts)), 0) if world is None else shard_rows(len(prompts), cfg.batch_size, world.rank, world.size)
-    )
-    images = generate(policy, prompts, cfg, rows=rows, batches=batches if lockstep else 0)
-    mine = slice(rows.start, rows.stop)
+    if world is None:
+        rows, size, batches = range(len(prompts)), cfg.batch_size, 0
+    else:
+        rows, size, batches = shard_rows(len(prompts), cfg.batch_size, world.rank, world.size)
+    images = generate(policy, prompts, cfg, rows=rows, batch_size=size, batches=batches if lockstep else 0)
     grid = range(0, len(prompts), per * 3)[:48]
     local = {"pooled": pooled(images), "samples": images[[i - rows.start for i in grid if i in rows]]}
     if cfg.judge:  # the Shapes judge's images are 32 pixels a side: every one goes to the judge
         local["images"] = images
-    if cfg.rewards:
-        with torch.no_grad():
-            scored = (rewards or eval_rewards(cfg, reward_cfg))(images, prompts[mine], metadata[mine])
-        names = list(scored.components)
-        local |= {f"reward/{n}": scored.components[n].detach().cpu() for n in names}
+    if cfg.rewards:  # scored in the sampling batches: the scores do not depend on how the rows were shared out
+        scorer = (rewards or eval_rewards(cfg, reward_cfg)) if len(rows) else None  # no rows: no reward model call
+        parts: dict[str, list[torch.Tensor]] = {n: [torch.zeros(0)] for n in cfg.rewards}
+        for lo in range(rows.start, rows.stop, size):
+            at = slice(lo, min(lo + size, rows.stop))
+            with torch.no_grad():
+                scored = scorer(images[at.start - rows.start : at.stop - rows.start], prompts[at], metadata[at])
+            for n in cfg.rewards:
+                parts[n].append(scored.components[n].detach().float().cpu())
+        local |= {f"reward/{n}": torch.cat(p) for n, p in parts.items()}
     every = {k: distributed.gather_ragged(v) for k, v in local.items()}
     report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": per}
     if cfg.judge:
         verdicts = judge_images([parse_prompt(p) for p in prompts], every["images"].numpy())
         report = summarize(records, verdicts, per)
     if cfg.rewards:
-        report["rewards"] = {n: every[f"reward/{n}"].mean().item() for n in names}
+        report["rewards"] = {n: every[f"reward/{n}"].mean().item() for n in cfg.rewards}
     report["diversity"] = diversity(every["pooled"], per)
     if reference is not None:
         report["drift"] = drift(every["pooled"], reference)

@@ -48,21 +48,22 @@ def model_card(cfg: TrainConfig, run: Path, iteration: int, lora: bool) -> str:
     meta_path = run / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     pipeline, net = PIPELINES[cfg.model.kind], "unet" if cfg.model.kind == "sd1" else "transformer"
+    base = str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path
     evaluation = last_evaluation(run, iteration)
     seen = f"iteration {evaluation[0]}: {headline(evaluation[1])}" if evaluation else "none saved"
     if lora:
-        load = (f'pipe = {pipeline}.from_pretrained("{cfg.model.path}")\n'
+        load = (f'pipe = {pipeline}.from_pretrained("{base}")\n'
                 'pipe.load_lora_weights("THIS_FOLDER")')  # fmt: skip
         weights = f"LoRA rank {cfg.model.lora_rank}, alpha {cfg.model.lora_alpha or 2 * cfg.model.lora_rank:g}"
     else:
         cls = NETWORKS[cfg.model.kind]
         load = (f'{net} = {cls}.from_pretrained("THIS_FOLDER/{net}")\n'
-                f'pipe = {pipeline}.from_pretrained("{cfg.model.path}", {net}={net})')  # fmt: skip
+                f'pipe = {pipeline}.from_pretrained("{base}", {net}={net})')  # fmt: skip
         weights = f"the whole {net} (full fine-tune)"
     return "\n".join([
         f"# {run.name}: {cfg.algorithm} on {cfg.model.path}",
         "",
-        f"- base model: `{cfg.model.path}` ({pipeline})",
+        f"- base model: `{base}` ({pipeline})",
         f"- method: `{cfg.algorithm}`; preset: `{meta.get('preset') or 'not recorded'}`; rewards: "
         f"{', '.join(cfg.reward.names)}",
         f"- weights: {weights}, the EMA of iteration {iteration} of {cfg.iterations}, at "

@@ -140,7 +140,9 @@ def online_iteration(
             keep = grpo.best_worst_rows(combined, own_groups, cfg.grpo.best_worst_k)
             batch, adv, combined = batch.select(keep), adv[keep], combined[keep]
         if cfg.grpo.drop_zero_advantage:
-            keep = grpo.rows_with_signal(combined, cfg.grpo.micro_batch)
+            # A row carries signal when any of its rewards' advantages is not 0 (their sum may be).
+            signal = combined if adv.ndim == 1 else adv.abs().amax(dim=1)
+            keep = grpo.rows_with_signal(signal, cfg.grpo.micro_batch)
             metrics["trained_rows"] = len(keep) / len(adv)
             if not len(keep):  # every group scored alike: nothing to learn from, and no failure either
                 return images, reward, metrics

@@ -69,7 +69,13 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
               "reward.remote_url", "reward.vlm_url")  # fmt: skip
     differ = config_differences(saved, cfg, ignore=ignore)
     if differ:
-        raise ValueError(f"cannot resume {run}: these fields differ from its config.yaml: {', '.join(differ)}")
+        hint = ""
+        if any(f.endswith(("micro_batch", "optimizer_steps")) or f == "prompts_per_iter" for f in differ):
+            hint = (
+                " (the batch geometry is fitted to the number of processes, TrainConfig.for_world: resume with as "
+                "many as the run started with)"
+            )
+        raise ValueError(f"cannot resume {run}: these fields differ from its config.yaml: {', '.join(differ)}{hint}")
     return run
 
 

@@ -12,11 +12,11 @@ from rewardflow.utils import distributed
 from tests.test_distributed_eval import eval_config
 
 
-def main(out: str) -> None:
+def main(out: str, rows: int = 0) -> None:
     torch.set_num_threads(1)
     world = distributed.init("cpu")
     policy = load_policy("base", autocast=False)
-    report, images = evaluate(policy, eval_config(), world=world)
+    report, images = evaluate(policy, eval_config(rows), world=world)
     if world.main:
         with open(out, "w") as f:
             json.dump({"report": report, "world": world.size}, f)
@@ -25,4 +25,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(int, sys.argv[2:]))

@@ -170,6 +170,10 @@ def test_the_model_grid_is_the_sigmas_its_pipeline_samples_on(adapter, steps):
     if adapter.name == "sd1":
         theirs = policy.vp_state(ours[:-1])[0]
         assert torch.allclose(theirs, record[0].float(), atol=1e-3) and ours[-1] == 0
+        # The noise the samplers start from is the pipeline's pure noise at that first timestep, divided by a + b.
+        _, a, b = policy.vp_state(ours[:1])
+        noise = policy.noise(2, torch.Generator().manual_seed(7), float(ours[0]))
+        assert torch.allclose(noise, _eps(policy, 7) / (a + b), atol=1e-6) and ours[0] < policy.sigma_max
     else:
         assert ours.shape == record[0].shape and torch.allclose(ours, record[0].float(), atol=1e-6)
     fixed = policy.schedule(steps, 3.0)  # a fixed shift instead: DanceGRPO's grid on any model

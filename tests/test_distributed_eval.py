@@ -19,11 +19,15 @@ ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def eval_config() -> EvalConfig:
-    """6 prompts x 3 samples in batches of 4: 5 batches, so 4 ranks hold 8, 8, 2 and 0 images."""
-    prompts = str(Path(__file__).parent / "data" / "eval_six.txt")
-    return EvalConfig(prompts=prompts, samples_per_prompt=3, num_steps=2, batch_size=4,
-                      rewards=("jpeg-compressibility",))  # fmt: skip
+def eval_config(rows: int = 0) -> EvalConfig:
+    """6 prompts x 3 samples in batches of 4: 5 batches, so 4 ranks hold 4, 4, 4 and 6 images; a learned reward
+    (the Shapes scorer, a network) beside the pixel one. ``rows`` 3: one prompt x 3 samples in batches of 1."""
+    folder = Path(__file__).parent / "data"
+    if rows == 3:  # fewer rows than 4 ranks: one rank samples nothing and calls no reward
+        return EvalConfig(prompts=str(folder / "eval_one.txt"), samples_per_prompt=3, num_steps=2, batch_size=1,
+                          rewards=("jpeg-compressibility", "shapes-score"))  # fmt: skip
+    return EvalConfig(prompts=str(folder / "eval_six.txt"), samples_per_prompt=3, num_steps=2, batch_size=4,
+                      rewards=("jpeg-compressibility", "shapes-score"))  # fmt: skip
 
 
 def _port() -> int:
@@ -32,8 +36,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(ROOT / "tests" / "dist_eval_worker.py"), str(out)]
+def _launch(args: list[str], out: Path, *extra: str) -> subprocess.Popen:
+    worker = [str(ROOT / "tests" / "dist_eval_worker.py"), str(out), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, *worker]
     return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -51,6 +56,18 @@ def one_process():
     return evaluate(load_policy("base", autocast=False), eval_config())
 
 
+def test_fewer_rows_than_ranks_leave_a_rank_idle_and_the_report_whole(tmp_path):
+    """3 images on 4 ranks: one rank samples nothing and calls no reward; the report is one process's."""
+    from rewardflow.models.tiny_dit import load_policy
+
+    torch.set_num_threads(1)
+    alone = evaluate(load_policy("base", autocast=False), eval_config(3))
+    out = tmp_path / "report.json"
+    _finish([_launch(["--nproc_per_node", "4", "--master_addr", "127.0.0.1", "--master_port", str(_port())], out,
+                     "3")])  # fmt: skip
+    _check(out, alone, 4)
+
+
 def _check(out: Path, one_process, world: int) -> None:
     report, images = one_process
     got = json.loads(out.read_text())
@@ -62,8 +79,13 @@ def _check(out: Path, one_process, world: int) -> None:
 
 def test_shards_are_whole_batches_dealt_in_runs():
     assert [shard_rows(18, 4, r, 4) for r in range(4)] == [
-        (range(0, 8), 2), (range(8, 16), 2), (range(16, 18), 2), (range(18, 18), 2)]  # fmt: skip
-    assert shard_rows(18, 4, 0, 1) == (range(0, 18), 5)
+        (range(0, 4), 4, 2), (range(4, 8), 4, 2), (range(8, 12), 4, 2), (range(12, 18), 4, 2)]  # fmt: skip
+    assert shard_rows(18, 4, 0, 1) == (range(0, 18), 4, 5)
+    # Fewer batches than ranks: the batch shrinks so that every rank samples (2048 prompts on 64 GPUs: 32 each).
+    assert {len(shard_rows(2048, 120, r, 64)[0]) for r in range(64)} == {32}
+    # 18 batches of 120 on 8 ranks: 2 or 3 each, none idle.
+    assert sorted(len(shard_rows(2048, 120, r, 8)[0]) // 120 for r in range(8)) == [2, 2, 2, 2, 2, 2, 2, 3]
+    assert [len(shard_rows(3, 4, r, 4)[0]) for r in range(4)] == [0, 1, 1, 1]  # fewer rows than ranks
 
 
 @pytest.mark.parametrize("procs", [2, 4])

@@ -233,7 +233,7 @@ def test_timestep_fraction_trains_a_random_subset_per_sample(tiny_config, monkey
     """k of the SDE steps per row, in time order, drawn from the generator; the loss is still a mean."""
     policy = make_policy(tiny_config)
     cfg = GRPOConfig(num_steps=9, micro_batch=4, optimizer_steps=1, timestep_fraction=0.4)
-    assert cfg.steps_per_sample == 3  # round(0.4 * 8)
+    assert cfg.steps_per_sample == 3  # int(0.4 * 8)
     batch = _batch(policy, cfg)
     calls = []
     real = grpo.step_terms

@@ -16,9 +16,18 @@ from rewardflow.utils.checkpoint import load_trainable
 log = logging.getLogger(__name__)
 
 
+def needs_reference(cfg: TrainConfig) -> bool:
+    """Whether the run ever evaluates the reference policy: a KL term (Flow-GRPO) or a velocity penalty (NFT)."""
+    return (cfg.algorithm == "grpo" and cfg.grpo.kl_beta > 0) or (cfg.algorithm == "nft" and cfg.nft.ref_weight > 0)
+
+
 def build_policy(cfg: TrainConfig) -> FlowPolicy:
-    """The policy a run trains, as its ``model`` section describes."""
-    policy = _load(cfg.model)
+    """The policy a run trains, as its ``model`` section describes.
+
+    A full fine-tune of a diffusers model goes without the frozen reference copy when the run never uses it
+    (LeapAlign on FLUX saves 24 GB).
+    """
+    policy = _load(cfg.model, needs_reference(cfg))
     policy.weights.merge_lora = cfg.model.merge_lora_rollouts
     if cfg.model.compile:
         reason = compile_unavailable()
@@ -28,7 +37,7 @@ def build_policy(cfg: TrainConfig) -> FlowPolicy:
     return policy
 
 
-def _load(m: ModelConfig) -> FlowPolicy:
+def _load(m: ModelConfig, keep_reference: bool = True) -> FlowPolicy:
     if m.kind == "tiny-dit":
         if m.lora_init != "gaussian":
             raise ValueError("model.lora_init is for the diffusers models (model.kind sd3, flux or sd1)")
@@ -56,7 +65,8 @@ def _load(m: ModelConfig) -> FlowPolicy:
         gradient_checkpointing=m.gradient_checkpointing,
         lora_targets=m.lora_targets,
         lora_init=m.lora_init,
-        autocast=m.autocast and m.dtype == "float32",
+        keep_reference=keep_reference,
+        autocast=m.autocast,
         **extra,
     )
 

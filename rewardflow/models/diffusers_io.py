@@ -145,13 +145,15 @@ def load_diffusers_policy(
     gradient_checkpointing: bool = False,
     lora_targets: tuple[str, ...] = (),
     lora_init: str = "gaussian",
+    keep_reference: bool = True,
     **policy_kwargs,
 ):
     """A ``policy_cls`` around the pipeline in a local folder, its network ready to train. Nothing is downloaded.
 
     ``lora_rank > 0``: LoRA on ``lora_targets`` (module name suffixes, as peft matches them; empty: the spec's
     targets), alpha defaulting to 2 * rank, A initialised by ``lora_init``; the reference is the network with
-    adapters off. Otherwise every weight of the network trains against a frozen copy. ``resolution`` defaults to
+    adapters off. Otherwise every weight of the network trains against a frozen copy (none with
+    ``keep_reference=False``, for a run that never uses the reference). ``resolution`` defaults to
     the model's native size; ``policy_kwargs`` go to the policy (negative prompt, sequence length, autocast, ...).
     """
     import diffusers
@@ -168,7 +170,8 @@ def load_diffusers_policy(
                  init=lora_init)  # fmt: skip
     else:
         network.requires_grad_(True)
-        reference = copy.deepcopy(network).requires_grad_(False).eval()
+        if keep_reference:
+            reference = copy.deepcopy(network).requires_grad_(False).eval()
     size = resolution or spec.native_size(pipe)
     return policy_cls(pipe, reference=reference, resolution=size, **policy_kwargs)
 

@@ -97,7 +97,8 @@ class FluxPolicy:
             with ``negative_prompt``); default: "embedded" when the transformer has a guidance embedding.
         negative_prompt: the unconditional prompt for "cfg".
         max_sequence_length: T5 tokens per prompt.
-        autocast: run the transformer under bfloat16 autocast (for float32 weights); step math stays float32.
+        autocast: run the transformer under bfloat16 autocast (float32 weights, or float32 LoRA on bfloat16
+            ones); step math stays float32.
     """
 
     sigma_max = 1.0  # a flow model: sampling starts from pure noise

@@ -52,7 +52,8 @@ class SD1Policy:
         reference: a frozen copy of the UNet for a full fine-tune; None with LoRA (adapters off).
         resolution: image side in pixels.
         negative_prompt: the unconditional prompt for CFG (empty by default, as in the SD pipelines).
-        autocast: run the UNet under bfloat16 autocast (for float32 weights); step math stays float32.
+        autocast: run the UNet under bfloat16 autocast (float32 weights, or float32 LoRA on bfloat16 ones); step math
+            stays float32.
     """
 
     def __init__(

@@ -68,7 +68,8 @@ class SD3Policy:
         resolution: image side in pixels (the latent is ``resolution / vae_scale_factor``).
         negative_prompt: the unconditional branch's prompt for CFG (SD3's default is empty).
         max_sequence_length: T5 tokens per prompt.
-        autocast: run the transformer under bfloat16 autocast (for float32 weights); step math stays float32.
+        autocast: run the transformer under bfloat16 autocast (float32 weights, or float32 LoRA on bfloat16
+            ones); step math stays float32.
     """
 
     sigma_max = 1.0  # a flow model: sampling starts from pure noise

@@ -34,14 +34,14 @@ class PolicyWeights:
 
     Args:
         module: the trained network (with LoRA adapters, or every weight trainable).
-        reference: a frozen copy of the base network for a full fine-tune; None with LoRA (adapters off).
+        reference: a frozen copy of the base network for a full fine-tune; None with LoRA (adapters off), or for a
+            full fine-tune whose algorithm never asks for the reference (no KL term, no velocity penalty), which then
+            saves a whole copy of the network.
     """
 
     def __init__(self, module: nn.Module, reference: nn.Module | None = None) -> None:
         self.module, self._reference = module, reference
         self._lora = has_lora(module)
-        if reference is None and not self._lora:
-            raise ValueError("a full fine-tune needs a frozen reference copy (or give the module LoRA adapters)")
         self._old: nn.Module | None = None
         self._has_old = False
         self._mode = "trained"
@@ -84,6 +84,11 @@ class PolicyWeights:
     @contextmanager
     def reference(self) -> Iterator[None]:
         """Within the context the active network is the reference policy."""
+        if self._reference is None and not self._lora:
+            raise ValueError(
+                "this full fine-tune was built without a reference copy (its run needs none): the "
+                "reference policy is not available"
+            )
         with self._in("reference"):
             if self._reference is not None:
                 yield

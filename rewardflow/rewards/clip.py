@@ -30,7 +30,9 @@ def _model_dir(path: str | Path, reward: str, example: str) -> Path:
     """The reward's model folder: ``path`` itself, or the Hub model of that id (through the Hub cache)."""
     from rewardflow.utils.hub import model_folder
 
-    root = model_folder(path, f"reward {reward!r}'s model path", example=example) if path else None
+    field = {"pickscore": "reward.pickscore_model", "clipscore": "reward.clip_model", "hps": "reward.hps_model",
+             "aesthetic": "reward.aesthetic_model"}.get(reward, f"reward {reward!r}'s model path")  # fmt: skip
+    root = model_folder(path, field, example=example) if path else None
     if root is None or not (root / "config.json").is_file():
         raise FileNotFoundError(
             f"reward {reward!r} needs a transformers model folder or Hub id (config.json, weights, tokenizer and "

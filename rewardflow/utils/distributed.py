@@ -38,7 +38,8 @@ class World:
 def init(device_type: str = "cpu", timeout_minutes: float = 60.0) -> World:
     """Join the process group torchrun describes in the environment (a world of one without it).
 
-    The timeout bounds how long a rank waits in a collective for the others (rank 0 evaluates alone).
+    The timeout bounds how long a rank waits in a collective for the others (rank 0 writing a checkpoint, a slow
+    reward server).
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:

@@ -26,7 +26,8 @@ def model_folder(path: str | Path, field: str, pipeline: bool = False, example: 
     """
     text = str(path)
     local = Path(text).expanduser()
-    if not text or local.exists() or not HUB_ID.fullmatch(text):
+    # A Hub id is owner/name; a path whose first part is a folder here (models/..., runs/...) is meant locally.
+    if not text or local.exists() or not HUB_ID.fullmatch(text) or Path(text.split("/")[0]).is_dir():
         return local
     try:
         if pipeline:
@@ -43,6 +44,6 @@ def model_folder(path: str | Path, field: str, pipeline: bool = False, example: 
         why = why.splitlines()[0] if why else type(e).__name__
         raise FileNotFoundError(
             f"{field} {text!r} is neither a local folder nor a Hub model that could be fetched ({why})."
-            f" Where the network allows, `hf download {text}` fetches a Hub id into the Hub cache (used from then on),"
-            f" or `hf download {example or text} --local-dir {text}` makes that folder."
+            f" Where the network allows, `hf download {example or text} --local-dir {text}` makes that folder, or"
+            f" `hf download {text}` fetches a Hub id into the Hub cache (used from then on)."
         ) from e
