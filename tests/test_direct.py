@@ -118,6 +118,49 @@ def test_leapalign_step_trains_and_logs_its_diagnostics(tiny_config):
     assert pairs == {(k, j) for k in range(5) for j in range(k + 1, 5)}  # every pair, k may be 0 and j the last
 
 
+@pytest.mark.parametrize("hinge", [None, 0.9])
+def test_leapalign_loss_by_hand(tiny_config, hinge):
+    """LeapAlign's micro-batch loss worked out by hand from a plain Euler rollout: the mean over images of ``w (-r)``
+    (or ``w relu(hinge - r)``), ``w = 1 / (max(tau, mean|leap_j - x_j|) + max(tau, mean|leap_0 - x_0|))``, the
+    reward taken on the real sample; a small step against its gradient lowers it."""
+    policy = make_policy(tiny_config)
+    cond = policy.encode_prompts(PROMPTS)
+    cfg = LeapAlignConfig(num_steps=5, micro_batch=4, alpha=0.3, tau=0.02, hinge=hinge)
+    loss, real, reward, extra = leapalign_loss(Brightness(), cfg)(
+        policy, cond, [{}] * 4, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    )
+    k, j = cfg.draw_pair(torch.Generator().manual_seed(4))
+    sigmas = policy.schedule(5)
+    with torch.no_grad():
+        xs = [policy.noise(4, torch.Generator().manual_seed(3), float(sigmas[0]))]
+        vs = []
+        for i in range(5):
+            vs.append(policy.velocity(xs[-1], sigmas[i], cond, cfg.guidance_scale))
+            xs.append(xs[-1] + (sigmas[i + 1] - sigmas[i]) * vs[-1])
+        leap_j = xs[k] + (sigmas[j] - sigmas[k]) * vs[k]
+        leap_0 = xs[j] - sigmas[j] * vs[j]  # leap 2 starts from the real x_j (the connector's value)
+        d_j = (leap_j - xs[j]).abs().flatten(1).mean(1).double().clamp(min=cfg.tau)
+        d_0 = (leap_0 - xs[-1]).abs().flatten(1).mean(1).double().clamp(min=cfg.tau)
+        r = policy.decode(xs[-1]).mean(dim=(1, 2, 3))
+        per_image = -r if hinge is None else torch.relu(hinge - r)
+        by_hand = (per_image / (d_j + d_0).float()).mean()
+    assert (extra["k"], extra["j"]) == (k, j)
+    assert torch.allclose(real, xs[-1], atol=1e-5) and torch.allclose(reward.scores, r, atol=1e-5)
+    assert torch.allclose(loss.detach(), by_hand, rtol=1e-4), (float(loss), float(by_hand))
+    loss.backward()
+    with torch.no_grad():  # a small step against the gradient lowers the same loss
+        for p in policy.trainable_parameters():
+            p -= (
+                1e-3
+                * p.grad
+                / max(float(torch.cat([q.grad.flatten() for q in policy.trainable_parameters()]).norm()), 1e-12)
+            )
+    lowered, *_ = leapalign_loss(Brightness(), cfg)(
+        policy, cond, [{}] * 4, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    )
+    assert float(lowered) < float(loss)
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "message"),
     [

@@ -6,6 +6,7 @@ Every run here is a subprocess with one torch thread per process, so that runs c
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,9 +120,26 @@ def test_two_ranks_with_half_the_rows_each_match_one_process_with_all(tmp_path, 
         torch.testing.assert_close(wa[k], wb[k], rtol=rel, atol=1e-5)
 
 
-def _kill_after_a_checkpoint(run, args, procs, sig):
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill_after_a_checkpoint(run, args, procs, sig, max_delay=1.5):
     """Start a run, wait for its first complete resume state (its checksum written), then send ``sig`` to every
-    process of it at a random moment."""
+    process of it at a random moment up to ``max_delay`` seconds later."""
     proc = subprocess.Popen(_command(run, args, procs), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
@@ -132,13 +150,31 @@ def _kill_after_a_checkpoint(run, args, procs, sig):
     while not ((run / "checkpoints").exists() and any(map(complete, state_files(run / "checkpoints")))):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
-    if sig == signal.SIGKILL:
-        os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, max_delay))
+    if sig == signal.SIGKILL:  # torchrun starts each worker in a session of its own: kill them all, as a crash would
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     else:
         proc.send_signal(sig)  # the launcher (or the one process) gets it, as from a scheduler
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
+
+
+def _interrupt(run, args, procs, sig, iterations):
+    """:func:`_kill_after_a_checkpoint` until the signal lands before the run's last iteration: a signal that comes
+    after the run finished interrupts nothing, so the run is started again with a shorter delay (the last try sends
+    it as soon as the first checkpoint is complete). Returns the exit status and the standard error."""
+    for max_delay in (1.5, 0.3, 0.0):
+        code, err = _kill_after_a_checkpoint(run, args, procs, sig, max_delay)
+        lines = (run / "metrics.jsonl").read_text().splitlines()  # a kill can cut the last line short
+        finished = sum('"reward"' in line and line.endswith("}") for line in lines)
+        if code != 0 and finished < iterations:
+            return code, err
+        shutil.rmtree(run)
+    raise AssertionError(f"{sig!r} never landed before the run's iteration {iterations}")
 
 
 @pytest.mark.parametrize("procs,fsdp", [(1, False), (2, False), (2, True)])
@@ -146,8 +182,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_exactly_like_an_uninterrupte
     args = ["--iterations", "4", "--save-every", "1", "--keep-checkpoints", "2", *ALGORITHMS["grpo"],
             *(["--model.fsdp"] if fsdp else [])]  # fmt: skip
     _run(tmp_path / "whole", args, procs)
-    code, _ = _kill_after_a_checkpoint(tmp_path / "cut", args, procs, signal.SIGKILL)
-    assert code != 0 or len(_train_rows(tmp_path / "cut")) == 4  # (the kill may land after the last save)
+    _interrupt(tmp_path / "cut", args, procs, signal.SIGKILL, 4)  # killed before its last iteration
     _run(tmp_path / "cut", [*args, "--resume"], procs)
     a, b = _final(tmp_path / "whole"), _final(tmp_path / "cut")
     assert a["iteration"] == b["iteration"] == 4
@@ -161,9 +196,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_exactly_like_an_uninterrupte
 
 def test_sigterm_saves_a_checkpoint_and_stops_and_resume_auto_finishes(tmp_path):
     args = ["--iterations", "5", "--save-every", "1", *ALGORITHMS["grpo"]]
-    code, err = _kill_after_a_checkpoint(tmp_path / "run", args, 1, signal.SIGTERM)
-    if code == 0:
-        pytest.skip("the run finished before the signal arrived")
+    code, err = _interrupt(tmp_path / "run", args, 1, signal.SIGTERM, 5)
     assert code == 128 + signal.SIGTERM and "SIGTERM received: stopped after iteration" in err
     stopped = _final(tmp_path / "run")["iteration"]
     assert stopped == len(_train_rows(tmp_path / "run")) < 5  # the checkpoint is of the last finished iteration
