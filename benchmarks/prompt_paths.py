@@ -8,8 +8,8 @@ detected shapes, colours and objects per image are counted. If the shapes follow
 draws the *mean* of a two-object prompt's words on every object: a circle and a square come out as two rounded
 blobs between the two (docs/pretraining.md, "The pooled prompt decides the shapes").
 
-The base shipped since the thirty-sixth session has no pooled path (it refuses); the table in docs/pretraining.md
-measured the base before it, which git keeps:
+The shipped base has no pooled path (it refuses); the table in docs/pretraining.md measured the pooled base shipped
+before it, which git keeps:
 
     git show 691057f:rewardflow/assets/tiny_dit_shapes.safetensors > /tmp/pooled_base.safetensors
     python benchmarks/prompt_paths.py --checkpoint /tmp/pooled_base.safetensors --samples 48 --out prompt_paths.json

@@ -21,8 +21,8 @@ the number of trained steps, as ``train_step`` does), under the plain Flow-GRPO 
     python benchmarks/step_variance.py --prompts-per-category 8 --continuations 8
 
 The default, ``--preset recipe``, is :func:`rewardflow.presets.shapes_recipe` with its 10-step sampler, which
-``shapes_grpo_cpu`` had when docs/results.md's table was measured with ``--preset shapes_grpo_cpu``; the demo preset
-and ``shapes_grpo`` now train on 6 steps.
+``shapes_grpo_cpu`` had when the table in docs/results.md at 7635c1f was measured with ``--preset shapes_grpo_cpu``;
+the demo preset and ``shapes_grpo`` now train on 6 steps.
 """
 
 from __future__ import annotations

@@ -17,14 +17,13 @@ from rewardflow.evaluate import EvalConfig
 def shapes_recipe() -> TrainConfig:
     """The recipe the Shapes presets share: Flow-GRPO with GRPO-Guard on a 10-step sampler, 72 iterations.
 
-    Until the twenty-seventh session this was ``shapes_grpo_cpu`` itself. The demo (and through it the long
-    ``shapes_grpo``) and the other Shapes presets (the GRPO family, DiffusionNFT, the direct methods) change it where
-    they differ and were measured so.
+    Not a preset itself: the demo (and through it the long ``shapes_grpo``) and the other Shapes presets (the GRPO
+    family, DiffusionNFT, the direct methods) change it where they differ and were measured so.
     Full fine-tune at lr 5e-5: the prototype found that the papers' LoRA rate (3e-4) destroys a full
     fine-tune of a tiny model and 2e-4 degrades it; here 1e-4 lost 2-6 points within 25 iterations
-    (docs/results.md). 16 prompts x 8 images per iteration, CFG 4.5, 10 rollout steps (9 trained), clip
+    (docs/results.md at 7635c1f). 16 prompts x 8 images per iteration, CFG 4.5, 10 rollout steps (9 trained), clip
     1e-4, code-form KL with beta 0.04 and 2 optimizer steps per iteration, as in the paper's GenEval run.
-    Three changes, all measured in docs/results.md: noise level a = 1.0 (the pixel-space model learned
+    Three changes, all measured (docs/results.md at 7635c1f): noise level a = 1.0 (the pixel-space model learned
     faster than with the paper's 0.7); training prompts drawn category-balanced like the evaluation set
     instead of by their share of the file (39% position); and GRPO-Guard's objective (``grpo.guard``: the
     re-centred ratio with a ``1 / dt`` weight per step), which gained +5.3 to +5.8 strict points in 72
@@ -53,19 +52,17 @@ def shapes_grpo_cpu() -> TrainConfig:
     """Flow-GRPO on the shipped Shapes base, sized for 2 CPU cores and 20 minutes (the README demo).
 
     :func:`shapes_recipe` with three changes that make an iteration about twice as cheap, so that 150 iterations fit
-    where the recipe's 72 did: a 6-step training sampler (5 trained steps; evaluation keeps 40 ODE steps), the KL
-    term in one of every 4 training forwards weighted by 4 (``grpo.kl_every``: a quarter of the reference's
-    forwards), and the network through ``torch.compile`` (eager where it cannot build code). Measured in
-    docs/results.md ("Six steps, a quarter of the KL forwards, compiled"). The evaluated EMA caps its decay at 0.97
-    instead of 0.9, so it averages the last ~30 optimizer steps instead of ~10: the training is the same, and over
-    six paired evaluations of three seeds' trainings it scored +0.7 strict and +1.3 clean points on average
-    (docs/results.md, "A uniform 6-step training grid, and a longer EMA"). The KL weight is five times the recipe's
-    (beta 0.2): five runs gained +7.9 to +11.9 strict points (mean +10.1; clean +10.5) in 150 iterations, where beta
-    0.04 gained +6.6 to +10.4 over four trajectories (mean +8.3); the palette still drifts towards white
-    (docs/results.md, "Five times the KL: the preset since the thirty-third session"). Those runs were on the base
-    shipped before the thirty-sixth session; on the base shipped since (no pooled prompt, padding hidden) one run
-    gained +25.6 strict / +27.4 clean in 19.0 minutes (docs/results.md, "The base shipped since the thirty-sixth
-    session").
+    where the recipe's 72 did: a 6-step training sampler (5 trained steps; evaluation keeps 40 ODE steps), the KL term
+    in one of every 4 training forwards weighted by 4 (``grpo.kl_every``: a quarter of the reference's forwards), and
+    the network through ``torch.compile`` (eager where it cannot build code). Measured in docs/results.md at 7635c1f
+    ("Six steps, a quarter of the KL forwards, compiled"). The evaluated EMA caps its decay at 0.97 instead of 0.9, so
+    it averages the last ~30 optimizer steps instead of ~10: the training is the same, and over six paired evaluations
+    of three seeds' trainings it scored +0.7 strict and +1.3 clean points on average (docs/results.md at 7635c1f, "A
+    uniform 6-step training grid, and a longer EMA"). The KL weight is five times the recipe's (beta 0.2): on the
+    pooled base (the one shipped before the current base; docs/pretraining.md) five runs gained +7.9 to +11.9 strict
+    points (mean +10.1) in 150 iterations, where beta 0.04 gained a mean +8.3; the palette still drifts towards white.
+    On the shipped base (no pooled prompt, padding hidden) one run gained +25.6 strict / +27.4 clean in 19.0 minutes
+    (docs/results.md).
     """
     cfg = shapes_recipe()
     cfg.run_dir = "runs/shapes_grpo_cpu"
@@ -78,14 +75,14 @@ def shapes_grpo_cpu() -> TrainConfig:
 def shapes_grpo() -> TrainConfig:
     """The long Flow-GRPO run: :func:`shapes_grpo_cpu`'s recipe for 450 iterations, on a GPU if there is one.
 
-    Three times the demo's length and nothing else changed (GRPO-Guard, the 6-step training sampler, KL beta 0.2 in
-    one of every 4 forwards, the compiled network, the EMA capped at 0.97), evaluated every 50 iterations. On the
-    shipped base, 2 CPU cores, seed 0: 0.528 -> 0.806 strict (+27.8 points), 0.486 -> 0.786 clean (+30.0) in 53
-    minutes of training (about 7 s an iteration), above +20 at every evaluation from iteration 150 and at its peak,
-    +31.5, at 300 (docs/results.md, "The long preset is the demo's recipe, three times as long"). On a GPU it runs
-    compiled in bf16 too; ``tests/test_gpu.py`` has a compiled case of the ratio test, not yet run on a GPU. Until the
-    thirty-seventh session this preset was :func:`shapes_recipe` for 600 iterations with the plain ratio; on this base
-    that recipe flattened at +14 strict points from iteration 30 to 90.
+    Three times the demo's length and nothing else changed (GRPO-Guard, the 6-step training sampler, KL beta 0.2 in one
+    of every 4 forwards, the compiled network, the EMA capped at 0.97), evaluated every 50 iterations. On the shipped
+    base, 2 CPU cores, seed 0: 0.528 -> 0.806 strict (+27.8 points), 0.486 -> 0.786 clean (+30.0) in 53 minutes of
+    training (about 7 s an iteration), above +20 at every evaluation from iteration 150 and at its peak, +31.5, at 300
+    (docs/results.md at 7635c1f, "The long preset is the demo's recipe, three times as long"). On a GPU it runs
+    compiled in bf16 too; ``tests/test_gpu.py`` has a compiled case of the ratio test, not yet run on a GPU. The
+    10-step recipe with the plain ratio for 600 iterations, tried on this base for comparison, flattened at +14 strict
+    points from iteration 30 to 90.
     """
     cfg = shapes_grpo_cpu()
     cfg.run_dir = "runs/shapes_grpo"
@@ -97,12 +94,12 @@ def shapes_grpo() -> TrainConfig:
 def shapes_nft_cpu() -> TrainConfig:
     """DiffusionNFT on the shipped Shapes base, sized for 2 CPU cores and 20 minutes; CFG-free throughout.
 
-    The paper's GenEval recipe scaled down: 2nd-order DPM-Solver rollouts of 10 steps from the old policy, 9 of
-    the 10 grid sigmas trained per image, NFT beta 1, velocity penalty 1e-4 to the base, one optimizer step per
-    iteration, EMA for evaluation. Evaluated without CFG, as the paper does (the base scores lower without it;
-    docs/results.md compares against the base with CFG too). Full fine-tune at lr 1.5e-4 (5e-5, Flow-GRPO's
-    stable rate, learned about as fast over 40 iterations; docs/results.md); the old policy's schedule is 10x
-    faster than the paper's, which assumes ~1k optimizer steps.
+    The paper's GenEval recipe scaled down: 2nd-order DPM-Solver rollouts of 10 steps from the old policy, 9 of the 10
+    grid sigmas trained per image, NFT beta 1, velocity penalty 1e-4 to the base, one optimizer step per iteration, EMA
+    for evaluation. Evaluated without CFG, as the paper does (the base scores lower without it; docs/results.md
+    compares against the base with CFG too). Full fine-tune at lr 1.5e-4 (5e-5, Flow-GRPO's stable rate, learned about
+    as fast over 40 iterations; docs/results.md at 7635c1f); the old policy's schedule is 10x faster than the paper's,
+    which assumes ~1k optimizer steps.
     """
     cfg = shapes_recipe()
     cfg.run_dir = "runs/shapes_nft_cpu"
@@ -170,16 +167,16 @@ def shapes_mix_cpu() -> TrainConfig:
 def shapes_draft_cpu() -> TrainConfig:
     """DRaFT-1 against the learned ``shapes-count`` reward: the reward's gradient through the last of 4 Euler steps.
 
-    ``shapes-count`` is the judge's partial-credit rule applied to the shipped scorer's predicted counts per colour
-    and shape; it tracks the judge better than the scorer's own ``shapes-score`` head, and with it the presets whose
-    gradient reaches the middle of the chain raise the judge's counting accuracy (docs/results.md). 32 images per
-    iteration (16 prompts x 2), a 4-step Euler training grid with CFG 4.5 (sigmas 1, 0.9, 0.75, 0.5, 0; evaluation:
-    40 steps), loss ``-r``, one optimizer step per iteration, full fine-tune at lr 1e-5 with EMA. The coarse grid puts
-    the one trained step at sigma 0.5, where counts are still open: on 20 steps its last sigma is 0.14 and the judge's
-    counting accuracy rose +2 points on the slow tier's task, on 4 steps +8 to +9 (docs/results.md, "DRaFT-LV and
-    DRaFT-1 on a coarser training grid"). The judge scores every training batch as a monitor (``judge/*``), and
-    each evaluation scores both learned rewards next to the judge's accuracy, so the gap between the learned reward
-    and the truth shows while it trains.
+    ``shapes-count`` is the judge's partial-credit rule applied to the shipped scorer's predicted counts per colour and
+    shape; it tracks the judge better than the scorer's own ``shapes-score`` head, and with it the presets whose
+    gradient reaches the middle of the chain raise the judge's counting accuracy (docs/results.md at 7635c1f). 32
+    images per iteration (16 prompts x 2), a 4-step Euler training grid with CFG 4.5 (sigmas 1, 0.9, 0.75, 0.5, 0;
+    evaluation: 40 steps), loss ``-r``, one optimizer step per iteration, full fine-tune at lr 1e-5 with EMA. The
+    coarse grid puts the one trained step at sigma 0.5, where counts are still open: on 20 steps its last sigma is 0.14
+    and the judge's counting accuracy rose +2 points on the slow tier's task, on 4 steps +8 to +9 (docs/results.md at
+    7635c1f, "DRaFT-LV and DRaFT-1 on a coarser training grid"). The judge scores every training batch as a monitor
+    (``judge/*``), and each evaluation scores both learned rewards next to the judge's accuracy, so the gap between the
+    learned reward and the truth shows while it trains.
     """
     cfg = shapes_recipe()
     cfg.run_dir = "runs/shapes_draft_cpu"
@@ -196,7 +193,7 @@ def shapes_draft_lv_cpu() -> TrainConfig:
     """DRaFT-LV: ``shapes_draft_cpu`` with 2 re-noised gradient samples at the last sigma (plus the real one).
 
     On the 4-step grid the re-noised step starts at sigma 0.5: the judge's counting accuracy rose +13 to +14 points
-    on the slow tier's task, against +3 to +6 on a 20-step grid (docs/results.md).
+    on the slow tier's task, against +3 to +6 on a 20-step grid (docs/results.md at 7635c1f).
     """
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_draft_lv_cpu"
@@ -208,7 +205,8 @@ def shapes_refl_cpu() -> TrainConfig:
     """ReFL: ``shapes_draft_cpu`` on 20 steps, stopped at a random one of the last 9, scored on its clean prediction.
 
     The last 9 of 20 is FlowBP's share for flow models (the last 11 of 25). Stopping only in the last 5 raised the
-    learned reward as much but not the judge's counting accuracy: counts are settled before then (docs/results.md).
+    learned reward as much but not the judge's counting accuracy: counts are settled before then (docs/results.md at
+    7635c1f).
     """
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_refl_cpu"
@@ -220,8 +218,8 @@ def shapes_alignprop_cpu() -> TrainConfig:
     """AlignProp: ``shapes_draft_cpu`` on a 20-step grid, the gradient through the last K steps, K uniform in 1-20.
 
     The uniform truncation of AlignProp's code and TRL's default range (0, T). Truncating in the last 5 steps only
-    raised the learned reward but not the judge's counting accuracy (docs/results.md); checkpointing keeps the
-    memory bounded whatever K is drawn.
+    raised the learned reward but not the judge's counting accuracy (docs/results.md at 7635c1f); checkpointing keeps
+    the memory bounded whatever K is drawn.
     """
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_alignprop_cpu"

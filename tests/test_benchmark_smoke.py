@@ -53,7 +53,7 @@ def test_position_direction_splits_the_position_score_by_shape_pair(tmp_path):
         assert v["strict"] <= v["both_drawn"]  # a strict pass needs both objects
         assert v["asked_given_both"] is None or 0.0 <= v["asked_given_both"] <= 1.0
     # The shipped base reads word order: swapping the objects raises its denoising loss by 39-95% at sigma
-    # 0.7-0.3 here (2026-12-07; the base before the thirty-sixth session's stayed within 1% at every sigma).
+    # 0.7-0.3 here (2026-12-07; the pooled base it replaced stayed within 1% at every sigma).
     assert [r["sigma"] for r in result["swap_loss"]] == [0.95, 0.85, 0.7, 0.5, 0.3]
     assert all(r["true"] > 0 for r in result["swap_loss"])
     assert all(r["increase"] > 0.2 for r in result["swap_loss"] if r["sigma"] <= 0.7)

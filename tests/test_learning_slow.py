@@ -144,9 +144,8 @@ def test_direct_gradient_methods_raise_a_brightness_reward(variant):
         assert torch.isfinite(torch.tensor(metrics["loss"]))
     after = sample_brightness()
     print(f"{variant}: brightness {before:.3f} -> {after:.3f}")
-    # Calibration (2026-12-07, thirty-seventh session, the base shipped since the thirty-sixth, `pytest -m slow -n
-    # 2`, two sets of generator seeds): 0.154 -> 0.176-0.181 for every method. Until then these tests raised the
-    # learned shapes-score, made from the earlier base's samples; on today's base it starts at 0.774 and 6
-    # iterations moved it by -0.02 to +0.05 depending on the seeds (shapes-count too), so they checked the seeds,
-    # not the gradient plumbing. The learned rewards are checked end to end by tests/test_presets_learn_slow.py.
+    # Calibration (2026-12-07, the shipped base, `pytest -m slow -n 2`, two sets of generator seeds): 0.154 ->
+    # 0.176-0.181 for every method. Brightness, not the learned shapes-score: on the shipped base that one starts at
+    # 0.774 and 6 iterations move it by -0.02 to +0.05 depending on the seeds, which would test the seeds, not the
+    # gradient plumbing. The learned rewards are checked end to end by tests/test_presets_learn_slow.py.
     assert after > before + margin, (before, after)

@@ -28,7 +28,7 @@ def test_default_architecture_size_and_tokens():
 def test_a_new_prompt_encoder_reads_word_order():
     # Binding ("a circle left of a square", "a red circle and a blue square") needs the order of the words. Swapping
     # the two objects must move the pooled prompt a fair part of what changing one word does; with word positions
-    # at 1/50 of the token scale (how the base shipped before the thirty-sixth session began) it moved it 0.4-0.9%.
+    # at 1/50 of the token scale (how the pooled base began) it moved it 0.4-0.9%.
     pairs = [
         ("a circle left of a square", "a square left of a circle", "a circle above a square"),
         ("a red circle and a blue square", "a blue circle and a red square", "a red circle and a green square"),
@@ -94,7 +94,7 @@ def test_without_the_pooled_prompt_the_prompt_reaches_the_image_only_through_att
     del model.encode_text
     save_tiny_dit(model, tmp_path / "m.safetensors")
     assert load_tiny_dit(tmp_path / "m.safetensors").config.pooled_prompt is False
-    # A config written before the option existed (the pooled base's, shipped until the thirty-sixth session) keeps it.
+    # A config written before the option existed (the pooled base's) keeps it.
     legacy = {key: val for key, val in json.loads(tiny_config.to_json()).items() if key != "pooled_prompt"}
     assert TinyDiTConfig.from_json(json.dumps(legacy)).pooled_prompt is True
 
@@ -174,7 +174,7 @@ def test_lora_starts_as_identity_and_can_be_disabled(tiny_config):
 def test_shipped_base_checkpoint_loads():
     policy = load_policy("base")
     assert 1_000_000 <= sum(p.numel() for p in policy.module.parameters()) <= 5_000_000
-    # Since the thirty-sixth session: the prompt reaches the image through attention alone, padding hidden.
+    # The shipped base: the prompt reaches the image through attention alone, padding hidden.
     assert policy.module.pooled_proj is None and policy.module.config.mask_padding
     from rewardflow.models.tiny_dit import resolve_checkpoint
 

@@ -46,15 +46,15 @@ class TinyDiTConfig:
     max_prompt_tokens: int = 12
     vocabulary: tuple[str, ...] = VOCABULARY
     pooled_prompt: bool = True
-    """Add the pooled prompt (mean of the encoded tokens) to the adaLN conditioning of every image token. The base
-    shipped before the thirty-sixth session had it, and it handed every object of a prompt the same shape signal
-    (docs/pretraining.md, "The pooled prompt decides the shapes and the count"); without it (the base shipped
-    since) the prompt reaches the image only through attention."""
+    """Add the pooled prompt (mean of the encoded tokens) to the adaLN conditioning of every image token. The pooled
+    base (shipped before the current one) had it, and it handed every object of a prompt the same shape signal
+    (docs/pretraining.md, "The pooled prompt decides the shapes and the count"); without it (the shipped base) the
+    prompt reaches the image only through attention."""
     mask_padding: bool = False
     """Hide the prompt's padding tokens (id 0 after the first position) from every attention, text encoder and
     DiT blocks alike, so that a two-word prompt is not diluted by ten padding keys. The first position always
-    stays visible: the null prompt (all padding) is one token. The base shipped since the thirty-sixth session has
-    it; without it (the base before) the padding tokens are attended like words. It has no weights, so a second
+    stays visible: the null prompt (all padding) is one token. The shipped base has it; without it (the pooled base)
+    the padding tokens are attended like words. It has no weights, so a second
     stage of pretraining (``--init``) may switch it on."""
 
     def __post_init__(self) -> None:
@@ -201,8 +201,8 @@ class TinyDiT(nn.Module):
         self.grid = config.image_size // p
         self.token_embed = nn.Embedding(len(config.vocabulary) + 1, d)
         # Word positions start at the token embeddings' scale (nn.Embedding draws N(0, 1)). At std 0.02 they were
-        # 1/50 of each token's vector and stayed ~1/30 through pretraining, so the base shipped before the
-        # thirty-sixth session read a prompt almost as a bag of words: "a circle left of a square" and "a square
+        # 1/50 of each token's vector and stayed ~1/30 through pretraining, so the pooled base read a prompt almost
+        # as a bag of words: "a circle left of a square" and "a square
         # left of a circle" gave nearly the same images, and its position direction and colour binding stayed near
         # chance (docs/pretraining.md, "Word order").
         self.text_pos = nn.Parameter(torch.randn(1, config.max_prompt_tokens, d))

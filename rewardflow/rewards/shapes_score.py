@@ -255,9 +255,9 @@ def count_rule(prompts: list[str]) -> dict[str, torch.Tensor]:
 class ScoreTrainConfig:
     """Settings of ``rewardflow reward-model`` (the shipped scorer used the defaults, on the base shipped then).
 
-    ``base_samples`` and ``held_out_samples`` come from the shipped base; the shipped scorer was made from the base
-    shipped before the thirty-sixth session (docs/pretraining.md says how to get it back) and was not retrained
-    since, so the same command today makes a somewhat different scorer.
+    ``base_samples`` and ``held_out_samples`` come from the shipped base; the shipped scorer was made from the pooled
+    base that was shipped before it (docs/pretraining.md says how to get it back) and has not been retrained, so the
+    same command today makes a somewhat different scorer.
     """
 
     out: str = "runs/shapes_score/shapes_score.safetensors"
