@@ -2,8 +2,7 @@
 
 Papers: Clark et al., "Directly Fine-Tuning Diffusion Models on Differentiable Rewards" (DRaFT, arXiv
 2309.17400); Xu et al., ImageReward (ReFL, arXiv 2304.05977); Prabhudesai et al., AlignProp (arXiv
-2310.03739). Formulas from the team's reference notes (``direct-gradient.md``); ported to rectified flows with
-deterministic Euler sampling.
+2310.03739); ported to rectified flows with deterministic Euler sampling.
 
 Every method samples with the Euler ODE, lets the reward's gradient reach the model through some steps
 (:mod:`rewardflow.sampling.grad`) and minimises ``-r`` (or a hinge ``relu(margin - r)``):

@@ -1,8 +1,7 @@
 """LeapAlign: direct reward gradients to any step through a two-leap trajectory.
 
-Paper: Liang et al., "LeapAlign" (arXiv 2604.15311, CVPR 2026); the algorithm as described in the team's
-reference notes (``direct-gradient.md`` section 4, reconstructed from a public reimplementation that credits
-the official code). Each micro-batch samples an ordinary Euler trajectory; two steps ``k < j`` are drawn and
+Paper: Liang et al., "LeapAlign" (arXiv 2604.15311, CVPR 2026); the algorithm as the public reimplementation in
+FlowBP (which credits the official code) runs it. Each micro-batch samples an ordinary Euler trajectory; two steps ``k < j`` are drawn and
 :func:`rewardflow.sampling.grad.leap_rollout` builds the two leaps ``x_k -> x_j -> x_0`` with one model call
 each, joined to the real trajectory by connectors, so the reward is computed on the real sample while its
 gradient reaches step ``k`` (early, layout-setting steps included) and step ``j``. The nested cross-step term
