@@ -1,12 +1,12 @@
 """LeapAlign: direct reward gradients to any step through a two-leap trajectory.
 
-Paper: Liang et al., "LeapAlign" (arXiv 2604.15311, CVPR 2026); the algorithm as the public reimplementation in
-FlowBP (which credits the official code) runs it. Each micro-batch samples an ordinary Euler trajectory; two steps ``k < j`` are drawn and
-:func:`rewardflow.sampling.grad.leap_rollout` builds the two leaps ``x_k -> x_j -> x_0`` with one model call
-each, joined to the real trajectory by connectors, so the reward is computed on the real sample while its
-gradient reaches step ``k`` (early, layout-setting steps included) and step ``j``. The nested cross-step term
-is discounted by ``alpha`` rather than removed (``alpha = 0`` is DRTune's input stop-gradient), and each
-image's loss is weighted by the trajectory-consistency weight ``1 / (d_j + d_0)``.
+Paper: Liang et al., "LeapAlign" (arXiv 2604.15311, CVPR 2026); the algorithm as the public reimplementation in FlowBP
+(which credits the official code) runs it. Each micro-batch samples an ordinary Euler trajectory; two steps ``k < j``
+are drawn and :func:`rewardflow.sampling.grad.leap_rollout` builds the two leaps ``x_k -> x_j -> x_0`` with one model
+call each, joined to the real trajectory by connectors, so the reward is computed on the real sample while its gradient
+reaches step ``k`` (early, layout-setting steps included) and step ``j``. The nested cross-step term is discounted by
+``alpha`` rather than removed (``alpha = 0`` is DRTune's input stop-gradient), and each image's loss is weighted by the
+trajectory-consistency weight ``1 / (d_j + d_0)``.
 
 Choices the public material leaves open (reference 4.4), as made here and exposed as fields:
 
