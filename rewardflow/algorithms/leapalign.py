@@ -8,7 +8,7 @@ reaches step ``k`` (early, layout-setting steps included) and step ``j``. The ne
 ``alpha`` rather than removed (``alpha = 0`` is DRTune's input stop-gradient), and each image's loss is weighted by the
 trajectory-consistency weight ``1 / (d_j + d_0)``.
 
-Choices the public material leaves open (reference 4.4), as made here and exposed as fields:
+Choices the public material leaves open, as made here and exposed as fields:
 
 - The pair: ``(k, j)`` uniform over distinct pairs of ``[pair_min, pair_max)`` (``pair_max = 0``: every
   step), drawn per optimizer step from a stream every rank shares (its micro-batches, on every rank, use
