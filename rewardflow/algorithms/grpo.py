@@ -1,7 +1,7 @@
 """Flow-GRPO: online policy gradient for flow-matching models through an SDE sampler.
 
 Paper: Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv 2505.05470 (NeurIPS
-2025); official code yifan123/flow_grpo (formulas checked against the team's reference notes on that code).
+2025); official code yifan123/flow_grpo (formulas checked against that code).
 
 Rollouts sample each prompt ``G`` times with the SDE of :mod:`rewardflow.sampling.sde` (same marginals as
 the ODE), storing every latent and every step's Gaussian log-probability. Rewards become group-normalised

@@ -1,7 +1,7 @@
 """DiffusionNFT: likelihood-free online RL on the forward (noising) process.
 
 Paper: Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process", arXiv 2509.16117;
-official code NVlabs/DiffusionNFT (formulas checked against the team's reference notes on that code).
+official code NVlabs/DiffusionNFT (formulas checked against that code).
 
 An "old" policy samples clean images with any deterministic solver; only ``x0`` and the sigma grid are kept.
 Rewards become group-normalised advantages ``A`` (clipped to ``[-C, C]``) and then an optimality probability
