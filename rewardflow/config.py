@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,8 +83,11 @@ class ModelConfig:
                 f"model.dtype must be 'float32' or 'bfloat16' and model.resolution >= 0, got {self.dtype!r}, "
                 f"{self.resolution}"
             )
-        if self.lora_rank < 0:
-            raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(
+                f"model.lora_rank and model.lora_alpha must be >= 0 (alpha 0: 2 x rank), got "
+                f"{self.lora_rank}, {self.lora_alpha}"
+            )
         if self.lora_targets and (self.kind == "tiny-dit" or not self.lora_rank):
             raise ValueError(
                 "model.lora_targets names the LoRA layers of a diffusers model (model.kind sd3, flux or "
@@ -243,6 +247,11 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no averaging), got {self.ema_decay}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only before and after training), got {self.eval_every}")
         for name in ("iterations", "prompts_per_iter", "group_size", "ema_every", "save_every", "keep_checkpoints",
                      "max_bad_iterations"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -334,6 +343,21 @@ class TrainConfig:
         if isinstance(a, DraftConfig):
             return head + f"{a.method} through {a.num_steps} Euler steps"
         return head + f"two leaps (alpha {a.alpha}) inside {a.num_steps} Euler steps"
+
+
+def check_finite(cfg: Any, where: str = "") -> None:
+    """Refuse NaN and infinity in every float field of ``cfg`` and its sections (tuples included), naming the field.
+
+    A range check like ``x <= 0`` is false for NaN, so without this a NaN would pass them all.
+    """
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{where}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(value):
+            check_finite(value, name)
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
 
 
 def to_yaml(cfg: Any) -> str:

@@ -149,23 +149,29 @@ def micro_batches(rows: int, micro_batch: int, optimizer_steps: int) -> list[Mic
 
 
 def optimizer_step(
-    optimizer: torch.optim.Optimizer, grad_clip: float, after: Callable[[], None] | None = None
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    after: Callable[[], None] | None = None,
+    losses_finite: torch.Tensor | bool = True,
 ) -> torch.Tensor:
     """Average the accumulated gradients over ranks, clip them to ``grad_clip``, step, zero them, run ``after``.
 
-    Returns the norm before clipping. A non-finite norm (a NaN or inf loss somewhere in the accumulation)
-    skips the step: the weights, the optimizer state and ``after`` are left alone, and the caller sees the norm.
-    Every rank sees the same averaged gradients, so every rank skips or steps alike.
+    Returns the norm before clipping. A non-finite norm, or a non-finite loss among those accumulated into the step
+    (``losses_finite`` False on any rank: a NaN loss can leave finite gradients, e.g. through a clamp, while the
+    rest of the loss still pulls), skips the step: the weights, the optimizer state and ``after`` are left alone,
+    and the returned norm is NaN so that the step counts as skipped (:func:`mean_metrics`). Every rank sees the same
+    averaged gradients and the same verdict on the losses, so every rank skips or steps alike.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     distributed.average_gradients(params)
+    losses_ok = not distributed.any_rank(not bool(losses_finite))
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if torch.isfinite(norm):
+    if losses_ok and torch.isfinite(norm):
         optimizer.step()
         if after is not None:
             after()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm if losses_ok else torch.full_like(norm, float("nan"))
 
 
 def mean_metrics(

@@ -205,18 +205,21 @@ def direct_train_step(
     sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
     finals, outs, grad_norms = [], [], []
     optimizer.zero_grad(set_to_none=True)
+    finite: torch.Tensor | bool = True  # every loss of the optimizer step so far
     for rows, share, step, ends_step in plan:
         noise = rows_generator(generator, "direct", rows.start)
         choices = shared_generator(generator, "active-steps", step)
         loss, final, out, extra = loss_fn(policy, cond.index(rows), metadata[rows], noise, choices)
         (loss / share).backward()
+        finite = finite & torch.isfinite(loss.detach())
         sums["loss"] += loss.detach()
         for key, value in extra.items():
             sums[key] = sums.get(key, 0.0) + value
         finals.append(final)
         outs.append(out)
         if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
+            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
+            finite = True
     return mean_metrics(sums, len(plan), grad_norms), torch.cat(finals), RewardOutput.cat(outs)
 
 

@@ -305,6 +305,7 @@ def train_step(
     kl_sum, kl_terms = 0.0, 0  # over the forwards that compute the KL (every one unless kl_every > 1)
     grad_norms = []
     optimizer.zero_grad(set_to_none=True)
+    finite: torch.Tensor | bool = True  # every loss of the optimizer step so far
     for m, (rows, share, _, ends_step) in enumerate(plan):
         adv = advantages[rows].float()
         b = torch.arange(len(adv))
@@ -325,6 +326,7 @@ def train_step(
             pg, info = clipped_policy_loss(log_ratio, adv, cfg.clip_range, weights, reward_weights)
             loss = pg + (cfg.kl_beta * cfg.kl_every * kl.mean() if kl is not None else 0.0)
             (loss / (share * n_steps)).backward()
+            finite = finite & torch.isfinite(loss.detach())
             sums["policy_loss"] += pg.detach()
             if kl is not None:
                 kl_sum, kl_terms = kl_sum + kl.detach().mean(), kl_terms + 1
@@ -332,7 +334,8 @@ def train_step(
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
         if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
+            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
+            finite = True
     metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
     metrics["kl"] = float(kl_sum) / max(kl_terms, 1)
     return metrics

@@ -114,6 +114,8 @@ class GRPOConfig:
             raise ValueError(f"grpo.kl_every must be >= 1 (1: the KL term in every forward), got {self.kl_every}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError("grpo.micro_batch and grpo.optimizer_steps must be >= 1")
+        if not self.grad_clip > 0:  # a negative max norm would reverse the update (clip_grad_norm_ scales by it)
+            raise ValueError(f"grpo.grad_clip must be > 0, got {self.grad_clip}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         lo, hi = self.window_bounds

@@ -237,6 +237,7 @@ def train_step(
     grad_norms = []
     device = batch.x0.device
     optimizer.zero_grad(set_to_none=True)
+    finite: torch.Tensor | bool = True  # every loss of the optimizer step so far
     for rows, share, _, ends_step in plan:
         x0, rr, cond = batch.x0[rows], r[rows].to(device).float(), batch.cond.index(rows)
         gen = rows_generator(generator, "train", rows.start)
@@ -262,10 +263,12 @@ def train_step(
                 loss = loss + cfg.ref_weight * ref_loss
                 sums["ref_loss"] += ref_loss.detach()
             (loss / (share * slots)).backward()
+            finite = finite & torch.isfinite(loss.detach())
             sums["loss_pos"] += info["loss_pos"].mean()
             sums["loss_neg"] += info["loss_neg"].mean()
         if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step))
+            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
+            finite = True
     metrics = mean_metrics(sums, len(plan) * slots, grad_norms)
     metrics["r_mean"] = float(r.float().mean())
     return metrics
