@@ -66,8 +66,10 @@ def model_card(cfg: TrainConfig, run: Path, iteration: int, lora: bool) -> str:
         f"- base model: `{base}` ({pipeline})",
         f"- method: `{cfg.algorithm}`; preset: `{meta.get('preset') or 'not recorded'}`; rewards: "
         f"{', '.join(cfg.reward.names)}",
-        f"- weights: {weights}, the EMA of iteration {iteration} of {cfg.iterations}, at "
-        f"{cfg.model.resolution or 'the native size in'} px",
+        f"- weights: {weights}: "
+        + ("the trained weights" if cfg.ema_decay == 0 else f"their EMA (decay up to {cfg.ema_decay:g})")
+        + f" at iteration {iteration} of {cfg.iterations}, trained at "
+        + (f"{cfg.model.resolution} px" if cfg.model.resolution else "the model's native size"),
         f"- last evaluation: {seen}",
         f"- trained with rewardflow {meta.get('rewardflow_version', '?')} (commit {meta.get('git_commit') or '?'})",
         "",
