@@ -170,6 +170,10 @@ def test_the_model_grid_is_the_sigmas_its_pipeline_samples_on(adapter, steps):
     if adapter.name == "sd1":
         theirs = policy.vp_state(ours[:-1])[0]
         assert torch.allclose(theirs, record[0].float(), atol=1e-3) and ours[-1] == 0
+        # The flow sigma of each DDIM timestep, b / (a + b) from the scheduler's alphas_cumprod, to 1e-6.
+        alphas = policy.pipe.scheduler.alphas_cumprod.double()[record[0].long()]
+        a, b = alphas.sqrt(), (1 - alphas).sqrt()
+        assert torch.allclose(ours[:-1].double(), b / (a + b), atol=1e-6)
         # The noise the samplers start from is the pipeline's pure noise at that first timestep, divided by a + b.
         _, a, b = policy.vp_state(ours[:1])
         noise = policy.noise(2, torch.Generator().manual_seed(7), float(ours[0]))
