@@ -170,6 +170,11 @@ def _cmd_serve_reward(argv: list[str]) -> None:
         raise ValueError(
             f"cannot serve {args.name!r}; registered rewards: {', '.join(n for n in REWARDS if n != 'remote')}"
         )
+    if not 0 <= args.port <= 65535 or args.max_images < 1 or args.max_bytes < 1:
+        raise ValueError(
+            f"--port must be in 0..65535 (0: any free port) and --max-images, --max-bytes >= 1, got "
+            f"{args.port}, {args.max_images}, {args.max_bytes}"
+        )
     token = os.environ.get(args.token_env) if args.token_env else None
     if args.token_env and not token:
         raise ValueError(f"--token-env names {args.token_env!r}, but that environment variable is not set")

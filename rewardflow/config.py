@@ -252,6 +252,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no averaging), got {self.ema_decay}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: only before and after training), got {self.eval_every}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         for name in ("iterations", "prompts_per_iter", "group_size", "ema_every", "save_every", "keep_checkpoints",
                      "max_bad_iterations"):  # fmt: skip
             if getattr(self, name) < 1:

@@ -23,6 +23,7 @@ PROMPTS = ["a red circle", "two squares"]
         ("--ema-decay", "1.5", "ema_decay must be in [0, 1)"),
         ("--eval-every", "-1", "eval_every must be >= 0"),
         ("--model.lora-alpha", "-8", "model.lora_alpha must be >= 0"),
+        ("--threads", "-1", "threads must be >= 0"),
     ],
 )
 def test_bad_numbers_stop_the_command_before_anything_is_written(flag, value, named, tmp_path, capsys):
@@ -66,3 +67,8 @@ def test_a_non_finite_gradient_skips_the_step_even_when_the_loss_is_finite(tiny_
     cfg = GRPOConfig(num_steps=3, micro_batch=2, optimizer_steps=2, kl_beta=0.0)
     metrics, moved = _step(policy, cfg, hook=lambda g: g * float("inf"))
     assert not moved and metrics["skipped_steps"] == 2.0 and metrics["policy_loss"] == metrics["policy_loss"]
+
+
+def test_serve_reward_refuses_a_port_out_of_range(capsys):
+    assert main(["serve-reward", "jpeg-compressibility", "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
