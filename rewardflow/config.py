@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -396,6 +397,15 @@ def from_yaml(text: str) -> TrainConfig:
         if isinstance(raw, dict) and isinstance(raw.get(section), dict):
             raw[section].pop("sigma_max", None)
     return _build(TrainConfig, raw, "")
+
+
+def read_run_config(run: str | Path) -> TrainConfig:
+    """A run folder's ``config.yaml`` as a TrainConfig; an unreadable or invalid file raises ValueError naming it."""
+    path = Path(run) / "config.yaml"
+    try:
+        return from_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid run config: {str(err).splitlines()[0]}") from err
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

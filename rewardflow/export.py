@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rewardflow.config import TrainConfig, from_yaml
+from rewardflow.config import TrainConfig, read_run_config
 from rewardflow.evaluate import headline
 from rewardflow.models.protocol import FlowPolicy
 
@@ -133,7 +133,7 @@ def export_run(run_dir: str | Path, out: str | Path, iteration: int | None = Non
     run, target = Path(run_dir), Path(out)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
-    cfg = from_yaml((run / "config.yaml").read_text())
+    cfg = read_run_config(run)
     _check_exportable(cfg, run)
     saved = {int(p.stem.removeprefix("iter_")): p for p in (run / "checkpoints").glob("iter_*.safetensors")}
     if not saved:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import rewardflow
-from rewardflow.config import TrainConfig, from_yaml, to_yaml
+from rewardflow.config import TrainConfig, read_run_config, to_yaml
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import (
@@ -56,6 +56,8 @@ def config_differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str
 def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     """Validate the run folder without writing: fresh runs need an empty folder, resumes a matching config."""
     run = Path(cfg.run_dir)
+    if run.exists() and not run.is_dir():
+        raise FileExistsError(f"run folder {run} is a file; pick another --run-dir")
     if not resume:
         if run.exists() and any(run.iterdir()):
             raise FileExistsError(f"run folder {run} is not empty; pick another --run-dir or pass --resume")
@@ -64,7 +66,7 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         raise FileNotFoundError(f"cannot resume: {run / 'config.yaml'} does not exist")
     # Where it runs (and where its reward servers are) and how long are not part of a run's identity: a GPU run
     # may be resumed on a CPU and extended, a reward server may move.
-    saved = from_yaml((run / "config.yaml").read_text())
+    saved = read_run_config(run)
     ignore = ("iterations", "model.device", "threads", "trackers", "wandb_project", "wandb_mode", "reward.device",
               "reward.remote_url", "reward.vlm_url")  # fmt: skip
     differ = config_differences(saved, cfg, ignore=ignore)

@@ -72,3 +72,27 @@ def test_a_non_finite_gradient_skips_the_step_even_when_the_loss_is_finite(tiny_
 def test_serve_reward_refuses_a_port_out_of_range(capsys):
     assert main(["serve-reward", "jpeg-compressibility", "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
+def test_damaged_inputs_end_in_one_message_naming_the_file(tmp_path, capsys):
+    """A run folder that is a file, a run whose config.yaml is not YAML, a binary prompt file: exit 2, the path named,
+    nothing written."""
+    not_a_folder = tmp_path / "run"
+    not_a_folder.write_text("x")
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(not_a_folder)]) == 2
+    assert f"run folder {not_a_folder} is a file" in capsys.readouterr().err and not_a_folder.read_text() == "x"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("iterations: [unclosed\n")
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(broken), "--resume"]) == 2
+    assert f"{broken / 'config.yaml'} is not a valid run config" in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(broken)]) == 2
+    assert f"{broken / 'config.yaml'} is not a valid run config" in capsys.readouterr().err
+    assert sorted(p.name for p in broken.iterdir()) == ["config.yaml"]
+
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    run = tmp_path / "fresh"
+    assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--train-prompts", str(binary)]) == 2
+    assert f"prompt file {binary} is not UTF-8 text" in capsys.readouterr().err and not run.exists()

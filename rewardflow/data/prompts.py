@@ -56,7 +56,13 @@ def load_prompts(source: str) -> list[PromptRecord]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     records: list[PromptRecord] = []
     jsonl = path.suffix == ".jsonl"
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"prompt file {path} is not UTF-8 text (byte {err.start}): give a .txt or .jsonl file"
+        ) from err
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or (not jsonl and line.startswith("#")):
             continue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rewardflow.config import ModelConfig, TrainConfig, from_yaml
+from rewardflow.config import ModelConfig, TrainConfig, read_run_config
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.models.tiny_dit import compile_unavailable, load_policy
 from rewardflow.utils.checkpoint import load_trainable
@@ -79,7 +79,7 @@ def load_trained_policy(run_dir: str | Path, device: str | None = None) -> tuple
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
-    cfg = from_yaml((run / "config.yaml").read_text())
+    cfg = read_run_config(run)
     ckpts = sorted((run / "checkpoints").glob("iter_*.safetensors"))
     if not ckpts:
         raise FileNotFoundError(f"run folder {run} has no checkpoints/iter_*.safetensors yet")
