@@ -151,7 +151,7 @@ def _kill_after_a_checkpoint(run, args, procs, sig, max_delay=1.5):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
     time.sleep(random.Random(os.getpid()).uniform(0.0, max_delay))
-    if sig == signal.SIGKILL:  # torchrun starts each worker in a session of its own: kill them all, as a crash would
+    if sig == signal.SIGKILL:  # torchrun detaches each worker into a process group of its own: kill them all
         for pid in [*_descendants(proc.pid), proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
