@@ -96,3 +96,17 @@ def test_damaged_inputs_end_in_one_message_naming_the_file(tmp_path, capsys):
     run = tmp_path / "fresh"
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--train-prompts", str(binary)]) == 2
     assert f"prompt file {binary} is not UTF-8 text" in capsys.readouterr().err and not run.exists()
+
+
+def test_non_finite_metrics_are_written_as_json_null(tmp_path):
+    import json
+
+    from rewardflow.utils.logging import append_jsonl, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(
+        path, {"iteration": 1, "grad_norm": float("nan"), "kl": float("inf"), "eval/rewards": {"a": -float("inf")}}
+    )
+    line = path.read_text().strip()
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # strict JSON
+    assert read_jsonl(path) == [{"iteration": 1, "grad_norm": None, "kl": None, "eval/rewards": {"a": None}}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,23 @@ from PIL import Image
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON record as a line."""
+    """Append one JSON record as a line; a NaN or infinite number is written as ``null`` (bare ``NaN`` is not JSON).
+
+    The report reads ``null`` as a missing point (``rewardflow.report.figures``).
+    """
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, in dicts and lists too, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def read_jsonl(path: Path, tolerate_cut_last_line: bool = False) -> list[dict[str, Any]]:
