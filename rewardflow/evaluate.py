@@ -309,8 +309,8 @@ def evaluate(
     the base model's :func:`pooled` images under the same settings, for ``drift``.
 
     ``world``: under torchrun every rank calls this; each samples and scores its share of the images
-    (:func:`shard_rows`), and the scores, pooled images and the grid's samples are gathered, so the report is the
-    one a single process writes (``drift`` where ``reference`` is given: rank 0's). ``lockstep``: the ranks run the
+    (:func:`shard_rows`), and the scores, pooled images and the grid's samples are gathered, so rank 0's report is
+    the one a single process writes (the other ranks return an empty report). ``lockstep``: the ranks run the
     same number of forward passes (a model sharded with FSDP, whose forwards gather weights from every rank).
     """
     records = load_prompts(cfg.prompts)
@@ -339,6 +339,8 @@ def evaluate(
                 parts[n].append(scored.components[n].detach().float().cpu())
         local |= {f"reward/{n}": torch.cat(p) for n, p in parts.items()}
     every = {k: distributed.gather_ragged(v) for k, v in local.items()}
+    if world is not None and not world.main:  # rank 0 writes the report: the others need not judge every image
+        return {}, EvalImages(every["pooled"], every["samples"])
     report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": per}
     if cfg.judge:
         verdicts = judge_images([parse_prompt(p) for p in prompts], every["images"].numpy())
