@@ -90,7 +90,7 @@ def child(variant: str, steps: int, batch: int, device: str) -> dict:
 
     from rewardflow.algorithms.draft import DraftConfig
     from rewardflow.algorithms.leapalign import LeapAlignConfig
-    from rewardflow.models.tiny_dit import load_policy
+    from rewardflow.shapes.tiny_dit import load_policy
 
     torch.manual_seed(0)
     policy = load_policy("base", autocast=True, device=device)

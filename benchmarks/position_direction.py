@@ -32,16 +32,16 @@ import torch
 
 from rewardflow.data.prompts import load_prompts
 from rewardflow.evaluate import EvalConfig, generate
-from rewardflow.models.tiny_dit import load_policy
 from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.shapes.judge import judge_images
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import relation_holds, render
+from rewardflow.shapes.tiny_dit import load_policy
 
 
 def load(checkpoint: str):
     if os.path.isdir(checkpoint):
-        from rewardflow.models.build import load_trained_policy
+        from rewardflow.build import load_trained_policy
 
         return load_trained_policy(checkpoint, device="cpu")[0]
     return load_policy(checkpoint, autocast=True)

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from rewardflow.evaluate import EvalConfig, generate
-from rewardflow.models.tiny_dit import TinyDiT, load_policy
 from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.shapes.judge import judge_images
+from rewardflow.shapes.tiny_dit import TinyDiT, load_policy
 
 # (prompt drawn, prompt whose pooled vector replaces its own; None: its own; "": the pooled path cut)
 CASES = (

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rewardflow.config import RewardConfig
 from rewardflow.evaluate import EvalConfig, generate
-from rewardflow.models.tiny_dit import load_policy
 from rewardflow.rewards import REWARDS
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.remote import RemoteReward, make_server
+from rewardflow.shapes.tiny_dit import load_policy
 
 OFFLINE = ("shapes-judge", "shapes-score", "geneval", "jpeg-compressibility", "ocr")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from rewardflow.algorithms import grpo
+from rewardflow.build import load_trained_policy
 from rewardflow.data.prompts import load_prompts
-from rewardflow.models.build import load_trained_policy
 from rewardflow.presets import get_preset
 from rewardflow.train import train
 

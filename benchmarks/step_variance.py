@@ -38,12 +38,12 @@ import torch
 
 from rewardflow.algorithms import grpo
 from rewardflow.algorithms.advantages import group_advantages
-from rewardflow.models.tiny_dit import load_policy
 from rewardflow.presets import get_preset, shapes_recipe
-from rewardflow.rewards.shapes import ShapesJudgeReward
 from rewardflow.sampling.rollout import rollout
 from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import all_prompts, is_held_out
+from rewardflow.shapes.reward import ShapesJudgeReward
+from rewardflow.shapes.tiny_dit import load_policy
 
 
 def main() -> None:

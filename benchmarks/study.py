@@ -39,10 +39,10 @@ from direct_memory import step_memory  # noqa: E402
 from shapes_grpo import kl_to_base, machine  # noqa: E402
 
 from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
+from rewardflow.build import build_policy, load_trained_policy  # noqa: E402
 from rewardflow.config import DIRECT, apply_overrides  # noqa: E402
 from rewardflow.data.prompts import load_prompts  # noqa: E402
 from rewardflow.evaluate import generate  # noqa: E402
-from rewardflow.models.build import build_policy, load_trained_policy  # noqa: E402
 from rewardflow.models.protocol import FlowPolicy  # noqa: E402
 from rewardflow.presets import get_preset  # noqa: E402
 from rewardflow.rewards import build_reward  # noqa: E402

@@ -1,6 +1,6 @@
 """Speed of the shipped tiny DiT's forward and forward + backward, per image, by attention implementation.
 
-The network's attention is :func:`rewardflow.models.tiny_dit.attend` (written out, softmax in float32). This
+The network's attention is :func:`rewardflow.shapes.tiny_dit.attend` (written out, softmax in float32). This
 script times it against PyTorch's fused ``F.scaled_dot_product_attention`` (swapped in for the comparison
 only) on the same weights and inputs, with and without bfloat16 autocast, at the micro-batch shape of the
 Shapes presets (32 rows with CFG = 64 network rows, 76 tokens). Best of ``--repeats`` after two warm-ups. The
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import rewardflow.models.tiny_dit as tiny_dit
+import rewardflow.shapes.tiny_dit as tiny_dit
 from rewardflow.models.protocol import native_bf16
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tyro
 
-from rewardflow.config import RewardConfig
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.shapes.grammar import PromptError
 
 USAGE = __doc__
@@ -87,9 +87,9 @@ def _cmd_train(argv: list[str]) -> None:
 def _cmd_eval(argv: list[str]) -> None:
     import dataclasses
 
-    from rewardflow.config import ModelConfig
     from rewardflow.evaluate import EvalConfig, evaluate, format_table, headline, load_reference
-    from rewardflow.models.tiny_dit import load_policy
+    from rewardflow.models.config import ModelConfig
+    from rewardflow.shapes.tiny_dit import load_policy
     from rewardflow.train import BASE_REFERENCE
     from rewardflow.utils.logging import save_grid
 
@@ -99,7 +99,7 @@ def _cmd_eval(argv: list[str]) -> None:
         raise ValueError("give exactly one of --run-dir DIR, --base, --checkpoint FILE")
     base_eval, reward_cfg = EvalConfig(), None
     if args.run_dir:
-        from rewardflow.models.build import load_trained_policy
+        from rewardflow.build import load_trained_policy
 
         policy, cfg = load_trained_policy(args.run_dir, device=args.device)
         base_eval, reward_cfg = cfg.eval, cfg.reward
@@ -132,7 +132,7 @@ def _cmd_pretrain(argv: list[str]) -> None:
 
 
 def _cmd_reward_model(argv: list[str]) -> None:
-    from rewardflow.rewards.shapes_score import ScoreTrainConfig, train_scorer
+    from rewardflow.shapes.scorer_training import ScoreTrainConfig, train_scorer
 
     cfg = tyro.cli(ScoreTrainConfig, args=argv, prog="rewardflow reward-model")
     report = train_scorer(cfg)

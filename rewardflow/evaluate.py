@@ -16,25 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from rewardflow.data.prompts import PromptRecord, check_prompts, load_prompts
+from rewardflow.data.prompts import load_prompts
 from rewardflow.models.protocol import FlowPolicy
-from rewardflow.sampling.ode import solve_ode
+from rewardflow.rewards import REWARDS, build_judge, build_reward
+from rewardflow.rewards.config import RewardConfig
+from rewardflow.rewards.multi import WeightedRewards
+from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.sampling.rollout import rollout
-from rewardflow.shapes.grammar import CATEGORIES, COLORS, SHAPES, parse_prompt
-from rewardflow.shapes.judge import Verdict, judge_images
 from rewardflow.utils import distributed
-
-if TYPE_CHECKING:
-    from rewardflow.config import RewardConfig
-    from rewardflow.rewards.multi import WeightedRewards
+from rewardflow.utils.checkpoint import load_safetensors_checked, save_safetensors_atomic
 
 
 @dataclass
@@ -64,15 +60,11 @@ class EvalConfig:
         for name in ("samples_per_prompt", "num_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
-        from rewardflow.rewards import REWARDS
-
         unknown = [n for n in self.rewards if n not in REWARDS]
         if unknown:
             raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
         if self.shift < 0:
             raise ValueError(f"eval.shift must be >= 0 (0: the model's own grid), got {self.shift}")
-        from rewardflow.sampling.ode import SOLVERS
-
         if self.solver not in SOLVERS:
             raise ValueError(f"eval.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if not self.judge and not self.rewards:
@@ -177,54 +169,6 @@ def drift(pooled_images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((a - b).pow(2).mean(dim=1).sqrt()).mean())
 
 
-def summarize(records: list[PromptRecord], verdicts: list[Verdict], samples_per_prompt: int) -> dict[str, Any]:
-    """The evaluation report (JSON-ready) from one verdict per image, images grouped by prompt record."""
-    if len(verdicts) != len(records) * samples_per_prompt:
-        raise ValueError(
-            f"got {len(verdicts)} verdicts for {len(records)} prompts x {samples_per_prompt} samples; they must match"
-        )
-    by_cat: dict[str, list[Verdict]] = {}
-    held: dict[bool, list[Verdict]] = {True: [], False: []}
-    by_pair: dict[str, dict[str, list[bool]]] = {}
-    for r, rec in enumerate(records):
-        spec = parse_prompt(rec.prompt)
-        cat = rec.metadata.get("category") or spec.category
-        mine = verdicts[r * samples_per_prompt : (r + 1) * samples_per_prompt]
-        by_cat.setdefault(cat, []).extend(mine)
-        held[bool(rec.metadata.get("held_out", False))].extend(mine)
-        if len(spec.objects) == 2:
-            pair = "/".join(sorted(o.shape for o in spec.objects))
-            by_pair.setdefault(cat, {}).setdefault(pair, []).extend(v.strict for v in mine)
-    cats = [c for c in CATEGORIES if c in by_cat]
-    strict = {c: float(np.mean([v.strict for v in by_cat[c]])) for c in cats}
-    clean = {c: float(np.mean([v.clean for v in by_cat[c]])) for c in cats}
-    detections = [d for v in verdicts for d in v.detections]
-    colors = Counter(d.color for d in detections if d.is_object)
-    shapes = Counter(d.shape for d in detections if d.is_object)
-    return {
-        "overall": float(np.mean(list(strict.values()))),
-        "categories": strict,
-        "clean_overall": float(np.mean(list(clean.values()))),
-        "clean_categories": clean,
-        "num_prompts": len(records),
-        "samples_per_prompt": samples_per_prompt,
-        "mean_score": float(np.mean([v.score for v in verdicts])),
-        "held_out_strict": float(np.mean([v.strict for v in held[True]])) if held[True] else None,
-        "seen_strict": float(np.mean([v.strict for v in held[False]])) if held[False] else None,
-        "detections_per_image": {c: float(np.mean([len(v.detections) for v in by_cat[c]])) for c in cats},
-        # Strict accuracy of the two-object prompts split by their (unordered) pair of shapes: the shapes the
-        # model draws alike fail together, in every category that names two objects.
-        "shape_pairs": {
-            c: {pair: float(np.mean(ok)) for pair, ok in sorted(by_pair[c].items())} for c in cats if c in by_pair
-        },
-        "histogram": {
-            "colors": {c: colors.get(c, 0) for c in COLORS},
-            "shapes": {s: shapes.get(s, 0) for s in SHAPES},
-            "blobs": sum(1 for d in detections if not d.is_object),
-        },
-    }
-
-
 REFERENCE_FORMAT = "rewardflow-eval-reference"
 
 
@@ -236,16 +180,12 @@ def _identity(cfg: EvalConfig) -> str:
 
 def save_reference(path: Path, cfg: EvalConfig, pooled_images: torch.Tensor) -> None:
     """Keep the base model's :func:`pooled` evaluation images (float16) for later ``drift``."""
-    from rewardflow.utils.checkpoint import save_safetensors_atomic
-
     save_safetensors_atomic({"pooled": pooled_images.half()}, path,
                             {"format": REFERENCE_FORMAT, "settings": _identity(cfg)})  # fmt: skip
 
 
 def load_reference(path: Path, cfg: EvalConfig) -> torch.Tensor | None:
     """The base's pooled images if ``path`` holds them for these settings, else None (drift is then omitted)."""
-    from rewardflow.utils.checkpoint import load_safetensors_checked
-
     if not path.is_file():
         return None
     tensors, meta = load_safetensors_checked(path, REFERENCE_FORMAT)
@@ -278,9 +218,6 @@ def eval_rewards(cfg: EvalConfig, reward_cfg: RewardConfig | None = None) -> Wei
     """``cfg.rewards`` built with ``reward_cfg``'s settings (a run's own: its model folders, its learned reward)."""
     if not cfg.rewards:
         return None
-    from rewardflow.config import RewardConfig
-    from rewardflow.rewards import build_reward
-
     return build_reward(dataclasses.replace(reward_cfg or RewardConfig(), names=cfg.rewards, weights=()))
 
 
@@ -314,8 +251,9 @@ def evaluate(
     same number of forward passes (a model sharded with FSDP, whose forwards gather weights from every rank).
     """
     records = load_prompts(cfg.prompts)
-    if cfg.judge:
-        check_prompts(records, cfg.prompts, parse_prompt)
+    judge = build_judge(reward_cfg or RewardConfig()) if cfg.judge else None
+    if judge is not None:
+        judge.check_prompts(records, cfg.prompts)
     per = cfg.samples_per_prompt
     prompts = [r.prompt for r in records for _ in range(per)]
     metadata = [r.metadata for r in records for _ in range(per)]
@@ -326,7 +264,7 @@ def evaluate(
     images = generate(policy, prompts, cfg, rows=rows, batch_size=size, batches=batches if lockstep else 0)
     grid = range(0, len(prompts), per * 3)[:48]
     local = {"pooled": pooled(images), "samples": images[[i - rows.start for i in grid if i in rows]]}
-    if cfg.judge:  # the Shapes judge's images are 32 pixels a side: every one goes to the judge
+    if judge is not None:  # the Shapes judge's images are 32 pixels a side: every one goes to the judge
         local["images"] = images
     if cfg.rewards:  # scored in the sampling batches: the scores do not depend on how the rows were shared out
         scorer = (rewards or eval_rewards(cfg, reward_cfg)) if len(rows) else None  # no rows: no reward model call
@@ -342,9 +280,8 @@ def evaluate(
     if world is not None and not world.main:  # rank 0 writes the report: the others need not judge every image
         return {}, EvalImages(every["pooled"], every["samples"])
     report: dict[str, Any] = {"num_prompts": len(records), "samples_per_prompt": per}
-    if cfg.judge:
-        verdicts = judge_images([parse_prompt(p) for p in prompts], every["images"].numpy())
-        report = summarize(records, verdicts, per)
+    if judge is not None:
+        report = judge.report(records, every["images"], per)
     if cfg.rewards:
         report["rewards"] = {n: every[f"reward/{n}"].mean().item() for n in cfg.rewards}
     report["diversity"] = diversity(every["pooled"], per)

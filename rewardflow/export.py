@@ -127,7 +127,7 @@ def export_run(run_dir: str | Path, out: str | Path, iteration: int | None = Non
         FileExistsError: ``out`` exists and is not empty (nothing is overwritten).
         ValueError: the run trained the tiny DiT, which has no diffusers layout.
     """
-    from rewardflow.models.build import build_policy
+    from rewardflow.build import build_policy
     from rewardflow.utils.checkpoint import load_trainable
 
     run, target = Path(run_dir), Path(out)

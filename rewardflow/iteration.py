@@ -21,7 +21,7 @@ from rewardflow.algorithms.leapalign import leapalign_loss
 from rewardflow.config import TrainConfig
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.rewards import RewardFn
-from rewardflow.rewards.shapes import ShapesJudgeReward
+from rewardflow.shapes.reward import ShapesJudgeReward
 from rewardflow.types import RewardOutput
 from rewardflow.utils import distributed
 from rewardflow.utils.ema import EMA

@@ -10,8 +10,10 @@ from rewardflow.algorithms.draft import DraftConfig
 from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.leapalign import LeapAlignConfig
 from rewardflow.algorithms.nft import NFTConfig
-from rewardflow.config import ModelConfig, OptimConfig, RewardConfig, TrainConfig
+from rewardflow.config import OptimConfig, TrainConfig
 from rewardflow.evaluate import EvalConfig
+from rewardflow.models.config import ModelConfig
+from rewardflow.rewards.config import RewardConfig
 
 
 def shapes_recipe() -> TrainConfig:

@@ -8,7 +8,6 @@ complete one, skipping damaged ones; ``StopSignals`` turns SIGTERM / SIGINT into
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import signal
@@ -31,6 +30,7 @@ from rewardflow.utils.checkpoint import (
     save_trainable,
     state_files,
 )
+from rewardflow.utils.configs import config_differences
 from rewardflow.utils.ema import EMA
 from rewardflow.utils.logging import git_commit
 
@@ -39,18 +39,6 @@ log = logging.getLogger(__name__)
 
 class IncompatibleState(ValueError):
     """A readable resume state that belongs to another model or LoRA setting (not a damaged file)."""
-
-
-def config_differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted names of the fields whose values differ between two configs (dataclasses of the same kind)."""
-
-    def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(obj, dict):
-            return {k2: v2 for k, v in obj.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
-        return {prefix.rstrip("."): obj}
-
-    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
-    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:

@@ -16,12 +16,12 @@ from tqdm import tqdm
 from rewardflow.algorithms.advantages import zero_std_fraction
 from rewardflow.algorithms.batching import KeyedRandom
 from rewardflow.algorithms.draft import check_differentiable
+from rewardflow.build import build_policy
 from rewardflow.config import DIRECT, TrainConfig
 from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
 from rewardflow.evaluate import eval_rewards, evaluate, headline, load_reference, save_reference
 from rewardflow.export import write_export
 from rewardflow.iteration import RowLayout, direct_iteration, online_iteration
-from rewardflow.models.build import build_policy
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.rewards import RewardFn, build_reward
 from rewardflow.run_state import (

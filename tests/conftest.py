@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, save_tiny_dit  # noqa: E402
+from rewardflow.shapes.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, save_tiny_dit  # noqa: E402
 
 # Under pytest-xdist (``make test`` runs two workers) each worker takes one core; alone, a run takes up to two.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

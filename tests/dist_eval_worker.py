@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from rewardflow.evaluate import evaluate
-from rewardflow.models.tiny_dit import load_policy
+from rewardflow.shapes.tiny_dit import load_policy
 from rewardflow.utils import distributed
 from tests.test_distributed_eval import eval_config
 

@@ -123,7 +123,7 @@ def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_pa
 
     import torch
 
-    from rewardflow.models.tiny_dit import TinyDiTConfig
+    from rewardflow.shapes.tiny_dit import TinyDiTConfig
     from tests.conftest import make_policy
 
     spec_ = importlib.util.spec_from_file_location("prompt_paths", ROOT / "benchmarks" / "prompt_paths.py")
@@ -147,12 +147,12 @@ def test_prompt_paths_swaps_only_the_pooled_prompt_and_restores_the_model(tmp_pa
         assert not torch.allclose(swapped[0], plain[0], atol=1e-3) and torch.equal(swapped[1], plain[1])
     import dataclasses
 
-    from rewardflow.models.tiny_dit import TinyDiT
+    from rewardflow.shapes.tiny_dit import TinyDiT
 
     with pytest.raises(ValueError, match="no pooled prompt path"):
         with bench.pooled_from(TinyDiT(dataclasses.replace(model.config, pooled_prompt=False)), None):
             pass
-    from rewardflow.models.tiny_dit import save_tiny_dit
+    from rewardflow.shapes.tiny_dit import save_tiny_dit
 
     save_tiny_dit(model, tmp_path / "pooled.safetensors")
     out = tmp_path / "pp.json"

@@ -8,10 +8,10 @@ import torch
 from rewardflow.algorithms.nft import NFTConfig, old_decay
 from rewardflow.cli import main
 from rewardflow.config import from_yaml, to_yaml
-from rewardflow.models.tiny_dit import save_tiny_dit
 from rewardflow.presets import PRESETS, get_preset, shapes_recipe
-from rewardflow.run_state import config_differences
+from rewardflow.shapes.tiny_dit import save_tiny_dit
 from rewardflow.utils.checkpoint import load_state
+from rewardflow.utils.configs import config_differences
 from tests.conftest import make_policy
 
 
@@ -218,7 +218,7 @@ def test_mismatched_run_checkpoint_is_reported(tmp_path, tiny_run_args, tiny_con
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(run), "--iterations", "1", *tiny_run_args]) == 0
     # Replace the run's model by a different architecture: loading its checkpoint must fail clearly.
     other = Path(tiny_run_args[1])
-    from rewardflow.models.tiny_dit import TinyDiTConfig
+    from rewardflow.shapes.tiny_dit import TinyDiTConfig
 
     save_tiny_dit(make_policy(TinyDiTConfig(dim=16, depth=1, heads=2, text_depth=1)).module, other)
     assert main(["eval", "--run-dir", str(run)]) == 2
@@ -315,7 +315,7 @@ def test_dotted_overrides_rebuild_and_recheck_the_config():
 
 def test_non_finite_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(tmp_path, tiny_run_args, monkeypatch):
     from rewardflow.rewards import REWARDS
-    from rewardflow.rewards.shapes import ShapesJudgeReward
+    from rewardflow.shapes.reward import ShapesJudgeReward
     from rewardflow.types import RewardOutput
 
     calls = {"n": 0}
@@ -352,7 +352,7 @@ def test_drop_zero_advantage_trains_only_the_groups_that_told_their_samples_apar
     """The smoke preset scores one group per chunk: a constant reward for the first group of each iteration leaves
     half the rows to train; a constant reward everywhere trains nothing and is no failure."""
     from rewardflow.rewards import REWARDS
-    from rewardflow.rewards.shapes import ShapesJudgeReward
+    from rewardflow.shapes.reward import ShapesJudgeReward
     from rewardflow.types import RewardOutput
 
     calls = {"n": 0, "constant": lambda n: n % 2 == 1}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from rewardflow.config import RewardConfig
 from rewardflow.models.tiny_diffusers import save_tiny_clip
 from rewardflow.rewards import build_reward, differentiable_rewards
 from rewardflow.rewards.clip import ClipPreprocess, convert_aesthetic_head
+from rewardflow.rewards.config import RewardConfig
 
 PROMPTS = ["a red cube", "two dogs"]
 

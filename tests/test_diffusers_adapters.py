@@ -293,7 +293,7 @@ def test_saved_lora_loads_in_a_plain_diffusers_pipeline_and_changes_its_output(a
 
 
 def test_missing_or_wrong_model_folders_say_what_to_do(tmp_path):
-    from rewardflow.config import ModelConfig
+    from rewardflow.models.config import ModelConfig
 
     with pytest.raises(ValueError, match="model.kind 'sd3' needs model.path"):
         ModelConfig(kind="sd3")
@@ -548,9 +548,9 @@ def test_a_runs_export_loads_in_a_plain_pipeline_and_samples_the_trained_policy(
     export at its last save is the same weights."""
     import diffusers
 
+    from rewardflow.build import load_trained_policy
     from rewardflow.cli import main
     from rewardflow.export import PIPELINES
-    from rewardflow.models.build import load_trained_policy
 
     if not lora and adapter.name != "sd3":
         pytest.skip("the full fine-tune export is the same code for every kind; sd3 stands for all")

@@ -50,7 +50,7 @@ def _finish(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def one_process():
-    from rewardflow.models.tiny_dit import load_policy
+    from rewardflow.shapes.tiny_dit import load_policy
 
     torch.set_num_threads(1)
     return evaluate(load_policy("base", autocast=False), eval_config())
@@ -58,7 +58,7 @@ def one_process():
 
 def test_fewer_rows_than_ranks_leave_a_rank_idle_and_the_report_whole(tmp_path):
     """3 images on 4 ranks: one rank samples nothing and calls no reward; the report is one process's."""
-    from rewardflow.models.tiny_dit import load_policy
+    from rewardflow.shapes.tiny_dit import load_policy
 
     torch.set_num_threads(1)
     alone = evaluate(load_policy("base", autocast=False), eval_config(3))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewardflow.config import RewardConfig
 from rewardflow.rewards import build_reward
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.geneval import (
     DetectedObject,
     GenEvalReward,
@@ -17,10 +17,10 @@ from rewardflow.rewards.geneval import (
     shapes_metadata,
 )
 from rewardflow.rewards.remote import RemoteReward, make_server
-from rewardflow.rewards.shapes import ShapesJudgeReward
 from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.shapes.prompts import eval_prompts
 from rewardflow.shapes.render import render
+from rewardflow.shapes.reward import ShapesJudgeReward
 
 
 def obj(label, x, y, color=None, score=1.0, size=4.0):

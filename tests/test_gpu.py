@@ -9,9 +9,9 @@ import torch
 from rewardflow.algorithms import grpo
 from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.nft import NFTConfig
-from rewardflow.models.build import load_trained_policy
-from rewardflow.models.tiny_dit import load_policy
+from rewardflow.build import load_trained_policy
 from rewardflow.presets import get_preset
+from rewardflow.shapes.tiny_dit import load_policy
 from rewardflow.train import train
 from rewardflow.utils.checkpoint import load_state
 

@@ -8,7 +8,7 @@ from rewardflow.algorithms import grpo
 from rewardflow.algorithms.batching import micro_batches
 from rewardflow.algorithms.grpo import GRPOConfig, clipped_policy_loss
 from rewardflow.models.lora import add_lora
-from rewardflow.models.tiny_dit import TinyDiTPolicy
+from rewardflow.shapes.tiny_dit import TinyDiTPolicy
 from tests.conftest import make_module, make_policy
 
 PROMPTS = ["a red circle", "two squares", "a circle left of a triangle", "a blue square and a white circle"]
@@ -75,7 +75,7 @@ def test_on_policy_ratio_is_exactly_one_under_bf16_autocast_with_cfg(arch):
 
 
 def test_compiled_network_keeps_the_on_policy_ratio_exactly_one_and_the_velocity(arch):
-    from rewardflow.models.tiny_dit import compile_unavailable
+    from rewardflow.shapes.tiny_dit import compile_unavailable
 
     if compile_unavailable():
         pytest.skip(f"torch.compile cannot build code here: {compile_unavailable()}")

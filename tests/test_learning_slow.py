@@ -14,8 +14,8 @@ from rewardflow.algorithms import grpo, nft
 from rewardflow.algorithms.advantages import group_advantages
 from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.nft import NFTConfig
-from rewardflow.models.tiny_dit import load_policy
 from rewardflow.sampling.rollout import rollout
+from rewardflow.shapes.tiny_dit import load_policy
 from tests.conftest import Brightness
 
 pytestmark = pytest.mark.slow

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rewardflow.config import RewardConfig
 from rewardflow.data.prompts import load_prompts
 from rewardflow.rewards import build_reward
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.ocr import ocr_score, target_text
 
 pytest.importorskip("rapidocr")

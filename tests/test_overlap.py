@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from rewardflow.cli import main
 from rewardflow.rewards import REWARDS
-from rewardflow.rewards.shapes import ShapesJudgeReward
+from rewardflow.shapes.reward import ShapesJudgeReward
 
 
 def _run(tmp_path, tiny_run_args, name, overlap, algorithm):

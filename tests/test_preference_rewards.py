@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewardflow.config import RewardConfig
 from rewardflow.models.tiny_diffusers import clip_tokenizer
 from rewardflow.rewards import build_reward, differentiable_rewards
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.hps import convert_open_clip_checkpoint, vit_h_14_config
 from rewardflow.rewards.imagereward import IMAGEREWARD_HEAD, convert_imagereward_checkpoint, imagereward_blip_config
 

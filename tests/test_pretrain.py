@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import rewardflow.shapes.pretrain as pretrain_module
-from rewardflow.models.tiny_dit import TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
 from rewardflow.shapes.grammar import CATEGORIES, parse_prompt
 from rewardflow.shapes.pretrain import PretrainConfig, pretrain, scene_batch
+from rewardflow.shapes.tiny_dit import TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
 
 SMALL = TinyDiTConfig(dim=32, depth=1, heads=2, text_depth=1)
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from rewardflow.algorithms.advantages import aggregate_advantages, group_advantages
-from rewardflow.config import RewardConfig
 from rewardflow.rewards import build_reward
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.image import JpegSize
 from rewardflow.rewards.multi import WeightedRewards
 from rewardflow.types import RewardOutput

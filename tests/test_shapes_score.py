@@ -9,24 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from rewardflow.rewards.shapes_score import (
-    FORMAT,
-    KINDS,
-    SUMMARY,
-    ScoreTrainConfig,
-    ShapesCountReward,
-    ShapesScoreReward,
-    agreement,
-    count_credit,
-    detection_summary,
-    load_scorer,
-    save_scorer,
-    train_scorer,
-)
 from rewardflow.shapes.grammar import COLORS, SHAPES, parse_prompt
 from rewardflow.shapes.judge import detect, judge
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import render
+from rewardflow.shapes.scorer import (
+    FORMAT,
+    KINDS,
+    SUMMARY,
+    ShapesCountReward,
+    ShapesScoreReward,
+    count_credit,
+    detection_summary,
+    load_scorer,
+    save_scorer,
+)
+from rewardflow.shapes.scorer_training import ScoreTrainConfig, agreement, train_scorer
 from rewardflow.utils.checkpoint import save_safetensors_atomic
 
 

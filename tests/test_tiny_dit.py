@@ -3,7 +3,8 @@ import torch
 
 from rewardflow.models.lora import adapters_disabled, add_lora
 from rewardflow.models.protocol import FlowPolicy
-from rewardflow.models.tiny_dit import (
+from rewardflow.shapes.grammar import PromptError
+from rewardflow.shapes.tiny_dit import (
     ShapesTokenizer,
     TinyDiT,
     TinyDiTConfig,
@@ -12,7 +13,6 @@ from rewardflow.models.tiny_dit import (
     load_tiny_dit,
     save_tiny_dit,
 )
-from rewardflow.shapes.grammar import PromptError
 from tests.conftest import make_policy
 
 
@@ -176,6 +176,6 @@ def test_shipped_base_checkpoint_loads():
     assert 1_000_000 <= sum(p.numel() for p in policy.module.parameters()) <= 5_000_000
     # The shipped base: the prompt reaches the image through attention alone, padding hidden.
     assert policy.module.pooled_proj is None and policy.module.config.mask_padding
-    from rewardflow.models.tiny_dit import resolve_checkpoint
+    from rewardflow.shapes.tiny_dit import resolve_checkpoint
 
     assert resolve_checkpoint("base").stat().st_size <= 20 * 1024 * 1024

@@ -3,10 +3,9 @@ import pytest
 import torch
 
 from rewardflow.data.prompts import PromptRecord
-from rewardflow.evaluate import summarize
-from rewardflow.rewards.shapes import ShapesJudgeReward
 from rewardflow.shapes.judge import Detection, Verdict
 from rewardflow.shapes.render import PlacedObject, draw
+from rewardflow.shapes.reward import ShapesJudgeReward, summarize
 from rewardflow.utils.ema import EMA, warmup_decay
 
 
@@ -101,9 +100,9 @@ def test_shapes_reward_penalises_extra_objects():
 
 
 def test_evaluation_scores_extra_rewards_on_its_images(tiny_policy, tmp_path, monkeypatch):
-    from rewardflow.config import RewardConfig
     from rewardflow.evaluate import EvalConfig, evaluate
     from rewardflow.rewards import REWARDS
+    from rewardflow.rewards.config import RewardConfig
     from rewardflow.types import RewardOutput
 
     seen = {}

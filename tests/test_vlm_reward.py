@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rewardflow.config import RewardConfig
 from rewardflow.rewards import build_reward
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.vlm import VLMScoreReward, load_template, parse_final_score
 
 

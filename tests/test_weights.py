@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rewardflow.models.lora import add_lora
-from rewardflow.models.tiny_dit import TinyDiTPolicy
+from rewardflow.shapes.tiny_dit import TinyDiTPolicy
 from tests.conftest import make_module, make_policy
 
 
@@ -106,18 +106,19 @@ def _used_parameters(policy, x, s, cond):
 
 
 def test_merging_needs_lora():
-    from rewardflow.config import ModelConfig
+    from rewardflow.models.config import ModelConfig
 
     with pytest.raises(ValueError, match="merge_lora_rollouts .*lora_rank > 0"):
         ModelConfig(merge_lora_rollouts=True)
 
 
 def test_compile_without_a_compiler_warns_and_runs_eagerly(monkeypatch, caplog):
-    from rewardflow.config import ModelConfig, TrainConfig
-    from rewardflow.models import build
+    from rewardflow import build
+    from rewardflow.config import TrainConfig
+    from rewardflow.models.config import ModelConfig
 
     monkeypatch.setattr(build, "compile_unavailable", lambda: "InvalidCxxCompiler: no working C++ compiler found")
-    with caplog.at_level("WARNING", logger="rewardflow.models.build"):
+    with caplog.at_level("WARNING", logger="rewardflow.build"):
         policy = build.build_policy(TrainConfig(model=ModelConfig(compile=True)))
     assert policy.compile is False
     assert "model.compile: torch.compile cannot build code here (InvalidCxxCompiler" in caplog.text

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.image import JpegSize
 from rewardflow.rewards.multi import WeightedRewards
-from rewardflow.rewards.protocol import RewardFn
-from rewardflow.rewards.shapes import ShapesJudgeReward
-
-if TYPE_CHECKING:
-    from rewardflow.config import RewardConfig
+from rewardflow.rewards.protocol import Judge, RewardFn
+from rewardflow.shapes.reward import ShapesJudgeReward
 
 REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "shapes-judge": lambda cfg: ShapesJudgeReward(cfg.extra_object_penalty),
@@ -85,13 +82,13 @@ def _imagereward(path: str, device: str) -> RewardFn:
 
 
 def _shapes_score(checkpoint: str) -> RewardFn:
-    from rewardflow.rewards.shapes_score import ShapesScoreReward  # torch model: built only when asked for
+    from rewardflow.shapes.scorer import ShapesScoreReward  # torch model: built only when asked for
 
     return ShapesScoreReward(checkpoint)
 
 
 def _shapes_count(checkpoint: str, extra_object_penalty: float) -> RewardFn:
-    from rewardflow.rewards.shapes_score import ShapesCountReward
+    from rewardflow.shapes.scorer import ShapesCountReward
 
     return ShapesCountReward(checkpoint, extra_object_penalty)
 
@@ -107,3 +104,8 @@ def build_reward(cfg: RewardConfig) -> WeightedRewards:
     if unknown:
         raise ValueError(f"reward.names has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
     return WeightedRewards([REWARDS[n](cfg) for n in cfg.names], list(cfg.resolved_weights), list(cfg.names))
+
+
+def build_judge(cfg: RewardConfig) -> Judge:
+    """The evaluation's judge (``eval.judge``): the Shapes judge, with the run's penalty per unrequested object."""
+    return ShapesJudgeReward(cfg.extra_object_penalty)

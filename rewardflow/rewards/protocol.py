@@ -1,4 +1,4 @@
-"""The reward protocol: a synchronous callable from images and prompts to scores."""
+"""The reward protocol (a synchronous callable from images and prompts to scores) and the evaluation judge's."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from rewardflow.data.prompts import PromptRecord
 from rewardflow.types import RewardOutput
 
 
@@ -26,3 +27,20 @@ class RewardFn(Protocol):
     name: str
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput: ...
+
+
+@runtime_checkable
+class Judge(RewardFn, Protocol):
+    """A reward that also grades a whole evaluation: the truth a run is measured against (the Shapes judge).
+
+    Its prompts follow a grammar it can check before a run writes anything; :meth:`report` turns the images of an
+    evaluation (each prompt's samples in a row) into the report's accuracy fields.
+    """
+
+    def check_prompts(self, records: list[PromptRecord], source: str) -> None:
+        """Raise ValueError naming ``source`` and the position of the first prompt the judge cannot read."""
+        ...
+
+    def report(self, records: list[PromptRecord], images: torch.Tensor, samples_per_prompt: int) -> dict[str, Any]:
+        """The report's fields for ``images`` [N, 3, H, W], ``samples_per_prompt`` of each record in a row."""
+        ...

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from rewardflow.models.protocol import bf16_autocast
-from rewardflow.models.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
-from rewardflow.run_state import config_differences
 from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import render
+from rewardflow.shapes.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
+from rewardflow.utils.configs import config_differences
 from rewardflow.utils.ema import EMA
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from rewardflow.config import ModelConfig, TrainConfig, read_run_config
+from rewardflow.config import TrainConfig, read_run_config
+from rewardflow.models.config import ModelConfig
 from rewardflow.models.protocol import FlowPolicy
-from rewardflow.models.tiny_dit import compile_unavailable, load_policy
+from rewardflow.shapes.tiny_dit import compile_unavailable, load_policy
 from rewardflow.utils.checkpoint import load_trainable
 
 log = logging.getLogger(__name__)
