@@ -53,7 +53,8 @@ def step_memory(policy, algorithm: str, cfg, reward, prompts: list[str], device:
     """
     import torch
 
-    from rewardflow.algorithms.draft import direct_train_step, draft_loss
+    from rewardflow.algorithms.direct import direct_train_step
+    from rewardflow.algorithms.draft import draft_loss
     from rewardflow.algorithms.leapalign import leapalign_loss
 
     loss_fn = draft_loss(reward, cfg) if algorithm == "draft" else leapalign_loss(reward, cfg)

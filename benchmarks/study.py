@@ -40,7 +40,7 @@ from shapes_grpo import kl_to_base, machine  # noqa: E402
 
 from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
 from rewardflow.build import build_policy, load_trained_policy  # noqa: E402
-from rewardflow.config import DIRECT, apply_overrides  # noqa: E402
+from rewardflow.config import apply_overrides  # noqa: E402
 from rewardflow.data.prompts import load_prompts  # noqa: E402
 from rewardflow.evaluate import generate  # noqa: E402
 from rewardflow.models.protocol import FlowPolicy  # noqa: E402
@@ -151,11 +151,11 @@ def summarise(name: str, preset: str, run: Path, target_gain: float) -> dict:
     best = max(points, key=lambda p: p["strict"])
     tuned, cfg = load_trained_policy(run)
     extra = {}
-    if cfg.algorithm in DIRECT:
+    if cfg.method().monitored:  # a direct-gradient method
         prompts = [r.prompt for r in load_prompts(cfg.eval.prompts)][: cfg.algo.micro_batch]
         reward = build_reward(cfg.reward)
         extra["step_memory"] = step_memory(
-            build_policy(cfg), cfg.algorithm, cfg.algo, reward, prompts, str(cfg.model.resolved_device())
+            build_policy(cfg.model), cfg.algorithm, cfg.algo, reward, prompts, str(cfg.model.resolved_device())
         )
         extra["learned"] = learned_vs_judge(points, cfg.reward.names[0])
     return {
@@ -170,7 +170,7 @@ def summarise(name: str, preset: str, run: Path, target_gain: float) -> dict:
         "best": {"strict": best["strict"], "iteration": best["iteration"]},
         "kl_to_base": kl_to_base(run, probe=KL_PROBE),
         "stopped": "iterations" if last["iteration"] >= cfg.iterations else "time",
-        "diversity_base": diversity(build_policy(cfg), cfg.eval),
+        "diversity_base": diversity(build_policy(cfg.model), cfg.eval),
         "diversity_tuned": diversity(tuned, cfg.eval),
     }
 

@@ -27,7 +27,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rewardflow.algorithms import grpo, nft
-from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
+from rewardflow.algorithms.direct import direct_train_step
+from rewardflow.algorithms.draft import DraftConfig, draft_loss
 from rewardflow.algorithms.grpo import GRPOConfig
 from rewardflow.algorithms.nft import NFTConfig
 from rewardflow.models.protocol import Conditioning

@@ -17,20 +17,15 @@ from rewardflow.utils.checkpoint import load_trainable
 log = logging.getLogger(__name__)
 
 
-def needs_reference(cfg: TrainConfig) -> bool:
-    """Whether the run ever evaluates the reference policy: a KL term (Flow-GRPO) or a velocity penalty (NFT)."""
-    return (cfg.algorithm == "grpo" and cfg.grpo.kl_beta > 0) or (cfg.algorithm == "nft" and cfg.nft.ref_weight > 0)
-
-
-def build_policy(cfg: TrainConfig) -> FlowPolicy:
+def build_policy(model: ModelConfig, keep_reference: bool = True) -> FlowPolicy:
     """The policy a run trains, as its ``model`` section describes.
 
-    A full fine-tune of a diffusers model goes without the frozen reference copy when the run never uses it
-    (LeapAlign on FLUX saves 24 GB).
+    ``keep_reference``: whether the algorithm ever evaluates the reference policy (``Algorithm.needs_reference``);
+    without it a full fine-tune of a diffusers model goes without the frozen copy (LeapAlign on FLUX saves 24 GB).
     """
-    policy = _load(cfg.model, needs_reference(cfg))
-    policy.weights.merge_lora = cfg.model.merge_lora_rollouts
-    if cfg.model.compile:
+    policy = _load(model, keep_reference)
+    policy.weights.merge_lora = model.merge_lora_rollouts
+    if model.compile:
         reason = compile_unavailable()
         if reason:
             log.warning("model.compile: torch.compile cannot build code here (%s); the network runs eagerly", reason)
@@ -86,6 +81,6 @@ def load_trained_policy(run_dir: str | Path, device: str | None = None) -> tuple
         raise FileNotFoundError(f"run folder {run} has no checkpoints/iter_*.safetensors yet")
     if device is not None:
         cfg.model = dataclasses.replace(cfg.model, device=device)  # re-checks the value
-    policy = build_policy(cfg)
+    policy = build_policy(cfg.model, cfg.method().needs_reference)
     load_trainable(list(policy.named_trainable_state()), ckpts[-1])
     return policy, cfg

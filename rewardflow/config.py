@@ -1,26 +1,30 @@
-"""Typed training configuration (tyro turns it into command-line flags; presets fill it in)."""
+"""The run's configuration, composed from the components' sections (tyro turns it into flags; presets fill it in).
+
+Each component owns its section: ``model`` (:mod:`rewardflow.models.config`), ``reward``
+(:mod:`rewardflow.rewards.config`), ``eval`` (:mod:`rewardflow.evaluate`) and one section per registered algorithm
+(:mod:`rewardflow.algorithms.registry`), named after it. This module only composes them and checks what spans
+sections; nothing in the package below it imports it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
+from rewardflow.algorithms.base import Algorithm
 from rewardflow.algorithms.batching import fit_world
-from rewardflow.algorithms.draft import DraftConfig
-from rewardflow.algorithms.grpo import GRPOConfig
-from rewardflow.algorithms.leapalign import LeapAlignConfig
-from rewardflow.algorithms.nft import NFTConfig
+from rewardflow.algorithms.registry import ALGORITHMS, DEFAULT, build
 from rewardflow.evaluate import EvalConfig
 from rewardflow.models.config import ModelConfig
 from rewardflow.rewards.config import RewardConfig
 from rewardflow.utils.configs import check_finite, from_dict, to_yaml
+from rewardflow.utils.trackers import TRACKERS
 
-ALGORITHMS = ("grpo", "nft", "draft", "leapalign")
-DIRECT = ("draft", "leapalign")
+AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -39,13 +43,13 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """A complete training run. Derived batch sizes are properties, checked at construction."""
+class RunConfig:
+    """The sections and fields every run has; :class:`TrainConfig` adds one section per algorithm and ``eval``."""
 
     run_dir: str = "runs/shapes_grpo_cpu"
-    algorithm: Literal["grpo", "nft", "draft", "leapalign"] = "grpo"
-    """Flow-GRPO and its family (``grpo`` section), DiffusionNFT (``nft``), or a direct-gradient method: DRaFT,
-    ReFL, AlignProp (``draft``) or LeapAlign (``leapalign``); those need a differentiable reward."""
+    algorithm: AlgorithmName = DEFAULT
+    """The training method, one of the registered algorithms; its settings are the section of the same name
+    (docs/algorithms.md describes each)."""
     iterations: int = 60
     seed: int = 0
     train_prompts: str = "shapes:train"
@@ -78,11 +82,6 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    nft: NFTConfig = field(default_factory=NFTConfig)
-    draft: DraftConfig = field(default_factory=DraftConfig)
-    leapalign: LeapAlignConfig = field(default_factory=LeapAlignConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -96,31 +95,20 @@ class TrainConfig:
                      "max_bad_iterations"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2 and self.algorithm not in DIRECT:
-            raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {self.group_size}")
-        from rewardflow.utils.trackers import TRACKERS
-
         if any(t not in TRACKERS for t in self.trackers) or len(set(self.trackers)) != len(self.trackers):
             raise ValueError(
                 f"trackers must list each of {', '.join(TRACKERS)} at most once, got {list(self.trackers)}"
             )
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
-        self.algo.check_batch(self.rows_per_iter)
-        if self.reward.aggregate == "loss" and self.algorithm != "grpo":
-            raise ValueError(
-                f"reward.aggregate 'loss' (a clipped loss per reward) is Flow-GRPO's family's; algorithm "
-                f"{self.algorithm!r} takes 'reward' or 'advantage'"
-            )
-        k = self.grpo.best_worst_k
-        if self.algorithm == "grpo" and k:
-            if k > self.group_size:
-                raise ValueError(f"grpo.best_worst_k ({k}) must be at most group_size ({self.group_size})")
-            try:
-                self.grpo.check_batch(self.prompts_per_iter * k)
-            except ValueError as e:
-                rows = self.prompts_per_iter * k
-                raise ValueError(f"with grpo.best_worst_k = {k}, {rows} rows are trained: {e}") from e
+        self.method().check(self.prompts_per_iter, self.group_size, self.reward)
+
+    def method(self) -> Algorithm:
+        """The chosen algorithm, built from its section (raises ValueError for an unknown ``algorithm``)."""
+        return build(self.algorithm, getattr(self, self.algorithm, None))
+
+    @property
+    def algo(self) -> Any:
+        """The chosen algorithm's section (its config dataclass)."""
+        return getattr(self, self.algorithm)
 
     def for_world(self, world: int) -> tuple[TrainConfig, list[str]]:
         """This config with the batch geometry fitted to ``world`` ranks, and a line per field that changed.
@@ -140,19 +128,14 @@ class TrainConfig:
         return fitted, changes
 
     @property
-    def algo(self) -> GRPOConfig | NFTConfig | DraftConfig | LeapAlignConfig:
-        """The settings of the chosen algorithm."""
-        return getattr(self, self.algorithm)
-
-    @property
     def uses_shapes_prompts(self) -> bool:
         """Whether the training prompts must be in the Shapes grammar.
 
-        They must when the tiny DiT's tokenizer, a Shapes reward, or the judge's monitor of a direct-gradient run
-        (``eval.judge``) reads them.
+        They must when the tiny DiT's tokenizer, a Shapes reward, or the judge monitoring the training images
+        (an algorithm that asks for it, with ``eval.judge``) reads them.
         """
         shapes_reward = any(n.startswith("shapes-") for n in self.reward.names)
-        return self.model.kind == "tiny-dit" or shapes_reward or (self.algorithm in DIRECT and self.eval.judge)
+        return self.model.kind == "tiny-dit" or shapes_reward or (self.method().monitored and self.eval.judge)
 
     @property
     def rows_per_iter(self) -> int:
@@ -160,29 +143,24 @@ class TrainConfig:
         return self.prompts_per_iter * self.group_size
 
     def summary(self) -> str:
+        """The start-up line: the batch geometry and what the algorithm samples and trains."""
         a = self.algo
-        head = (
+        return (
             f"{self.algorithm}: {self.rows_per_iter} images/iteration ({self.prompts_per_iter} prompts x "
             f"{self.group_size}), {self.rows_per_iter // a.micro_batch} micro-batches of {a.micro_batch}, "
-            f"{a.optimizer_steps} optimizer steps/iteration, "
+            f"{a.optimizer_steps} optimizer steps/iteration, {self.method().describe()}"
         )
-        if isinstance(a, GRPOConfig):
-            lo, hi = a.window_bounds
-            if not a.sde_window:
-                where = "all but the last"
-            elif a.sde_window == hi - lo:  # one place: the window is fixed
-                where = f"steps {lo}..{hi - 1}"
-            else:
-                where = f"a {a.window_schedule} window of {a.sde_window} in steps {lo}..{hi - 1}"
-            return head + (
-                f"{a.sde_type} SDE on {where} of {a.num_steps} steps, {a.steps_per_sample} of its "
-                f"{a.sde_steps} SDE steps trained per sample" + (", GRPO-Guard objective" if a.guard else "")
-            )
-        if isinstance(a, NFTConfig):
-            return head + f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"
-        if isinstance(a, DraftConfig):
-            return head + f"{a.method} through {a.num_steps} Euler steps"
-        return head + f"two leaps (alpha {a.alpha}) inside {a.num_steps} Euler steps"
+
+
+# One section per registered algorithm, named after it, then the evaluation's.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [(name, a.config, field(default_factory=a.config)) for name, a in ALGORITHMS.items()]
+    + [("eval", EvalConfig, field(default_factory=EvalConfig))],
+    bases=(RunConfig,),
+)
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = "A complete training run. Derived batch sizes are properties, checked at construction."
 
 
 def from_yaml(text: str) -> TrainConfig:
@@ -191,10 +169,10 @@ def from_yaml(text: str) -> TrainConfig:
     reward = raw.get("reward") if isinstance(raw, dict) else None
     if isinstance(reward, dict) and "name" in reward:  # run folders written before several rewards existed
         reward["names"] = [reward.pop("name")]
-    for section in ("grpo", "nft", "draft", "leapalign", "eval"):
+    for section in raw.values() if isinstance(raw, dict) else ():
         # Run folders written when grids were scaled by hand: the start of the grid is now the model's own.
-        if isinstance(raw, dict) and isinstance(raw.get(section), dict):
-            raw[section].pop("sigma_max", None)
+        if isinstance(section, dict):
+            section.pop("sigma_max", None)
     return from_dict(TrainConfig, raw, "")
 
 

@@ -144,7 +144,7 @@ def export_run(run_dir: str | Path, out: str | Path, iteration: int | None = Non
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"--out {target} exists and is not empty: give a new folder (nothing is overwritten)")
     cfg.model = dataclasses.replace(cfg.model, device=device, fsdp=False)
-    policy = build_policy(cfg)
+    policy = build_policy(cfg.model, cfg.method().needs_reference)
     load_trainable(list(policy.named_trainable_state()), saved[at])
     if target.exists():
         target.rmdir()

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 import rewardflow
+from rewardflow.algorithms.base import Algorithm
 from rewardflow.config import TrainConfig, read_run_config, to_yaml
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import (
+    IncompatibleState,
     load_sharded_state,
     load_state,
     prune_states,
@@ -35,10 +37,6 @@ from rewardflow.utils.ema import EMA
 from rewardflow.utils.logging import git_commit
 
 log = logging.getLogger(__name__)
-
-
-class IncompatibleState(ValueError):
-    """A readable resume state that belongs to another model or LoRA setting (not a damaged file)."""
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -81,9 +79,8 @@ def write_run_header(cfg: TrainConfig, run: Path, resume: bool, preset: str = ""
     (run / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def save(
-    cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path, iteration: int
-) -> None:
+def save(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path,
+         iteration: int, keep: int) -> None:  # fmt: skip
     """EMA weights for use (``checkpoints/iter_XXXXX.safetensors``) and a resume state (the newest ``keep``).
 
     Rank 0 alone, except for a sharded model (``model.fsdp``), where every rank calls it (:func:`save_sharded`).
@@ -101,13 +98,13 @@ def save(
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict(),
     }
-    if cfg.algorithm == "nft":
-        state["old"] = {n: t.detach().clone() for n, t in policy.named_old_state()}
+    for key, tensors in method.state(policy).items():
+        state[key] = {n: t.detach().clone() for n, t in tensors.items()}
     save_state_atomic(state, run / "checkpoints" / f"state_{iteration:05d}.pt")
-    prune_states(run / "checkpoints", cfg.keep_checkpoints)
+    prune_states(run / "checkpoints", keep)
 
 
-def _sharded_state(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA) -> dict:
+def _sharded_state(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA) -> dict:
     """The resume state of a sharded model as torch.distributed.checkpoint wants it (the live tensors)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -119,13 +116,11 @@ def _sharded_state(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.
         "ema": dict(zip(names, ema.shadow)),
         "ema_counts": torch.tensor([ema.calls, ema.updates], dtype=torch.int64),
     }
-    if cfg.algorithm == "nft":
-        state["old"] = dict(policy.named_old_state())
-    return state
+    return {**state, **method.state(policy)}
 
 
-def save_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path,
-                 iteration: int, main: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+def save_sharded(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path,
+                 keep: int, iteration: int, main: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """:func:`save` for a sharded model: every rank writes its shards; rank 0 gathers the EMA export.
 
     Returns the network's whole EMA state dict on rank 0 (on the CPU; empty on the other ranks).
@@ -139,21 +134,21 @@ def save_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Op
         save_trainable([(n, full[n]) for n in names], run / "checkpoints" / f"iter_{iteration:05d}.safetensors",
                        iteration=str(iteration), weights="ema")  # fmt: skip
     distributed.reshard(*policy.weights.networks())
-    state = _sharded_state(cfg, policy, optimizer, ema)
+    state = _sharded_state(method, policy, optimizer, ema)
     state["iteration"].fill_(iteration)
     save_sharded_state(state, run / "checkpoints" / f"state_{iteration:05d}.dcp", main)
     if main:
-        prune_states(run / "checkpoints", cfg.keep_checkpoints)
+        prune_states(run / "checkpoints", keep)
     return full if main else {}
 
 
-def restore_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA,
+def restore_sharded(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA,
                     path: Path) -> int:  # fmt: skip
     """Load a sharded resume state into the live (sharded) weights, optimizer, EMA and old policy."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     distributed.reshard(*policy.weights.networks())
-    state = _sharded_state(cfg, policy, optimizer, ema)
+    state = _sharded_state(method, policy, optimizer, ema)
     load_sharded_state(state, path)
     set_model_state_dict(policy.module, state["model"])
     set_optimizer_state_dict(policy.module, optimizer, state["optimizer"])
@@ -161,7 +156,7 @@ def restore_sharded(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim
     return int(state["iteration"])
 
 
-def resume_from_newest(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA,
+def resume_from_newest(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA,
                        run: Path, sharded: bool) -> int | None:  # fmt: skip
     """Load the newest complete resume state of a run, skipping (and reporting) damaged ones.
 
@@ -173,8 +168,8 @@ def resume_from_newest(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.op
                              "model.fsdp setting and number of processes it was saved with")  # fmt: skip
         try:
             if sharded:
-                return restore_sharded(cfg, policy, optimizer, ema, path)
-            return restore(cfg, policy, optimizer, ema, load_state(path), path)
+                return restore_sharded(method, policy, optimizer, ema, path)
+            return restore(method, policy, optimizer, ema, load_state(path), path)
         except IncompatibleState:
             raise  # another model or LoRA setting: an older state would not fit either
         except ValueError as err:  # damaged: the previous state may be whole
@@ -182,7 +177,7 @@ def resume_from_newest(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.op
     return None
 
 
-def restore(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, state: dict,
+def restore(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, state: dict,
             path: Path) -> int:  # fmt: skip
     """Load a resume state into the policy, optimizer and EMA (and the old policy); returns its iteration."""
     own = dict(policy.named_trainable_state())
@@ -193,13 +188,7 @@ def restore(cfg: TrainConfig, policy: FlowPolicy, optimizer: torch.optim.Optimiz
             own[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     ema.load_state_dict(state["ema"])
-    if cfg.algorithm == "nft":
-        old = dict(policy.named_old_state())
-        if set(state.get("old", {})) != set(old):
-            raise IncompatibleState(f"resume state {path} does not hold this policy's old (rollout) weights")
-        with torch.no_grad():
-            for name, tensor in old.items():
-                tensor.copy_(state["old"][name])
+    method.load_state(policy, state, str(path))
     return int(state["iteration"])
 
 

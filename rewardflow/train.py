@@ -14,16 +14,15 @@ import torch
 from tqdm import tqdm
 
 from rewardflow.algorithms.advantages import zero_std_fraction
-from rewardflow.algorithms.batching import KeyedRandom
-from rewardflow.algorithms.draft import check_differentiable
+from rewardflow.algorithms.base import Algorithm, Batch, Tools
+from rewardflow.algorithms.batching import KeyedRandom, RowLayout
 from rewardflow.build import build_policy
-from rewardflow.config import DIRECT, TrainConfig
-from rewardflow.data.prompts import GroupedPromptSampler, check_prompts, load_prompts
+from rewardflow.config import TrainConfig
+from rewardflow.data.prompts import GroupedPromptSampler, load_prompts
 from rewardflow.evaluate import eval_rewards, evaluate, headline, load_reference, save_reference
 from rewardflow.export import write_export
-from rewardflow.iteration import RowLayout, direct_iteration, online_iteration
 from rewardflow.models.protocol import FlowPolicy
-from rewardflow.rewards import RewardFn, build_reward
+from rewardflow.rewards import build_judge, build_reward
 from rewardflow.run_state import (
     StopSignals,
     TrainingStopped,
@@ -33,7 +32,6 @@ from rewardflow.run_state import (
     save_sharded,
     write_run_header,
 )
-from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import state_files
 from rewardflow.utils.ema import EMA, warmup_decay
@@ -92,28 +90,26 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
     cfg, changes = cfg.for_world(world.size)
     if changes and world.main:
         log.info("batch geometry for %d processes: %s", world.size, ", ".join(changes))
-    if world.size > 1 and cfg.algorithm == "grpo":
-        for name in ("best_worst_k", "drop_zero_advantage"):
-            if getattr(cfg.grpo, name):
-                raise ValueError(f"grpo.{name} keeps a different number of rows per rank: use it with one process")
-    RowLayout.build(cfg, world, torch.zeros(cfg.rows_per_iter))  # the batch must split over the ranks
+    method = cfg.method()
+    method.check_world(world.size)
+    layout(cfg, world, torch.zeros(cfg.rows_per_iter))  # the batch must split over the ranks
     records = load_prompts(cfg.train_prompts)
+    judge = build_judge(cfg.reward)
     if cfg.uses_shapes_prompts:
-        check_prompts(records, cfg.train_prompts, parse_prompt)
+        judge.check_prompts(records, cfg.train_prompts)
     sampler = GroupedPromptSampler(
         records, cfg.prompts_per_iter, cfg.group_size, cfg.seed, balance_by=cfg.balance_prompts_by
     )
     if cfg.eval.judge:
-        check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts, parse_prompt)
+        judge.check_prompts(load_prompts(cfg.eval.prompts), cfg.eval.prompts)
     if resume == "auto":
         resume = (Path(cfg.run_dir) / "config.yaml").is_file()
     run = check_run_dir(cfg, bool(resume)) if world.main else Path(cfg.run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    policy = build_policy(cfg)
-    if cfg.algorithm == "nft":
-        policy.init_old()
+    policy = build_policy(cfg.model, method.needs_reference)
+    method.prepare(policy)
     sharded = cfg.model.fsdp and world.size > 1
     if sharded:  # before the optimizer and the EMA see the weights: sharding replaces them by DTensors
         policy.weights.shard(bf16=cfg.model.dtype == "bfloat16")
@@ -125,11 +121,12 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
         ema.on_swap = lambda: distributed.reshard(policy.module)
     reward_fn = build_reward(cfg.reward)
     eval_scorers = eval_rewards(cfg.eval, cfg.reward)  # every rank scores its share; built before anything is written
-    if cfg.algorithm in DIRECT:
-        check_differentiable(reward_fn, cfg.algorithm)
+    method.check_reward(reward_fn)
+    monitor = judge if method.monitored and cfg.eval.judge else None
+    tools = Tools(policy, optimizer, ema, reward_fn, cfg.reward, cfg.overlap_scoring, monitor)
     start = 0
     if resume:
-        found = resume_from_newest(cfg, policy, optimizer, ema, run, sharded)
+        found = resume_from_newest(method, policy, optimizer, ema, run, sharded)
         if found is not None:
             start = found
         elif state_files(run / "checkpoints"):
@@ -151,8 +148,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
                         dataclasses.asdict(cfg))  # fmt: skip
     try:
         with StopSignals() as stop:
-            return _loop(cfg, run, policy, optimizer, ema, reward_fn, sampler, start, eval_scorers, trackers, world,
-                         stop, sharded)  # fmt: skip
+            return _loop(cfg, run, method, tools, sampler, start, eval_scorers, trackers, world, stop, sharded)
     finally:
         trackers.close()
         if handler is not None:
@@ -160,13 +156,17 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
             handler.close()
 
 
+def layout(cfg: TrainConfig, world: distributed.World, group_ids: torch.Tensor) -> RowLayout:
+    """Which of the iteration's rows (``group_ids``: every row's group) this rank holds."""
+    a = cfg.algo
+    return RowLayout.build(a.micro_batch, a.optimizer_steps, cfg.algorithm, world, group_ids)
+
+
 def _loop(
     cfg: TrainConfig,
     run: Path,
-    policy: FlowPolicy,
-    optimizer: torch.optim.Optimizer,
-    ema: EMA,
-    reward_fn: RewardFn,
+    method: Algorithm,
+    tools: Tools,
     sampler: GroupedPromptSampler,
     start: int,
     eval_scorers: Any,
@@ -175,6 +175,7 @@ def _loop(
     stop: StopSignals,
     sharded: bool = False,
 ) -> Path:
+    policy, optimizer, ema = tools.policy, tools.optimizer, tools.ema
     params = policy.trainable_parameters()
     metrics_path = run / "metrics.jsonl"
     log.info("%s; %d trainable parameters; %d process(es)", cfg.summary(), sum(p.numel() for p in params),
@@ -196,27 +197,21 @@ def _loop(
     for it in bar:
         t0 = time.time()
         rows, groups = sampler.global_batch(it)
-        layout = RowLayout.build(cfg, world, torch.from_numpy(groups))
-        rows = [rows[i] for i in layout.own]
+        rows_of = layout(cfg, world, torch.from_numpy(groups))
+        rows = [rows[i] for i in rows_of.own]
         # Every random draw of the iteration comes from streams keyed by (seed, iteration, purpose, global row):
         # a resumed run, or the same rows on another rank, draws exactly the same.
-        gen = KeyedRandom(cfg.seed, it, layout.own)
+        random = KeyedRandom(cfg.seed, it, rows_of.own)
         cond = policy.encode_prompts([r.prompt for r in rows])
-        metadata = [r.metadata for r in rows]
-        if cfg.algorithm in DIRECT:
-            images, reward, update = direct_iteration(cfg, policy, optimizer, ema, reward_fn, cond, metadata, layout,
-                                                      gen)  # fmt: skip
-        else:
-            images, reward, update = online_iteration(
-                cfg, policy, optimizer, ema, reward_fn, cond, metadata, layout, gen, it
-            )
+        batch = Batch(cond, [r.metadata for r in rows], rows_of, random, it)
+        images, reward, update = method.step(tools, batch)
         record = {
             "iteration": it + 1,
             "reward": reward.scores.mean().item(),
             "reward_std": reward.scores.std().item(),
             **{k: v.mean().item() for k, v in reward.details.items()},
             **{f"reward/{k}": v.mean().item() for k, v in reward.components.items() if len(reward.components) > 1},
-            "zero_std_groups": zero_std_fraction(reward.scores, layout.group_ids),
+            "zero_std_groups": zero_std_fraction(reward.scores, rows_of.group_ids),
             **update,
             "time_iteration": time.time() - t0,
         }
@@ -242,11 +237,11 @@ def _loop(
         if done % cfg.save_every == 0 or done == cfg.iterations or stopping:
             distributed.check_in_step(params, "trained weights")
             if sharded:
-                full = save_sharded(cfg, policy, optimizer, ema, run, done, world.main)
+                full = save_sharded(method, policy, optimizer, ema, run, cfg.keep_checkpoints, done, world.main)
                 if world.main and cfg.model.kind != "tiny-dit":  # the EMA weights as a plain pipeline loads them
                     write_export(policy, cfg, run, done, run / "diffusers", state=full)
             elif world.main:
-                save(cfg, policy, optimizer, ema, run, done)
+                save(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints)
                 if cfg.model.kind != "tiny-dit":
                     with ema.swapped():
                         write_export(policy, cfg, run, done, run / "diffusers")

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from rewardflow.algorithms import grpo, nft  # noqa: E402
-from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss  # noqa: E402
+from rewardflow.algorithms.direct import direct_train_step  # noqa: E402
+from rewardflow.algorithms.draft import DraftConfig, draft_loss  # noqa: E402
 from rewardflow.algorithms.grpo import GRPOConfig  # noqa: E402
 from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss  # noqa: E402
 from rewardflow.algorithms.nft import NFTConfig  # noqa: E402

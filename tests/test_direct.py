@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
+from rewardflow.algorithms import direct as direct_mod
 from rewardflow.algorithms import draft as draft_mod
-from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
+from rewardflow.algorithms.direct import direct_train_step
+from rewardflow.algorithms.draft import DraftConfig, draft_loss
 from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
 from rewardflow.cli import main
 from rewardflow.rewards import REWARDS
@@ -187,7 +189,7 @@ def test_direct_methods_train_end_to_end_and_refuse_a_non_differentiable_reward(
     monkeypatch,  # noqa: F811
 ):
     monkeypatch.setitem(REWARDS, "brightness", lambda cfg: Brightness())
-    monkeypatch.setattr("rewardflow.rewards.differentiable_rewards", lambda: ["shapes-score", "brightness"])
+    monkeypatch.setattr("rewardflow.algorithms.direct.differentiable_rewards", lambda: ["shapes-score", "brightness"])
     small = ["--draft.num-steps", "3", "--draft.micro-batch", "4", "--leapalign.num-steps", "3",
              "--leapalign.micro-batch", "4", "--reward.names", "brightness"]  # fmt: skip
     for algorithm in ("draft", "leapalign"):
@@ -203,4 +205,4 @@ def test_direct_methods_train_end_to_end_and_refuse_a_non_differentiable_reward(
     err = capsys.readouterr().err
     assert "reward 'shapes-judge' is not differentiable" in err and "brightness" in err
     assert not bad.exists()
-    assert draft_mod.reward_loss(torch.tensor([0.2, 0.9]), 0.5).tolist() == pytest.approx([0.3, 0.0])
+    assert direct_mod.reward_loss(torch.tensor([0.2, 0.9]), 0.5).tolist() == pytest.approx([0.3, 0.0])

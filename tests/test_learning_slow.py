@@ -112,7 +112,8 @@ DIRECT_VARIANTS = {
 @pytest.mark.parametrize("variant", list(DIRECT_VARIANTS))
 def test_direct_gradient_methods_raise_a_brightness_reward(variant):
     """Each direct-gradient method raises the brightness of deterministic samples by backpropagating it."""
-    from rewardflow.algorithms.draft import DraftConfig, direct_train_step, draft_loss
+    from rewardflow.algorithms.direct import direct_train_step
+    from rewardflow.algorithms.draft import DraftConfig, draft_loss
     from rewardflow.algorithms.leapalign import LeapAlignConfig, leapalign_loss
 
     torch.manual_seed(0)

@@ -114,13 +114,12 @@ def test_merging_needs_lora():
 
 def test_compile_without_a_compiler_warns_and_runs_eagerly(monkeypatch, caplog):
     from rewardflow import build
-    from rewardflow.config import TrainConfig
     from rewardflow.models.config import ModelConfig
 
     monkeypatch.setattr(build, "compile_unavailable", lambda: "InvalidCxxCompiler: no working C++ compiler found")
     with caplog.at_level("WARNING", logger="rewardflow.build"):
-        policy = build.build_policy(TrainConfig(model=ModelConfig(compile=True)))
+        policy = build.build_policy(ModelConfig(compile=True))
     assert policy.compile is False
     assert "model.compile: torch.compile cannot build code here (InvalidCxxCompiler" in caplog.text
     monkeypatch.setattr(build, "compile_unavailable", lambda: "")
-    assert build.build_policy(TrainConfig(model=ModelConfig(compile=True))).compile is True
+    assert build.build_policy(ModelConfig(compile=True)).compile is True

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from rewardflow.types import RewardOutput
 from rewardflow.utils import distributed
 
 
@@ -76,6 +78,31 @@ def rank_rows(
     share = per_step // world
     chunks = [s * per_step + rank * share + c for s in range(optimizer_steps) for c in range(share)]
     return [c * micro_batch + i for c in chunks for i in range(micro_batch)]
+
+
+@dataclass
+class RowLayout:
+    """Where an iteration's rows live: this rank's global row indices, and the gathered order of all of them.
+
+    Built from :func:`rank_rows`; with one process ``own`` and ``order`` are both ``0..N-1``.
+    """
+
+    own: list[int]
+    order: torch.Tensor
+    group_ids: torch.Tensor
+    """[N] the group (prompt) of every row of the iteration."""
+
+    @classmethod
+    def build(cls, micro_batch: int, optimizer_steps: int, section: str, world: distributed.World,
+              group_ids: torch.Tensor) -> RowLayout:  # fmt: skip
+        """The layout of ``len(group_ids)`` rows on ``world`` (``section`` names the batch fields in messages)."""
+        n = len(group_ids)
+        layout = [rank_rows(n, micro_batch, optimizer_steps, r, world.size, section) for r in range(world.size)]
+        return cls(layout[world.rank], torch.tensor([i for rows in layout for i in rows]), group_ids)
+
+    def gather(self, out: RewardOutput) -> RewardOutput:
+        """Every rank's rewards in global row order (each rank ends with the same, whole-batch output)."""
+        return out.map(lambda t: distributed.gather_rows(t, self.order))
 
 
 class KeyedRandom:

@@ -23,64 +23,19 @@ of such steps by one latent each, not by one network's activations. The reward m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from rewardflow.algorithms.batching import (
-    Random,
-    check_split,
-    mean_metrics,
-    micro_batches,
-    optimizer_step,
-    rows_generator,
-    shared_generator,
-)
+from rewardflow.algorithms.base import register
+from rewardflow.algorithms.direct import DirectConfig, DirectMethod, Gen, MicroBatchLoss, bind_velocity, reward_loss
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
-from rewardflow.sampling.grad import Velocity, checkpointed, renoised_last_step, stopped_euler, truncated_euler
-from rewardflow.types import RewardOutput
+from rewardflow.sampling.grad import Velocity, renoised_last_step, stopped_euler, truncated_euler
 
 METHODS = ("draft", "draft-lv", "refl", "alignprop")
-
-
-@dataclass
-class DirectConfig:
-    """Settings every direct-gradient method shares (its config section is ``SECTION``)."""
-
-    SECTION = "direct"
-    num_steps: int = 20
-    """Euler steps of the training sampler."""
-    shift: float = 0.0
-    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
-    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
-    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
-    guidance_scale: float = 4.5
-    hinge: float | None = None
-    """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
-    checkpointing: bool = True
-    """Recompute each grad-carrying model call in the backward pass instead of storing its activations."""
-    micro_batch: int = 16
-    optimizer_steps: int = 1
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        s = self.SECTION
-        if self.num_steps < 2:
-            raise ValueError(f"{s}.num_steps must be >= 2, got {self.num_steps}")
-        if self.hinge is not None and self.hinge <= 0:
-            raise ValueError(f"{s}.hinge must be > 0 (or unset for the loss -r), got {self.hinge}")
-        if self.guidance_scale < 1 or self.shift < 0 or self.grad_clip <= 0:
-            raise ValueError(
-                f"{s}.guidance_scale must be >= 1, {s}.shift >= 0 (0: the model's own grid) and {s}.grad_clip > 0"
-            )
-        if self.micro_batch < 1 or self.optimizer_steps < 1:
-            raise ValueError(f"{s}.micro_batch and {s}.optimizer_steps must be >= 1")
-
-    def check_batch(self, rows: int) -> None:
-        check_split(rows, self.micro_batch, self.optimizer_steps, self.SECTION)
 
 
 @dataclass
@@ -148,81 +103,6 @@ class DraftConfig(DirectConfig):
         return ([last, *extra] if self.lv_include_base else extra), last.detach()
 
 
-def check_differentiable(reward_fn: RewardFn, algorithm: str) -> None:
-    """Raise unless the reward can carry gradient (a direct-gradient method cannot use anything else)."""
-    if not getattr(reward_fn, "differentiable", False):
-        from rewardflow.rewards import differentiable_rewards
-
-        raise ValueError(
-            f"algorithm {algorithm!r} backpropagates the reward, but reward {reward_fn.name!r} is not differentiable;"
-            f" differentiable rewards: {', '.join(differentiable_rewards())}"
-        )
-
-
-def reward_loss(scores: torch.Tensor, hinge: float | None) -> torch.Tensor:
-    """Per-sample loss ``-r``, or ``relu(hinge - r)``."""
-    return -scores if hinge is None else torch.relu(hinge - scores)
-
-
-def bind_velocity(policy: FlowPolicy, cond: Conditioning, guidance_scale: float, checkpointing: bool) -> Velocity:
-    """``v(x, sigma)`` of the policy for these prompts (checkpointed when asked)."""
-
-    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return policy.velocity(x, sigma, cond, guidance_scale)
-
-    return checkpointed(velocity) if checkpointing else velocity
-
-
-Gen = torch.Generator | None
-
-# (policy, cond rows, metadata rows, noise generator, choices generator)
-#   -> (loss, real samples [B, ...] detached, their reward, metrics)
-# The noise generator is the micro-batch's own; the choices one (which steps carry gradient) is shared by every
-# rank for the optimizer step, as the direct-gradient blueprint asks.
-MicroBatchLoss = Callable[
-    [FlowPolicy, Conditioning, list[dict], torch.Generator | None, torch.Generator | None],
-    tuple[torch.Tensor, torch.Tensor, RewardOutput, dict],
-]
-
-
-def direct_train_step(
-    policy: FlowPolicy,
-    optimizer: torch.optim.Optimizer,
-    cond: Conditioning,
-    metadata: list[dict],
-    loss_fn: MicroBatchLoss,
-    cfg: DirectConfig,
-    after_optimizer_step: Callable[[], None] | None = None,
-    generator: Random = None,
-) -> tuple[dict[str, float], torch.Tensor, RewardOutput]:
-    """One iteration of a direct-gradient method over every micro-batch of ``cond`` (with its ``metadata``).
-
-    Returns the metrics, the real samples [N, ...] (detached) and the reward of what was scored (detached).
-    """
-    n = len(cond)
-    cfg.check_batch(n)
-    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
-    sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
-    finals, outs, grad_norms = [], [], []
-    optimizer.zero_grad(set_to_none=True)
-    finite: torch.Tensor | bool = True  # every loss of the optimizer step so far
-    for rows, share, step, ends_step in plan:
-        noise = rows_generator(generator, "direct", rows.start)
-        choices = shared_generator(generator, "active-steps", step)
-        loss, final, out, extra = loss_fn(policy, cond.index(rows), metadata[rows], noise, choices)
-        (loss / share).backward()
-        finite = finite & torch.isfinite(loss.detach())
-        sums["loss"] += loss.detach()
-        for key, value in extra.items():
-            sums[key] = sums.get(key, 0.0) + value
-        finals.append(final)
-        outs.append(out)
-        if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
-            finite = True
-    return mean_metrics(sums, len(plan), grad_norms), torch.cat(finals), RewardOutput.cat(outs)
-
-
 def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
     """The per-micro-batch loss of ``cfg.method``: mean over images and gradient samples of the reward loss.
 
@@ -240,3 +120,13 @@ def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
         return loss, real, outs[0], {}
 
     return loss_fn
+
+
+register("draft", DraftConfig)(
+    functools.partial(
+        DirectMethod,
+        name="draft",
+        make_loss=draft_loss,
+        describe=lambda cfg: f"{cfg.method} through {cfg.num_steps} Euler steps",
+    )  # fmt: skip
+)

@@ -53,11 +53,13 @@ layout-setting ones by 10-30x (measured on the tiny DiT: ``docs/results.md`` at 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from rewardflow.algorithms.base import Batch, StepResult, Tools, check_aggregate, register
 from rewardflow.algorithms.batching import (
     KeyedRandom,
     Random,
@@ -68,10 +70,14 @@ from rewardflow.algorithms.batching import (
     shared_generator,
 )
 from rewardflow.algorithms.grpo_config import GRPOConfig, trained_step_count
+from rewardflow.algorithms.online import check_groups, own_advantages, roll_out_and_score
 from rewardflow.models.protocol import Conditioning, FlowPolicy
+from rewardflow.rewards.config import RewardConfig
+from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.rollout import rollout
 from rewardflow.sampling.sde import KLForm, Reduction, transition_kl
 from rewardflow.types import StepOutput
+from rewardflow.utils import distributed
 
 
 @dataclass
@@ -339,3 +345,96 @@ def train_step(
     metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
     metrics["kl"] = float(kl_sum) / max(kl_terms, 1)
     return metrics
+
+
+@register("grpo", GRPOConfig)
+class FlowGRPO:
+    """The Flow-GRPO family as the loop runs it: SDE rollouts, group advantages, the clipped update."""
+
+    monitored = False
+
+    def __init__(self, cfg: GRPOConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_beta > 0
+
+    def check(self, prompts_per_iter: int, group_size: int, reward: RewardConfig) -> None:
+        check_groups(group_size)
+        self.cfg.check_batch(prompts_per_iter * group_size)
+        check_aggregate(reward, "grpo", ("reward", "advantage", "loss"))
+        k = self.cfg.best_worst_k
+        if k:
+            if k > group_size:
+                raise ValueError(f"grpo.best_worst_k ({k}) must be at most group_size ({group_size})")
+            try:
+                self.cfg.check_batch(prompts_per_iter * k)
+            except ValueError as e:
+                raise ValueError(f"with grpo.best_worst_k = {k}, {prompts_per_iter * k} rows are trained: {e}") from e
+
+    def check_world(self, world_size: int) -> None:
+        for name in ("best_worst_k", "drop_zero_advantage"):
+            if world_size > 1 and getattr(self.cfg, name):
+                raise ValueError(f"grpo.{name} keeps a different number of rows per rank: use it with one process")
+
+    def describe(self) -> str:
+        a = self.cfg
+        lo, hi = a.window_bounds
+        if not a.sde_window:
+            where = "all but the last"
+        elif a.sde_window == hi - lo:  # one place: the window is fixed
+            where = f"steps {lo}..{hi - 1}"
+        else:
+            where = f"a {a.window_schedule} window of {a.sde_window} in steps {lo}..{hi - 1}"
+        return (
+            f"{a.sde_type} SDE on {where} of {a.num_steps} steps, {a.steps_per_sample} of its "
+            f"{a.sde_steps} SDE steps trained per sample" + (", GRPO-Guard objective" if a.guard else "")
+        )
+
+    def prepare(self, policy: FlowPolicy) -> None:
+        """Nothing to set up: any policy will do."""
+
+    def check_reward(self, reward_fn: RewardFn) -> None:
+        """Any reward: only its scores are used."""
+
+    def step(self, tools: Tools, batch: Batch) -> StepResult:
+        cfg, policy, layout = self.cfg, tools.policy, batch.layout
+        own_groups = layout.group_ids[layout.own]
+
+        def rollout_scored_by(on_chunk: Callable[[slice, torch.Tensor], None]) -> GRPOBatch:
+            return collect(policy, batch.cond, cfg, batch.random, own_groups, batch.iteration, on_chunk)
+
+        scored = roll_out_and_score(tools, batch, rollout_scored_by)
+        rollout, images, reward, metrics = scored.rollout, scored.images, scored.reward, scored.metrics
+        if not scored.finite:
+            return StepResult(images, reward, {**metrics, "skipped_steps": float(cfg.optimizer_steps)})
+        adv = own_advantages(tools, batch, reward, cfg.global_std, cfg.adv_clip_max, eps=cfg.adv_eps,
+                             unbiased=cfg.std_unbiased)  # fmt: skip
+        t1 = time.time()
+        # One clipped loss per reward ([N, K] advantages): rows are chosen by their weighted sum.
+        weights = dict(zip(tools.reward.names, tools.reward.resolved_weights))
+        reward_weights = torch.tensor([weights[n] for n in reward.components]) if adv.ndim == 2 else None
+        combined = adv if reward_weights is None else adv @ reward_weights
+        # best_worst_k and drop_zero_advantage: one process only (check_world), so the kept rows are its own.
+        if cfg.best_worst_k:
+            keep = best_worst_rows(combined, own_groups, cfg.best_worst_k)
+            rollout, adv, combined = rollout.select(keep), adv[keep], combined[keep]
+        if cfg.drop_zero_advantage:
+            # A row carries signal when any of its rewards' advantages is not 0 (their sum may be).
+            signal = combined if adv.ndim == 1 else adv.abs().amax(dim=1)
+            keep = rows_with_signal(signal, cfg.micro_batch)
+            metrics["trained_rows"] = len(keep) / len(adv)
+            if not len(keep):  # every group scored alike: nothing to learn from, and no failure either
+                return StepResult(images, reward, metrics)
+            rollout, adv = rollout.select(keep), adv[keep]
+        update = train_step(policy, tools.optimizer, rollout, adv.to(policy.device), cfg, tools.ema.step,
+                            generator=batch.random, reward_weights=reward_weights)  # fmt: skip
+        update = distributed.mean_over_ranks(update)
+        return StepResult(images, reward, {**update, **metrics, "time_train": time.time() - t1})
+
+    def state(self, policy: FlowPolicy) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+    def load_state(self, policy: FlowPolicy, state: dict, path: str) -> None:
+        """Nothing beyond the trained weights, optimizer and EMA."""

@@ -21,11 +21,13 @@ Choices the public material leaves open, as made here and exposed as fields:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from rewardflow.algorithms.draft import DirectConfig, Gen, MicroBatchLoss, bind_velocity, reward_loss
+from rewardflow.algorithms.base import register
+from rewardflow.algorithms.direct import DirectConfig, DirectMethod, Gen, MicroBatchLoss, bind_velocity, reward_loss
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import leap_rollout
@@ -83,3 +85,13 @@ def leapalign_loss(reward_fn: RewardFn, cfg: LeapAlignConfig) -> MicroBatchLoss:
         return loss, out.x0.detach(), reward, extra
 
     return loss_fn
+
+
+register("leapalign", LeapAlignConfig)(
+    functools.partial(
+        DirectMethod,
+        name="leapalign",
+        make_loss=leapalign_loss,
+        describe=lambda cfg: f"two leaps (alpha {cfg.alpha}) inside {cfg.num_steps} Euler steps",
+    )  # fmt: skip
+)

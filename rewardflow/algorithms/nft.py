@@ -26,12 +26,14 @@ Differences from the official code, on purpose:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from rewardflow.algorithms.base import Batch, StepResult, Tools, check_aggregate, register
 from rewardflow.algorithms.batching import (
     Random,
     check_split,
@@ -40,8 +42,13 @@ from rewardflow.algorithms.batching import (
     optimizer_step,
     rows_generator,
 )
-from rewardflow.models.protocol import Conditioning, FlowPolicy
+from rewardflow.algorithms.online import check_groups, own_advantages, roll_out_and_score
+from rewardflow.models.protocol import Conditioning, FlowPolicy, OldPolicy
+from rewardflow.rewards.config import RewardConfig
+from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.ode import SOLVERS, solve_ode
+from rewardflow.utils import distributed
+from rewardflow.utils.checkpoint import IncompatibleState
 
 AdvMode = Literal["all", "positive_only", "negative_only", "one_only", "binary"]
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
@@ -272,3 +279,72 @@ def train_step(
     metrics = mean_metrics(sums, len(plan) * slots, grad_norms)
     metrics["r_mean"] = float(r.float().mean())
     return metrics
+
+
+@register("nft", NFTConfig)
+class DiffusionNFT:
+    """DiffusionNFT as the loop runs it: old-policy rollouts, optimality probabilities, the forward-process update."""
+
+    monitored = False
+
+    def __init__(self, cfg: NFTConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.ref_weight > 0
+
+    def check(self, prompts_per_iter: int, group_size: int, reward: RewardConfig) -> None:
+        check_groups(group_size)
+        self.cfg.check_batch(prompts_per_iter * group_size)
+        check_aggregate(reward, "nft")
+
+    def check_world(self, world_size: int) -> None:
+        """Any number of processes."""
+
+    def describe(self) -> str:
+        a = self.cfg
+        return f"{a.solver} rollouts of {a.num_steps} steps, {a.sigmas_per_image} sigmas trained per image"
+
+    def check_reward(self, reward_fn: RewardFn) -> None:
+        """Any reward: only its scores are used."""
+
+    def prepare(self, policy: FlowPolicy) -> None:
+        """The old (rollout) policy starts equal to the trained one; the policy must be able to keep one."""
+        if not isinstance(policy, OldPolicy):
+            raise ValueError(
+                f"algorithm 'nft' samples with an old copy of the trained weights, which {type(policy).__name__} "
+                "cannot keep (rewardflow.models.protocol.OldPolicy)"
+            )
+        policy.init_old()
+
+    def step(self, tools: Tools, batch: Batch) -> StepResult:
+        cfg, policy = self.cfg, tools.policy
+        scored = roll_out_and_score(
+            tools, batch, lambda on_chunk: collect(policy, batch.cond, cfg, batch.random, on_chunk=on_chunk)
+        )
+        if not scored.finite:
+            return StepResult(
+                scored.images, scored.reward, {**scored.metrics, "skipped_steps": float(cfg.optimizer_steps)}
+            )
+        adv = own_advantages(tools, batch, scored.reward, cfg.global_std, cfg.adv_clip_max)
+        t1 = time.time()
+        r = optimality_probability(adv.to(policy.device), cfg.adv_clip_max, cfg.adv_mode)
+        update = train_step(policy, tools.optimizer, scored.rollout, r, cfg, tools.ema.step, generator=batch.random)
+        # After the iteration's updates, the old policy moves towards the trained one.
+        update["old_eta"] = old_decay((batch.iteration + 1) * cfg.optimizer_steps, cfg)
+        policy.soft_update_old(update["old_eta"])
+        update = distributed.mean_over_ranks(update)
+        return StepResult(scored.images, scored.reward, {**update, **scored.metrics, "time_train": time.time() - t1})
+
+    def state(self, policy: FlowPolicy) -> dict[str, dict[str, torch.Tensor]]:
+        """The old policy's weights."""
+        return {"old": dict(policy.named_old_state())}
+
+    def load_state(self, policy: FlowPolicy, state: dict[str, Any], path: str) -> None:
+        old = dict(policy.named_old_state())
+        if set(state.get("old", {})) != set(old):
+            raise IncompatibleState(f"resume state {path} does not hold this policy's old (rollout) weights")
+        with torch.no_grad():
+            for name, tensor in old.items():
+                tensor.copy_(state["old"][name])

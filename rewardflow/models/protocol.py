@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from rewardflow.models.weights import PolicyWeights
+
 
 @dataclass
 class Conditioning:
@@ -48,9 +50,19 @@ class FlowPolicy(Protocol):
     """
 
     module: nn.Module
+    """The trained network (the transformer or UNet; its parameters are the ones :meth:`trainable_parameters`
+    draws from, and what FSDP shards and an export saves)."""
+    weights: PolicyWeights
+    """Which weights a forward pass uses (trained, reference, old) and how they are sharded, merged and saved; the
+    weight methods below are answered by it."""
     sigma_max: float
     """The noisiest sigma the model knows, where sampling starts from :meth:`noise`: 1 for flow models, less for a
     variance-preserving model seen as a flow (SD 1.x)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs (sampling noise is drawn on the CPU and moved here)."""
+        ...
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encode prompts (validating them) for :meth:`velocity`."""
@@ -101,7 +113,14 @@ class FlowPolicy(Protocol):
         """Name and tensor of every trainable weight (for EMA, checkpoints and the old policy)."""
         ...
 
-    # The old (rollout) policy of DiffusionNFT: a lagging copy of the trainable weights.
+
+@runtime_checkable
+class OldPolicy(FlowPolicy, Protocol):
+    """A policy that can keep an old (rollout) copy of its trainable weights, lagging behind them.
+
+    Only DiffusionNFT needs it (it checks at start-up); every adapter here offers it through
+    :class:`~rewardflow.models.weights.PolicyWeights`.
+    """
 
     def init_old(self) -> None:
         """Create the old policy equal to the current one."""

@@ -13,6 +13,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 
+class IncompatibleState(ValueError):
+    """A readable resume state that belongs to another model or LoRA setting (not a damaged file)."""
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     """Write ``tensors`` to ``path`` through a temporary file in the same folder, then rename.
 
