@@ -27,6 +27,7 @@ from rewardflow.models.protocol import FlowPolicy
 from rewardflow.rewards import REWARDS, build_judge, build_reward
 from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.multi import WeightedRewards
+from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.sampling.rollout import rollout
 from rewardflow.utils import distributed
@@ -34,17 +35,16 @@ from rewardflow.utils.checkpoint import load_safetensors_checked, save_safetenso
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation settings: deterministic Euler ODE sampling with fixed initial noise."""
+class EvalConfig(SamplerConfig):
+    """Evaluation settings: deterministic ODE sampling with fixed initial noise.
 
+    ``num_steps``, ``shift``, ``guidance_scale``: :class:`~rewardflow.sampling.config.SamplerConfig` (40 steps).
+    """
+
+    SECTION = "eval"
+    num_steps: int = 40
     prompts: str = "shapes:eval"
     samples_per_prompt: int = 4
-    num_steps: int = 40
-    shift: float = 0.0
-    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
-    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
-    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model."""
-    guidance_scale: float = 4.5
     seed: int = 20261122
     batch_size: int = 120
     rewards: tuple[str, ...] = ()
@@ -57,14 +57,13 @@ class EvalConfig:
     world at large, which are then scored by ``rewards`` only."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("samples_per_prompt", "num_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         unknown = [n for n in self.rewards if n not in REWARDS]
         if unknown:
             raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")
-        if self.shift < 0:
-            raise ValueError(f"eval.shift must be >= 0 (0: the model's own grid), got {self.shift}")
         if self.solver not in SOLVERS:
             raise ValueError(f"eval.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if not self.judge and not self.rewards:

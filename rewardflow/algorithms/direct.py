@@ -8,43 +8,35 @@ direct method is its config, its loss and one ``register`` call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rewardflow.algorithms.base import Batch, StepResult, Tools, check_aggregate
-from rewardflow.algorithms.batching import (
-    Random,
-    check_split,
-    mean_metrics,
-    micro_batches,
-    optimizer_step,
-    rows_generator,
-    shared_generator,
-)
+from rewardflow.algorithms import batching
+from rewardflow.algorithms.base import Batch, StepResult, Tools, check_aggregate, register
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards import differentiable_rewards
 from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.protocol import RewardFn
+from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.grad import Velocity, checkpointed
 from rewardflow.types import RewardOutput
 from rewardflow.utils import distributed
 
 
 @dataclass
-class DirectConfig:
-    """Settings every direct-gradient method shares (its config section is ``SECTION``)."""
+class DirectConfig(SamplerConfig):
+    """Settings every direct-gradient method shares (its config section is ``SECTION``).
+
+    ``num_steps``, ``shift``, ``guidance_scale``: :class:`~rewardflow.sampling.config.SamplerConfig` (the Euler steps
+    of the training sampler).
+    """
 
     SECTION = "direct"
     num_steps: int = 20
-    """Euler steps of the training sampler."""
-    shift: float = 0.0
-    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
-    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
-    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
-    guidance_scale: float = 4.5
     hinge: float | None = None
     """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
     checkpointing: bool = True
@@ -54,20 +46,25 @@ class DirectConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         s = self.SECTION
         if self.num_steps < 2:
             raise ValueError(f"{s}.num_steps must be >= 2, got {self.num_steps}")
         if self.hinge is not None and self.hinge <= 0:
             raise ValueError(f"{s}.hinge must be > 0 (or unset for the loss -r), got {self.hinge}")
-        if self.guidance_scale < 1 or self.shift < 0 or self.grad_clip <= 0:
+        if self.guidance_scale < 1 or self.grad_clip <= 0:
             raise ValueError(
-                f"{s}.guidance_scale must be >= 1, {s}.shift >= 0 (0: the model's own grid) and {s}.grad_clip > 0"
+                f"{s}.guidance_scale must be >= 1 and {s}.grad_clip > 0, got {self.guidance_scale}, {self.grad_clip}"
             )
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError(f"{s}.micro_batch and {s}.optimizer_steps must be >= 1")
 
     def check_batch(self, rows: int) -> None:
-        check_split(rows, self.micro_batch, self.optimizer_steps, self.SECTION)
+        batching.check_split(rows, self.micro_batch, self.optimizer_steps, self.SECTION)
+
+    def describe(self) -> str:
+        """What the method trains through, for the start-up line."""
+        return f"{self.num_steps} Euler steps"
 
 
 def check_differentiable(reward_fn: RewardFn, algorithm: str) -> None:
@@ -113,7 +110,7 @@ def direct_train_step(
     loss_fn: MicroBatchLoss,
     cfg: DirectConfig,
     after_optimizer_step: Callable[[], None] | None = None,
-    generator: Random = None,
+    generator: batching.Random = None,
 ) -> tuple[dict[str, float], torch.Tensor, RewardOutput]:
     """One iteration of a direct-gradient method over every micro-batch of ``cond`` (with its ``metadata``).
 
@@ -121,14 +118,14 @@ def direct_train_step(
     """
     n = len(cond)
     cfg.check_batch(n)
-    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = batching.micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
     finals, outs, grad_norms = [], [], []
     optimizer.zero_grad(set_to_none=True)
     finite: torch.Tensor | bool = True  # every loss of the optimizer step so far
     for rows, share, step, ends_step in plan:
-        noise = rows_generator(generator, "direct", rows.start)
-        choices = shared_generator(generator, "active-steps", step)
+        noise = batching.rows_generator(generator, "direct", rows.start)
+        choices = batching.shared_generator(generator, "active-steps", step)
         loss, final, out, extra = loss_fn(policy, cond.index(rows), metadata[rows], noise, choices)
         (loss / share).backward()
         finite = finite & torch.isfinite(loss.detach())
@@ -138,25 +135,23 @@ def direct_train_step(
         finals.append(final)
         outs.append(out)
         if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
+            grad_norms.append(batching.optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
             finite = True
-    return mean_metrics(sums, len(plan), grad_norms), torch.cat(finals), RewardOutput.cat(outs)
+    return batching.mean_metrics(sums, len(plan), grad_norms), torch.cat(finals), RewardOutput.cat(outs)
 
 
 class DirectMethod:
-    """A direct-gradient method as the loop runs it: its config section, its loss, and a phrase for the start-up line.
+    """A direct-gradient method as the loop runs it: its config section and its loss.
 
-    ``make_loss(reward_fn, cfg)`` builds the method's :data:`MicroBatchLoss`; ``describe(cfg)`` says what it trains.
-    The evaluation's judge scores the training images as a monitor (``judge/*``), since the differentiable reward
-    it optimises is a stand-in for it.
+    ``make_loss(reward_fn, cfg)`` builds the method's :data:`MicroBatchLoss`. The evaluation's judge scores the
+    training images as a monitor (``judge/*``), since the differentiable reward it optimises is a stand-in for it.
     """
 
     monitored = True
     needs_reference = False
 
-    def __init__(self, cfg: DirectConfig, name: str, make_loss: Callable[[RewardFn, Any], MicroBatchLoss],
-                 describe: Callable[[Any], str]) -> None:  # fmt: skip
-        self.cfg, self.name, self.make_loss, self._describe = cfg, name, make_loss, describe
+    def __init__(self, cfg: DirectConfig, name: str, make_loss: Callable[[RewardFn, Any], MicroBatchLoss]) -> None:
+        self.cfg, self.name, self.make_loss = cfg, name, make_loss
 
     def check(self, prompts_per_iter: int, group_size: int, reward: RewardConfig) -> None:
         """Any group size (one image per prompt is enough); every micro-batch whole."""
@@ -167,7 +162,7 @@ class DirectMethod:
         """Any number of processes."""
 
     def describe(self) -> str:
-        return self._describe(self.cfg)
+        return self.cfg.describe()
 
     def prepare(self, policy: FlowPolicy) -> None:
         """Nothing to set up: any policy will do."""
@@ -193,3 +188,10 @@ class DirectMethod:
 
     def load_state(self, policy: FlowPolicy, state: dict[str, Any], path: str) -> None:
         """Nothing beyond the trained weights, optimizer and EMA."""
+
+
+def register_direct(
+    name: str, config: type[DirectConfig], make_loss: Callable[[RewardFn, Any], MicroBatchLoss]
+) -> None:
+    """Register a direct-gradient method: its name, its config section and its loss (:class:`DirectMethod`)."""
+    register(name, config)(functools.partial(DirectMethod, name=name, make_loss=make_loss))

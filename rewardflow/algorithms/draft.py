@@ -23,14 +23,12 @@ of such steps by one latent each, not by one network's activations. The reward m
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from rewardflow.algorithms.base import register
-from rewardflow.algorithms.direct import DirectConfig, DirectMethod, Gen, MicroBatchLoss, bind_velocity, reward_loss
+from rewardflow.algorithms.direct import DirectConfig, Gen, MicroBatchLoss, bind_velocity, register_direct, reward_loss
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import Velocity, renoised_last_step, stopped_euler, truncated_euler
@@ -102,6 +100,9 @@ class DraftConfig(DirectConfig):
         extra = renoised_last_step(velocity, last, float(sigmas[-2]), self.lv_samples, generator)
         return ([last, *extra] if self.lv_include_base else extra), last.detach()
 
+    def describe(self) -> str:
+        return f"{self.method} through {self.num_steps} Euler steps"
+
 
 def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
     """The per-micro-batch loss of ``cfg.method``: mean over images and gradient samples of the reward loss.
@@ -122,11 +123,4 @@ def draft_loss(reward_fn: RewardFn, cfg: DraftConfig) -> MicroBatchLoss:
     return loss_fn
 
 
-register("draft", DraftConfig)(
-    functools.partial(
-        DirectMethod,
-        name="draft",
-        make_loss=draft_loss,
-        describe=lambda cfg: f"{cfg.method} through {cfg.num_steps} Euler steps",
-    )  # fmt: skip
-)
+register_direct("draft", DraftConfig, draft_loss)

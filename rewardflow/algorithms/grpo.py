@@ -59,18 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardflow.algorithms.base import Batch, StepResult, Tools, check_aggregate, register
-from rewardflow.algorithms.batching import (
-    KeyedRandom,
-    Random,
-    mean_metrics,
-    micro_batches,
-    optimizer_step,
-    rows_generator,
-    shared_generator,
-)
+from rewardflow.algorithms import batching
+from rewardflow.algorithms.base import Batch, StepResult, Tools, register
 from rewardflow.algorithms.grpo_config import GRPOConfig, trained_step_count
-from rewardflow.algorithms.online import check_groups, own_advantages, roll_out_and_score
+from rewardflow.algorithms.online import check_online, own_advantages, roll_out_and_score
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.protocol import RewardFn
@@ -181,7 +173,7 @@ def collect(
     policy: FlowPolicy,
     cond: Conditioning,
     cfg: GRPOConfig,
-    generator: Random = None,
+    generator: batching.Random = None,
     group_ids: torch.Tensor | None = None,
     iteration: int = 0,
     on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
@@ -195,13 +187,15 @@ def collect(
     shares, each chunk's noise from the stream of its first row, a group's shared noise from its group id).
     """
     sigmas = policy.schedule(cfg.num_steps, cfg.shift)
-    levels = cfg.draw_noise_levels(shared_generator(generator, "window"), iteration)
+    levels = cfg.draw_noise_levels(batching.shared_generator(generator, "window"), iteration)
     x_init = None
     if cfg.same_initial_noise:
         if group_ids is None:
             raise ValueError("grpo.same_initial_noise needs the rows' group ids")
         groups, inverse = torch.unique(group_ids, return_inverse=True)
-        if isinstance(generator, KeyedRandom):  # a group's noise is the same on every rank that holds its rows
+        if isinstance(
+            generator, batching.KeyedRandom
+        ):  # a group's noise is the same on every rank that holds its rows
             start = float(sigmas[0])
             x_init = torch.cat([policy.noise(1, generator.shared("group-noise", int(g)), start) for g in groups])
         else:
@@ -217,7 +211,7 @@ def collect(
                 sigmas,
                 levels,
                 guidance_scale=cfg.guidance_scale,
-                generator=rows_generator(generator, "rollout", start),
+                generator=batching.rows_generator(generator, "rollout", start),
                 step=cfg.step,
                 x_init=None if x_init is None else x_init[rows],
                 keep_means=cfg.guard,
@@ -284,7 +278,7 @@ def train_step(
     advantages: torch.Tensor,
     cfg: GRPOConfig,
     after_optimizer_step: Callable[[], None] | None = None,
-    generator: Random = None,
+    generator: batching.Random = None,
     reward_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One iteration's update: every micro-batch, its trained steps in time order.
@@ -304,7 +298,7 @@ def train_step(
         raise ValueError(f"advantages must be [{n}] or [{n}, K] (rows of the batch), got {tuple(advantages.shape)}")
     all_steps = batch.trained_steps
     n_steps = trained_step_count(cfg.timestep_fraction, len(all_steps))
-    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = batching.micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     # Summed as tensors and read once at the end: no host-device sync per step on a GPU.
     names = ("policy_loss", "clip_frac", "approx_kl", "ratio_dev")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
@@ -317,7 +311,7 @@ def train_step(
         b = torch.arange(len(adv))
         steps = torch.tensor(all_steps).expand(len(adv), -1)
         if n_steps < len(all_steps):  # each row's own subset: argsort of uniform keys is a random permutation
-            keys = torch.rand(steps.shape, generator=rows_generator(generator, "train-steps", rows.start))
+            keys = torch.rand(steps.shape, generator=batching.rows_generator(generator, "train-steps", rows.start))
             steps = steps.gather(1, keys.argsort(dim=1)[:, :n_steps].sort(dim=1).values)
         for k in range(n_steps):
             j = steps[:, k]
@@ -340,9 +334,9 @@ def train_step(
             sums["approx_kl"] += info["approx_kl"]
             sums["ratio_dev"] += (info["ratio"] - 1.0).abs().max()
         if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
+            grad_norms.append(batching.optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
             finite = True
-    metrics = mean_metrics(sums, len(plan) * n_steps, grad_norms)
+    metrics = batching.mean_metrics(sums, len(plan) * n_steps, grad_norms)
     metrics["kl"] = float(kl_sum) / max(kl_terms, 1)
     return metrics
 
@@ -354,16 +348,10 @@ class FlowGRPO:
     monitored = False
 
     def __init__(self, cfg: GRPOConfig) -> None:
-        self.cfg = cfg
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.cfg.kl_beta > 0
+        self.cfg, self.needs_reference = cfg, cfg.kl_beta > 0  # the KL term evaluates the reference
 
     def check(self, prompts_per_iter: int, group_size: int, reward: RewardConfig) -> None:
-        check_groups(group_size)
-        self.cfg.check_batch(prompts_per_iter * group_size)
-        check_aggregate(reward, "grpo", ("reward", "advantage", "loss"))
+        check_online(self.cfg, prompts_per_iter, group_size, reward, "grpo", ("reward", "advantage", "loss"))
         k = self.cfg.best_worst_k
         if k:
             if k > group_size:

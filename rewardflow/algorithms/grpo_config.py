@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from rewardflow.algorithms.batching import check_split
+from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.sde import cps_step, dance_sde_step, sde_step
 from rewardflow.types import StepOutput
 
@@ -22,15 +23,14 @@ def trained_step_count(fraction: float, steps: int) -> int:
 
 
 @dataclass
-class GRPOConfig:
-    """Flow-GRPO settings (defaults: the paper's SD3.5 GenEval run, except where the tiny presets change them)."""
+class GRPOConfig(SamplerConfig):
+    """Flow-GRPO settings (defaults: the paper's SD3.5 GenEval run, except where the tiny presets change them).
 
-    num_steps: int = 10
-    """Sampler steps in training rollouts (denoising reduction: evaluation uses more)."""
-    shift: float = 0.0
-    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
-    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
-    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
+    ``num_steps``, ``shift`` and ``guidance_scale``: :class:`~rewardflow.sampling.config.SamplerConfig` (10 steps in
+    training rollouts, CFG 4.5 in rollouts and the training forward).
+    """
+
+    SECTION = "grpo"
     sde_type: Literal["flow", "dance", "cps"] = "flow"
     """The stochastic step of rollouts and training: Flow-GRPO's SDE (``g = a sqrt(sigma / (1 - sigma))``),
     DanceGRPO's constant ``g = eta``, or coefficients-preserving sampling (fresh-noise std
@@ -38,8 +38,6 @@ class GRPOConfig:
     noise_level: float = 0.7
     """``a`` (flow; the paper's ablation found 0.7 best for SD3.5), ``eta`` (dance; DanceGRPO uses 0.3) or the
     CPS ``a`` in (0, 1] (Flow-GRPO's README: 0.8)."""
-    guidance_scale: float = 4.5
-    """CFG scale in rollouts and in the training forward (1.0 = no CFG)."""
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     global_std: bool = True
@@ -99,8 +97,7 @@ class GRPOConfig:
     their transition means for it (as much memory again as the stored latents)."""
 
     def __post_init__(self) -> None:
-        if self.shift < 0:
-            raise ValueError(f"grpo.shift must be >= 0 (0: the model's own grid), got {self.shift}")
+        super().__post_init__()
         if self.num_steps < 2:
             raise ValueError(f"grpo.num_steps must be >= 2 (the last step is never trained), got {self.num_steps}")
         if self.noise_level <= 0:

@@ -21,13 +21,11 @@ Choices the public material leaves open, as made here and exposed as fields:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from rewardflow.algorithms.base import register
-from rewardflow.algorithms.direct import DirectConfig, DirectMethod, Gen, MicroBatchLoss, bind_velocity, reward_loss
+from rewardflow.algorithms.direct import DirectConfig, Gen, MicroBatchLoss, bind_velocity, register_direct, reward_loss
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import leap_rollout
@@ -69,6 +67,9 @@ class LeapAlignConfig(DirectConfig):
         k, j = sorted((lo + torch.randperm(hi - lo, generator=generator)[:2]).tolist())
         return k, j
 
+    def describe(self) -> str:
+        return f"two leaps (alpha {self.alpha}) inside {self.num_steps} Euler steps"
+
 
 def leapalign_loss(reward_fn: RewardFn, cfg: LeapAlignConfig) -> MicroBatchLoss:
     """Per micro-batch: the consistency-weighted mean of the reward loss on the (connected) real samples."""
@@ -87,11 +88,4 @@ def leapalign_loss(reward_fn: RewardFn, cfg: LeapAlignConfig) -> MicroBatchLoss:
     return loss_fn
 
 
-register("leapalign", LeapAlignConfig)(
-    functools.partial(
-        DirectMethod,
-        name="leapalign",
-        make_loss=leapalign_loss,
-        describe=lambda cfg: f"two leaps (alpha {cfg.alpha}) inside {cfg.num_steps} Euler steps",
-    )  # fmt: skip
-)
+register_direct("leapalign", LeapAlignConfig, leapalign_loss)

@@ -33,19 +33,13 @@ from typing import Any, Literal
 
 import torch
 
-from rewardflow.algorithms.base import Batch, StepResult, Tools, check_aggregate, register
-from rewardflow.algorithms.batching import (
-    Random,
-    check_split,
-    mean_metrics,
-    micro_batches,
-    optimizer_step,
-    rows_generator,
-)
-from rewardflow.algorithms.online import check_groups, own_advantages, roll_out_and_score
+from rewardflow.algorithms import batching
+from rewardflow.algorithms.base import Batch, StepResult, Tools, register
+from rewardflow.algorithms.online import check_online, own_advantages, roll_out_and_score
 from rewardflow.models.protocol import Conditioning, FlowPolicy, OldPolicy
 from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.protocol import RewardFn
+from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import IncompatibleState
@@ -55,15 +49,13 @@ ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
 
 
 @dataclass
-class NFTConfig:
-    """DiffusionNFT settings (defaults: the paper's SD3.5 GenEval run, except where the tiny presets change them)."""
+class NFTConfig(SamplerConfig):
+    """DiffusionNFT settings (defaults: the paper's SD3.5 GenEval run, except where the tiny presets change them).
 
-    num_steps: int = 10
-    """Solver steps in rollouts."""
-    shift: float = 0.0
-    """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
-    from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
-    > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
+    ``num_steps``, ``shift``: :class:`~rewardflow.sampling.config.SamplerConfig` (10 solver steps in rollouts).
+    """
+
+    SECTION = "nft"
     solver: str = "dpm2"
     """Deterministic rollout solver: "euler", "heun" or "dpm2" (2nd-order multistep DPM-Solver++, the paper's)."""
     guidance_scale: float = 1.0
@@ -90,6 +82,7 @@ class NFTConfig:
     old_decay_max: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_steps < 1:
             raise ValueError(f"nft.num_steps must be >= 1, got {self.num_steps}")
         if self.solver not in SOLVERS:
@@ -110,14 +103,14 @@ class NFTConfig:
             raise ValueError(f"nft.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.micro_batch < 1 or self.optimizer_steps < 1:
             raise ValueError("nft.micro_batch and nft.optimizer_steps must be >= 1")
-        if self.grad_clip <= 0 or self.shift < 0 or self.guidance_scale < 1:
+        if self.grad_clip <= 0 or self.guidance_scale < 1:
             raise ValueError(
-                "nft.grad_clip must be > 0, nft.shift >= 0 (0: the model's own grid) and nft.guidance_scale >= 1"
+                f"nft.grad_clip must be > 0 and nft.guidance_scale >= 1, got {self.grad_clip}, {self.guidance_scale}"
             )
 
     def check_batch(self, rows: int) -> None:
         """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""
-        check_split(rows, self.micro_batch, self.optimizer_steps, "nft")
+        batching.check_split(rows, self.micro_batch, self.optimizer_steps, "nft")
 
     @property
     def sigmas_per_image(self) -> int:
@@ -199,7 +192,7 @@ def collect(
     policy: FlowPolicy,
     cond: Conditioning,
     cfg: NFTConfig,
-    generator: Random = None,
+    generator: batching.Random = None,
     on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> NFTBatch:
     """Sample every row of ``cond`` with the old policy and ``cfg.solver``, in chunks of ``cfg.micro_batch``.
@@ -211,7 +204,7 @@ def collect(
     with policy.old(), policy.sampling():
         for start in range(0, len(cond), cfg.micro_batch):
             chunk = cond.index(slice(start, start + cfg.micro_batch))
-            x = policy.noise(len(chunk), rows_generator(generator, "rollout", start), float(sigmas[0]))
+            x = policy.noise(len(chunk), batching.rows_generator(generator, "rollout", start), float(sigmas[0]))
             outs.append(
                 solve_ode(lambda x, s, c=chunk: policy.velocity(x, s, c, cfg.guidance_scale), x, sigmas, cfg.solver)
             )
@@ -227,7 +220,7 @@ def train_step(
     r: torch.Tensor,
     cfg: NFTConfig,
     after_optimizer_step: Callable[[], None] | None = None,
-    generator: Random = None,
+    generator: batching.Random = None,
 ) -> dict[str, float]:
     """One iteration's update over every micro-batch and ``cfg.sigmas_per_image`` grid sigmas per image.
 
@@ -238,7 +231,7 @@ def train_step(
     cfg.check_batch(n)
     grid = batch.sigmas[:-1]  # the T sigmas the solver evaluated at (the final 0 is never trained)
     slots = min(cfg.sigmas_per_image, len(grid))
-    plan = micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
+    plan = batching.micro_batches(n, cfg.micro_batch, cfg.optimizer_steps)
     names = ("policy_loss", "ref_loss", "loss_pos", "loss_neg")
     sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
     grad_norms = []
@@ -247,7 +240,7 @@ def train_step(
     finite: torch.Tensor | bool = True  # every loss of the optimizer step so far
     for rows, share, _, ends_step in plan:
         x0, rr, cond = batch.x0[rows], r[rows].to(device).float(), batch.cond.index(rows)
-        gen = rows_generator(generator, "train", rows.start)
+        gen = batching.rows_generator(generator, "train", rows.start)
         # Draw on the generator's device (the loop's is a CPU generator: a seed gives the same draws everywhere).
         gen_device = gen.device if gen is not None else torch.device("cpu")
         b = x0.shape[0]
@@ -274,9 +267,9 @@ def train_step(
             sums["loss_pos"] += info["loss_pos"].mean()
             sums["loss_neg"] += info["loss_neg"].mean()
         if ends_step:
-            grad_norms.append(optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
+            grad_norms.append(batching.optimizer_step(optimizer, cfg.grad_clip, after_optimizer_step, finite))
             finite = True
-    metrics = mean_metrics(sums, len(plan) * slots, grad_norms)
+    metrics = batching.mean_metrics(sums, len(plan) * slots, grad_norms)
     metrics["r_mean"] = float(r.float().mean())
     return metrics
 
@@ -288,16 +281,10 @@ class DiffusionNFT:
     monitored = False
 
     def __init__(self, cfg: NFTConfig) -> None:
-        self.cfg = cfg
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.cfg.ref_weight > 0
+        self.cfg, self.needs_reference = cfg, cfg.ref_weight > 0  # the velocity penalty evaluates the reference
 
     def check(self, prompts_per_iter: int, group_size: int, reward: RewardConfig) -> None:
-        check_groups(group_size)
-        self.cfg.check_batch(prompts_per_iter * group_size)
-        check_aggregate(reward, "nft")
+        check_online(self.cfg, prompts_per_iter, group_size, reward, "nft")
 
     def check_world(self, world_size: int) -> None:
         """Any number of processes."""

@@ -15,18 +15,26 @@ from typing import Any, NamedTuple
 import torch
 
 from rewardflow.algorithms.advantages import aggregate_advantages
-from rewardflow.algorithms.base import Batch, Tools
+from rewardflow.algorithms.base import Batch, Tools, check_aggregate
 from rewardflow.models.protocol import FlowPolicy
+from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.types import RewardOutput
 
 log = logging.getLogger(__name__)
 
 
-def check_groups(group_size: int) -> None:
-    """Group-normalised advantages need at least two images per prompt."""
+def check_online(cfg: Any, prompts_per_iter: int, group_size: int, reward: RewardConfig, name: str,
+                 aggregates: tuple[str, ...] = ("reward", "advantage")) -> None:  # fmt: skip
+    """What every online method asks of a run: groups of two images or more, whole micro-batches, an aggregate it has.
+
+    ``cfg``: the method's section (its ``check_batch``); ``name`` and ``aggregates``: for
+    :func:`~rewardflow.algorithms.base.check_aggregate`.
+    """
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {group_size}")
+    cfg.check_batch(prompts_per_iter * group_size)
+    check_aggregate(reward, name, aggregates)
 
 
 class ChunkScorer:

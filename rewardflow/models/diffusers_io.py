@@ -7,11 +7,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rewardflow.models.lora import TRAINED_ADAPTER, add_lora, has_lora
 from rewardflow.models.protocol import Conditioning
+from rewardflow.models.weights import PolicyWeights
 
 
 def check_model_dir(path: str | Path, pipeline: str, example: str) -> Path:
@@ -60,6 +62,18 @@ def encode_distinct(
     return Conditioning(list(prompts), {k: v[rows] for k, v in tensors.items()}, repeated)
 
 
+def encode_with_negative(policy: Any, prompts: list[str], cfg: bool = True) -> Conditioning:
+    """``prompts`` through ``policy._encode`` (:func:`encode_distinct`), with the negative prompt's encoding for CFG.
+
+    The negative prompt never changes: it is encoded once and kept on the policy (``policy._null``); ``cfg`` False
+    (a guidance-distilled FLUX) needs none.
+    """
+    if cfg and policy._null is None:
+        with torch.no_grad():
+            policy._null = policy._encode([policy.negative_prompt])
+    return encode_distinct(prompts, policy._encode, policy._null)
+
+
 def scheduler_sigmas(config, num_steps: int, **kwargs) -> torch.Tensor:
     """The sigmas [num_steps + 1] (float32, ending at 0) that a diffusers scheduler of this config samples on.
 
@@ -89,6 +103,29 @@ def decode_latents(vae, x: torch.Tensor) -> torch.Tensor:
     latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def attach_pipeline(policy: Any, pipe: Any, net: str, reference: torch.nn.Module | None) -> None:
+    """Give an adapter its pipeline, its trained network ``pipe.<net>`` (``policy.module``) and the weights' interface.
+
+    :class:`~rewardflow.models.weights.PolicyWeights` answers the policy's weight methods (trainable, reference, old).
+    """
+    policy.pipe, policy.module = pipe, getattr(pipe, net)
+    policy.weights = PolicyWeights(policy.module, reference)
+    policy.weights.expose_on(policy)
+
+
+def network_device(policy: Any) -> torch.device:
+    """Where an adapter's network runs (an adapter's ``device`` property)."""
+    return next(policy.module.parameters()).device
+
+
+def decode_with_vae(policy: Any, x: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] from clean latents through the pipeline's VAE (an adapter's ``decode``).
+
+    Differentiable, for the direct-gradient methods.
+    """
+    return decode_latents(policy.pipe.vae, x)
 
 
 def freeze_all_but(pipe, net: str) -> None:

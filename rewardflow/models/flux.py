@@ -23,16 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import (
-    ModelSpec,
-    decode_latents,
-    draw_noise,
-    encode_distinct,
-    load_diffusers_policy,
-    scheduler_sigmas,
-)
+from rewardflow.models import diffusers_io as dio
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
-from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import sd3_schedule
 
 
@@ -50,7 +42,7 @@ def flux_sigmas(scheduler_config, num_steps: int, latent_size: int) -> torch.Ten
     mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))  # fmt: skip
     sigmas = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-    return scheduler_sigmas(cfg, num_steps, sigmas=sigmas, mu=mu)
+    return dio.scheduler_sigmas(cfg, num_steps, sigmas=sigmas, mu=mu)
 
 
 # The LoRA targets of the FLUX scripts (DanceGRPO, Flow-GRPO's refactor): attention projections of both stream kinds.
@@ -113,9 +105,7 @@ class FluxPolicy:
         max_sequence_length: int = 512,
         autocast: bool = False,
     ) -> None:
-        self.pipe, self.module = pipe, pipe.transformer
-        self.weights = PolicyWeights(pipe.transformer, reference)
-        self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
+        dio.attach_pipeline(self, pipe, "transformer", reference)
         embedded = bool(self.module.config.guidance_embeds)
         self.guidance = guidance or ("embedded" if embedded else "cfg")
         if self.guidance not in ("embedded", "cfg"):
@@ -129,9 +119,7 @@ class FluxPolicy:
         self.negative_prompt, self.max_sequence_length, self.autocast = negative_prompt, max_sequence_length, autocast
         self._null: dict[str, torch.Tensor] | None = None  # the negative prompt's encoding ("cfg" only)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+    device = property(dio.network_device)
 
     def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
         """The pipeline's sigmas at this resolution (:func:`flux_sigmas`).
@@ -149,10 +137,7 @@ class FluxPolicy:
         return {"embeds": embeds, "pooled": pooled}
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if self.guidance == "cfg" and self._null is None:  # the negative prompt never changes: encode it once
-            with torch.no_grad():
-                self._null = self._encode([self.negative_prompt])
-        return encode_distinct(prompts, self._encode, self._null)
+        return dio.encode_with_negative(self, prompts, cfg=self.guidance == "cfg")
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
@@ -182,16 +167,14 @@ class FluxPolicy:
         return guided_velocity(forward, x, sigma, cond, 1.0 if embedded else guidance_scale)
 
     def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
-        return draw_noise(
+        return dio.draw_noise(
             (batch, self.module.config.in_channels // 4, self.latent_size, self.latent_size), generator, self.device
         )
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from clean latents (differentiable, for the direct-gradient methods)."""
-        return decode_latents(self.pipe.vae, x)
+    decode = dio.decode_with_vae
 
 
-FLUX_SPEC = ModelSpec(
+FLUX_SPEC = dio.ModelSpec(
     pipeline="FluxPipeline",
     net="transformer",
     lora_targets=FLUX_LORA_TARGETS,
@@ -202,4 +185,4 @@ FLUX_SPEC = ModelSpec(
 
 def load_flux_policy(path: str | Path, **options) -> FluxPolicy:
     """A FLUX.1 policy from a local diffusers folder, ready to fine-tune (options as for SD3)."""
-    return load_diffusers_policy(FLUX_SPEC, FluxPolicy, path, **options)
+    return dio.load_diffusers_policy(FLUX_SPEC, FluxPolicy, path, **options)

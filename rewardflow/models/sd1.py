@@ -29,15 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import (
-    ModelSpec,
-    decode_latents,
-    draw_noise,
-    encode_distinct,
-    load_diffusers_policy,
-)
+from rewardflow.models import diffusers_io as dio
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
-from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import sd3_schedule
 
 # DRaFT's and the diffusers LoRA scripts' targets on the SD UNet: the attention projections.
@@ -64,9 +57,7 @@ class SD1Policy:
         negative_prompt: str = "",
         autocast: bool = False,
     ) -> None:
-        self.pipe, self.module = pipe, pipe.unet
-        self.weights = PolicyWeights(pipe.unet, reference)
-        self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
+        dio.attach_pipeline(self, pipe, "unet", reference)
         factor = pipe.vae_scale_factor * 2 ** (len(self.module.config.block_out_channels) - 1)
         if resolution % factor:
             raise ValueError(f"resolution {resolution} must be a multiple of {factor} (VAE and UNet downscaling)")
@@ -83,9 +74,7 @@ class SD1Policy:
         ratio = torch.exp(self._log_ratio[-1].double())
         self.sigma_max = float(ratio / (1 + ratio))
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+    device = property(dio.network_device)
 
     def vp_state(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, a, b)`` for flow sigmas [B]: the (fractional) UNet timestep and the VP coefficients.
@@ -121,10 +110,7 @@ class SD1Policy:
         return {"embeds": embeds}
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if self._null is None:  # the negative prompt never changes: encode it once
-            with torch.no_grad():
-                self._null = self._encode([self.negative_prompt])
-        return encode_distinct(prompts, self._encode, self._null)
+        return dio.encode_with_negative(self, prompts)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
@@ -150,14 +136,12 @@ class SD1Policy:
         """The flow state at ``sigma`` (default :attr:`sigma_max`) for pure VP noise there: ``eps / (a + b)``."""
         shape = (batch, self.module.config.in_channels, self.latent_size, self.latent_size)
         _, a, b = self.vp_state(torch.tensor([self.sigma_max if sigma is None else float(sigma)]))
-        return draw_noise(shape, generator, self.device) / (a + b).to(self.device)
+        return dio.draw_noise(shape, generator, self.device) / (a + b).to(self.device)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from clean latents (at sigma 0 the flow state is the VP latent itself)."""
-        return decode_latents(self.pipe.vae, x)
+    decode = dio.decode_with_vae  # at sigma 0 the flow state is the VP latent itself
 
 
-SD1_SPEC = ModelSpec(
+SD1_SPEC = dio.ModelSpec(
     pipeline="StableDiffusionPipeline",
     net="unet",
     lora_targets=SD1_LORA_TARGETS,
@@ -168,4 +152,4 @@ SD1_SPEC = ModelSpec(
 
 def load_sd1_policy(path: str | Path, **options) -> SD1Policy:
     """An SD 1.x / 2.x policy from a local diffusers folder, ready to fine-tune (options as for SD3)."""
-    return load_diffusers_policy(SD1_SPEC, SD1Policy, path, **options)
+    return dio.load_diffusers_policy(SD1_SPEC, SD1Policy, path, **options)

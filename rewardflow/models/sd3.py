@@ -16,16 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardflow.models.diffusers_io import (
-    ModelSpec,
-    decode_latents,
-    draw_noise,
-    encode_distinct,
-    load_diffusers_policy,
-    scheduler_sigmas,
-)
+from rewardflow.models import diffusers_io as dio
 from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_velocity
-from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import sd3_schedule
 
 # Flow-GRPO's LoRA targets on SD3.5: every attention projection of the joint blocks, image and text streams.
@@ -55,7 +47,7 @@ def sd3_sigmas(scheduler_config, num_steps: int, latent_size: int, patch_size: i
         tokens = (latent_size // patch_size) ** 2
         kwargs["mu"] = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))  # fmt: skip
-    return scheduler_sigmas(cfg, num_steps, **kwargs)
+    return dio.scheduler_sigmas(cfg, num_steps, **kwargs)
 
 
 class SD3Policy:
@@ -83,8 +75,7 @@ class SD3Policy:
         max_sequence_length: int = 256,
         autocast: bool = False,
     ) -> None:
-        self.pipe, self.module = pipe, pipe.transformer
-        self.weights = PolicyWeights(pipe.transformer, reference)
+        dio.attach_pipeline(self, pipe, "transformer", reference)
         factor = pipe.vae_scale_factor
         if resolution % (factor * self.module.config.patch_size):
             raise ValueError(
@@ -94,11 +85,8 @@ class SD3Policy:
         self.latent_size = resolution // factor
         self.negative_prompt, self.max_sequence_length, self.autocast = negative_prompt, max_sequence_length, autocast
         self._null: dict[str, torch.Tensor] | None = None
-        self.weights.expose_on(self)  # trainable / reference / old weights: rewardflow.models.weights
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+    device = property(dio.network_device)
 
     def schedule(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
         """The pipeline's sigmas (:func:`sd3_sigmas`); ``shift > 0``: a uniform grid with that fixed shift instead."""
@@ -118,10 +106,7 @@ class SD3Policy:
         return {"embeds": embeds, "pooled": pooled}
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if self._null is None:  # the negative prompt never changes: encode it once
-            with torch.no_grad():
-                self._null = self._encode([self.negative_prompt])
-        return encode_distinct(prompts, self._encode, self._null)
+        return dio.encode_with_negative(self, prompts)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning, guidance_scale: float = 1.0
@@ -142,16 +127,14 @@ class SD3Policy:
         return guided_velocity(forward, x, sigma, cond, guidance_scale)
 
     def noise(self, batch: int, generator: torch.Generator | None = None, sigma: float | None = None) -> torch.Tensor:
-        return draw_noise(
+        return dio.draw_noise(
             (batch, self.module.config.in_channels, self.latent_size, self.latent_size), generator, self.device
         )
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from clean latents (differentiable, for the direct-gradient methods)."""
-        return decode_latents(self.pipe.vae, x)
+    decode = dio.decode_with_vae
 
 
-SD3_SPEC = ModelSpec(
+SD3_SPEC = dio.ModelSpec(
     pipeline="StableDiffusion3Pipeline",
     net="transformer",
     lora_targets=SD3_LORA_TARGETS,
@@ -166,4 +149,4 @@ def load_sd3_policy(path: str | Path, **options) -> SD3Policy:
     Options (LoRA rank and alpha, device, dtype, resolution, gradient checkpointing, and the policy's own) as in
     :func:`rewardflow.models.diffusers_io.load_diffusers_policy`; LoRA goes on :data:`SD3_LORA_TARGETS`.
     """
-    return load_diffusers_policy(SD3_SPEC, SD3Policy, path, **options)
+    return dio.load_diffusers_policy(SD3_SPEC, SD3Policy, path, **options)

@@ -19,15 +19,29 @@ here is float32 whatever the input dtype: in bf16 the ``1/std^2`` term overflows
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 
 from rewardflow.sampling.ode import as_sigma
 from rewardflow.types import StepOutput
 
+if TYPE_CHECKING:  # annotations only
+    from typing_extensions import Unpack
+
 Reduction = Literal["mean", "sum"]
 KLForm = Literal["code", "paper"]
+
+
+class Draw(TypedDict, total=False):
+    """How a step obtains and scores its next latent (keyword arguments of every step function)."""
+
+    x_next: torch.Tensor | None
+    """When given, this latent is scored instead of sampling a new one (rollout re-evaluation)."""
+    generator: torch.Generator | None
+    """For the Gaussian noise when sampling."""
+    reduction: Reduction
+    """"mean" (default) or "sum" of the per-element log-density."""
 
 
 def gaussian_log_prob(
@@ -60,10 +74,7 @@ def sde_step(
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     noise_level: float,
-    *,
-    x_next: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    reduction: Reduction = "mean",
+    **draw: Unpack[Draw],
 ) -> StepOutput:
     """One step of Flow-GRPO's SDE (see the module docstring for the formulas).
 
@@ -73,12 +84,10 @@ def sde_step(
         sigma: current noise level, a float or a per-sample tensor [B].
         sigma_next: next noise level (``< sigma``), a float or a tensor [B].
         noise_level: ``a``; 0 gives the Euler ODE step (and log-prob 0).
-        x_next: when given, this latent is scored instead of sampling a new one (rollout re-evaluation).
-        generator: for the Gaussian noise when sampling.
-        reduction: "mean" (default) or "sum" of the per-element log-density.
+        draw: :class:`Draw` (``x_next`` to score instead of sampling, ``generator``, ``reduction``).
     """
     s, sn = as_sigma(sigma, x), as_sigma(sigma_next, x)
-    return _gaussian_step(x, v, s, sn, flow_grpo_g(s, sn, noise_level), x_next, generator, reduction)
+    return _gaussian_step(x, v, s, sn, flow_grpo_g(s, sn, noise_level), draw)
 
 
 def dance_sde_step(
@@ -87,10 +96,7 @@ def dance_sde_step(
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     eta: float,
-    *,
-    x_next: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    reduction: Reduction = "mean",
+    **draw: Unpack[Draw],
 ) -> StepOutput:
     """One step of DanceGRPO's SDE: the same reverse SDE with a constant diffusion coefficient ``g = eta``.
 
@@ -99,7 +105,7 @@ def dance_sde_step(
     as for :func:`sde_step`, with ``eta`` in place of ``noise_level`` (0 gives the Euler step).
     """
     s, sn = as_sigma(sigma, x), as_sigma(sigma_next, x)
-    return _gaussian_step(x, v, s, sn, torch.full_like(s, float(eta)), x_next, generator, reduction)
+    return _gaussian_step(x, v, s, sn, torch.full_like(s, float(eta)), draw)
 
 
 def cps_step(
@@ -108,10 +114,7 @@ def cps_step(
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     noise_level: float,
-    *,
-    x_next: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    reduction: Reduction = "mean",
+    **draw: Unpack[Draw],
 ) -> StepOutput:
     """One coefficients-preserving sampling (CPS) step (arXiv 2509.05952).
 
@@ -133,33 +136,25 @@ def cps_step(
     std = sn * math.sin(float(noise_level) * math.pi / 2)
     x0, eps = x32 - s * v32, x32 + (1 - s) * v32
     mean = (1 - sn) * x0 + torch.sqrt((sn**2 - std**2).clamp(min=0.0)) * eps
-    return _sample_and_score(x, mean, std, x_next, generator, reduction)
+    return _sample_and_score(x, mean, std, **draw)
 
 
-def _gaussian_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    s: torch.Tensor,
-    sn: torch.Tensor,
-    g: torch.Tensor,
-    x_next: torch.Tensor | None,
-    generator: torch.Generator | None,
-    reduction: Reduction,
-) -> StepOutput:
+def _gaussian_step(x: torch.Tensor, v: torch.Tensor, s: torch.Tensor, sn: torch.Tensor, g: torch.Tensor,
+                   draw: Draw) -> StepOutput:  # fmt: skip
     """The Euler-Maruyama step of the reverse SDE with diffusion coefficient ``g`` (shaped like ``s``)."""
     dt = s - sn
     x32, v32 = x.float(), v.float()
     mean = x32 * (1 - g**2 * dt / (2 * s)) - dt * v32 * (1 + g**2 * (1 - s) / (2 * s))
-    return _sample_and_score(x, mean, g * torch.sqrt(dt), x_next, generator, reduction)
+    return _sample_and_score(x, mean, g * torch.sqrt(dt), **draw)
 
 
 def _sample_and_score(
     x: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
-    x_next: torch.Tensor | None,
-    generator: torch.Generator | None,
-    reduction: Reduction,
+    x_next: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: Reduction = "mean",
 ) -> StepOutput:
     """Draw ``x_next ~ N(mean, std^2)`` (unless given) and score it; ``std`` is [B] or broadcastable as [B, 1, ...]."""
     std_b = std.reshape(-1, *([1] * (mean.ndim - 1)))
