@@ -49,7 +49,7 @@ class RunConfig:
     run_dir: str = "runs/shapes_grpo_cpu"
     algorithm: AlgorithmName = DEFAULT
     """The training method, one of the registered algorithms; its settings are the section of the same name
-    (docs/algorithms.md describes each)."""
+    (docs/papers.md lists each with its paper and preset)."""
     iterations: int = 60
     seed: int = 0
     train_prompts: str = "shapes:train"

@@ -22,8 +22,13 @@ PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sd1": "
 NETWORKS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel", "sd1": "UNet2DConditionModel"}
 
 
+def exportable(cfg: TrainConfig) -> bool:
+    """Whether the run's model has a diffusers pipeline layout to export to (every saved run writes ``diffusers/``)."""
+    return cfg.model.kind in PIPELINES
+
+
 def _check_exportable(cfg: TrainConfig, run: Path) -> None:
-    if cfg.model.kind not in PIPELINES:
+    if not exportable(cfg):
         raise ValueError(
             f"run {run} trained model.kind {cfg.model.kind!r}: export writes diffusers layouts (model.kind sd3, flux "
             "or sd1); the tiny DiT's weights are its checkpoints/iter_*.safetensors already"

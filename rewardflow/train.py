@@ -20,7 +20,7 @@ from rewardflow.build import build_policy
 from rewardflow.config import TrainConfig
 from rewardflow.data.prompts import GroupedPromptSampler, load_prompts
 from rewardflow.evaluate import eval_rewards, evaluate, headline, load_reference, save_reference
-from rewardflow.export import write_export
+from rewardflow.export import exportable, write_export
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.rewards import build_judge, build_reward
 from rewardflow.run_state import (
@@ -238,11 +238,11 @@ def _loop(
             distributed.check_in_step(params, "trained weights")
             if sharded:
                 full = save_sharded(method, policy, optimizer, ema, run, cfg.keep_checkpoints, done, world.main)
-                if world.main and cfg.model.kind != "tiny-dit":  # the EMA weights as a plain pipeline loads them
+                if world.main and exportable(cfg):  # the EMA weights as a plain pipeline loads them
                     write_export(policy, cfg, run, done, run / "diffusers", state=full)
             elif world.main:
                 save(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints)
-                if cfg.model.kind != "tiny-dit":
+                if exportable(cfg):
                     with ema.swapped():
                         write_export(policy, cfg, run, done, run / "diffusers")
             if world.main:
