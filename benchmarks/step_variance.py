@@ -179,7 +179,7 @@ def step_gradient_norms(policy, g: grpo.GRPOConfig, prompts: list[str], m: int, 
                 part = slice(start, start + g.micro_batch)
                 step, _ = grpo.step_terms(policy, batch, part, j, cfg, need_reference=False)
                 if guard:
-                    log_ratio = grpo.guard_log_ratio(step, batch.means[part, j], g.log_prob_reduction)
+                    log_ratio = grpo.guard_log_ratio(step, batch.means[part, j])
                     weights = torch.full_like(log_ratio, 1.0 / float(batch.sigmas[j] - batch.sigmas[j + 1]))
                 else:
                     log_ratio, weights = step.log_prob - batch.log_probs[part, j], None

@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
         policy.weights.shard(bf16=cfg.model.dtype == "bfloat16")
     params = policy.trainable_parameters()
     o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     ema = EMA(params, warmup_decay(cfg.ema_decay), every=cfg.ema_every)
     if sharded:
         ema.on_swap = lambda: distributed.reshard(policy.module)

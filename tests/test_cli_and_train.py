@@ -7,7 +7,7 @@ import torch
 
 from rewardflow.algorithms.nft import NFTConfig, old_decay
 from rewardflow.cli import main
-from rewardflow.config import from_yaml, to_yaml
+from rewardflow.config import TrainConfig, from_yaml, to_yaml
 from rewardflow.presets import PRESETS, get_preset, shapes_recipe
 from rewardflow.shapes.tiny_dit import save_tiny_dit
 from rewardflow.utils.checkpoint import load_state
@@ -374,3 +374,12 @@ def test_drop_zero_advantage_trains_only_the_groups_that_told_their_samples_apar
         train_rows = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
         assert [m["trained_rows"] for m in train_rows] == [trained, trained]
         assert all(("kl" in m) == bool(trained) and not m.get("skipped_steps") for m in train_rows)
+
+
+def test_retired_fields_load_at_their_value_and_are_refused_otherwise():
+    """A config.yaml holding a field that is no longer a setting loads when it holds the value the field always had."""
+    text = to_yaml(TrainConfig())
+    old = text.replace("  weight_decay: 0.0001\n", "  weight_decay: 0.0001\n  beta1: 0.9\n  eps: 1.0e-08\n")
+    assert old != text and from_yaml(old) == TrainConfig()
+    with pytest.raises(ValueError, match="optim.beta1 is no longer a setting"):
+        from_yaml(old.replace("beta1: 0.9", "beta1: 0.8"))

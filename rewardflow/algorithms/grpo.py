@@ -243,13 +243,12 @@ def step_terms(
     x, x_next = xs[b, jj], xs[b, jj + 1]
     s, sn = batch.sigmas[jj], batch.sigmas[jj + 1]
     a = float(batch.noise_levels[jj[0]])  # every trained step has the same noise level
-    reduction: Reduction = cfg.log_prob_reduction
-    out = cfg.step(x, policy.velocity(x, s, cond, cfg.guidance_scale), s, sn, a, x_next=x_next, reduction=reduction)
+    out = cfg.step(x, policy.velocity(x, s, cond, cfg.guidance_scale), s, sn, a, x_next=x_next)
     kl = None
     if need_reference:
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, s, cond, cfg.guidance_scale)
-        ref = cfg.step(x, v_ref, s, sn, a, x_next=x_next, reduction=reduction)
+        ref = cfg.step(x, v_ref, s, sn, a, x_next=x_next)
         form: KLForm = cfg.kl_form
         kl = transition_kl(out.mean, ref.mean, out.std, s - sn, form)
     return out, kl
@@ -319,7 +318,7 @@ def train_step(
             out, kl = step_terms(policy, batch, rows, j, cfg, need_reference=with_kl)
             jd = j.to(batch.log_probs.device)
             if cfg.guard:
-                log_ratio = guard_log_ratio(out, batch.means[rows][b, jd], cfg.log_prob_reduction)
+                log_ratio = guard_log_ratio(out, batch.means[rows][b, jd])
                 weights = 1.0 / (batch.sigmas[j] - batch.sigmas[j + 1]).to(log_ratio.device)
             else:
                 log_ratio, weights = out.log_prob - batch.log_probs[rows][b, jd], None

@@ -53,7 +53,6 @@ class GRPOConfig(SamplerConfig):
     reference's forwards. Which steps carry it rotates with the micro-batch, so over ``kl_every`` micro-batches
     every step does."""
     kl_form: Literal["code", "paper"] = "code"
-    log_prob_reduction: Literal["mean", "sum"] = "mean"
     micro_batch: int = 32
     """Rows per rollout chunk and per training micro-batch (equal shapes keep the on-policy ratio exactly 1)."""
     optimizer_steps: int = 2
