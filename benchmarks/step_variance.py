@@ -40,6 +40,7 @@ from rewardflow.algorithms import grpo
 from rewardflow.algorithms.advantages import group_advantages
 from rewardflow.presets import get_preset, shapes_recipe
 from rewardflow.sampling.rollout import rollout
+from rewardflow.sampling.windows import SDEWindow  # noqa: E402
 from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import all_prompts, is_held_out
 from rewardflow.shapes.reward import ShapesJudgeReward
@@ -64,7 +65,8 @@ def main() -> None:
     cfg = shapes_recipe() if args.preset == "recipe" else get_preset(args.preset)
     g = cfg.grpo
     policy = load_policy(args.checkpoint, autocast=cfg.model.autocast)
-    sigmas, levels = policy.schedule(g.num_steps, g.shift), g.noise_levels
+    sigmas = policy.schedule(g.num_steps, g.shift)
+    levels = SDEWindow(0, 0, g.num_steps - 1).levels(g.num_steps, g.noise_level)  # every step but the last
     steps = len(levels)
     reward = ShapesJudgeReward(cfg.reward.extra_object_penalty)
     rng = np.random.default_rng(args.seed)

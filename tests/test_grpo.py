@@ -371,13 +371,13 @@ def test_cps_rollouts_keep_the_ratio_exactly_one(tiny_config):
 
 def test_mixgrpo_progressive_window_slides_and_rolls_back():
     cfg = GRPOConfig(num_steps=9, sde_window=2, sde_window_range=(0, 6), window_schedule="progressive", window_iters=3)
-    starts = [cfg.window_start(it) for it in range(16)]
+    starts = [cfg.window.start(it) for it in range(16)]
     # positions 0..4 (window of 2 in [0, 6)), 3 iterations each, then back to 0
     assert starts == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 0]
     strided = GRPOConfig(
         num_steps=9, sde_window=2, window_schedule="progressive", window_iters=1, window_stride=3
     )  # range [0, 8): starts 0, 3, 6
-    assert [strided.window_start(it) for it in range(4)] == [0, 3, 6, 0]
+    assert [strided.window.start(it) for it in range(4)] == [0, 3, 6, 0]
     levels = cfg.draw_noise_levels(iteration=4)
     assert levels.nonzero().flatten().tolist() == [1, 2]
 
@@ -386,7 +386,7 @@ def test_mixgrpo_decay_window_stays_shorter_as_it_moves():
     cfg = GRPOConfig(
         num_steps=6, sde_window=1, window_schedule="decay", window_iters=4, window_iters_min=1
     )  # 5 positions, stays 4, 3, 2, 2 (rounded 1.75), 1
-    starts = [cfg.window_start(it) for it in range(13)]
+    starts = [cfg.window.start(it) for it in range(13)]
     assert starts == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 0]
     with pytest.raises(ValueError, match="window_iters_min"):
         GRPOConfig(sde_window=1, window_schedule="decay", window_iters=2, window_iters_min=3)

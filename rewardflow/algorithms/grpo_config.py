@@ -13,7 +13,8 @@ import torch
 
 from rewardflow.algorithms.batching import check_split
 from rewardflow.sampling.config import SamplerConfig
-from rewardflow.sampling.sde import cps_step, dance_sde_step, sde_step
+from rewardflow.sampling.sde import STEPS
+from rewardflow.sampling.windows import SDEWindow
 from rewardflow.types import StepOutput
 
 
@@ -164,42 +165,18 @@ class GRPOConfig(SamplerConfig):
         lo, hi = self.sde_window_range
         return lo, hi or self.num_steps - 1
 
-    def window_start(self, iteration: int, generator: torch.Generator | None = None) -> int:
-        """The first SDE step of the window at ``iteration`` (random, or MixGRPO's sliding schedule)."""
+    @property
+    def window(self) -> SDEWindow:
+        """Where the SDE steps of a rollout are (:class:`~rewardflow.sampling.windows.SDEWindow`)."""
         lo, hi = self.window_bounds
-        places = hi - self.sde_window - lo + 1
-        if self.window_schedule == "random":
-            # No draw when the window has one place: a window over all steps replays plain Flow-GRPO exactly.
-            return lo + (int(torch.randint(places, (1,), generator=generator)) if places > 1 else 0)
-        positions = (places - 1) // self.window_stride + 1
-        if self.window_schedule == "progressive":
-            stays = [self.window_iters] * positions
-        else:
-            span = self.window_iters - self.window_iters_min
-            stays = [round(self.window_iters - span * p / max(1, positions - 1)) for p in range(positions)]
-        t = iteration % sum(stays)  # after the last position the window rolls back to the first
-        p = 0
-        while t >= stays[p]:
-            t -= stays[p]
-            p += 1
-        return lo + p * self.window_stride
+        return SDEWindow(self.sde_window, lo, hi, self.window_schedule, self.window_stride, self.window_iters,
+                         self.window_iters_min)  # fmt: skip
 
     def draw_noise_levels(self, generator: torch.Generator | None = None, iteration: int = 0) -> torch.Tensor:
-        """The noise level of each step for one rollout: with a window, SDE only in ``[start, start + W)``."""
-        levels = self.noise_levels
-        if self.sde_window:
-            start = self.window_start(iteration, generator)
-            levels[:start] = 0.0
-            levels[start + self.sde_window :] = 0.0
-        return levels
+        """The noise level of each step for one rollout [T]: with a window, SDE only inside it."""
+        return self.window.levels(self.num_steps, self.noise_level, iteration, generator)
 
     @property
     def step(self) -> Callable[..., StepOutput]:
-        return {"flow": sde_step, "dance": dance_sde_step, "cps": cps_step}[self.sde_type]
-
-    @property
-    def noise_levels(self) -> torch.Tensor:
-        """SDE on every step but the last, which is an Euler step."""
-        levels = torch.full((self.num_steps,), float(self.noise_level))
-        levels[-1] = 0.0
-        return levels
+        """The step function of ``sde_type``."""
+        return STEPS[self.sde_type]

@@ -197,3 +197,7 @@ def transition_kl(
     if form == "paper":
         return kl_paper(mean, mean_ref, std)
     raise ValueError(f"kl form {form!r} is not one of 'code', 'paper'")
+
+
+STEPS = {"flow": sde_step, "dance": dance_sde_step, "cps": cps_step}
+"""The stochastic steps by the name ``grpo.sde_type`` gives them."""
