@@ -2,7 +2,7 @@
 
 Every reward scores the same batches of images: Shapes base-model samples (32 x 32) for the Shapes rewards
 (``geneval`` with its built-in Shapes detector) and JPEG, rendered text (256 x 64) for OCR. The server is
-``rewardflow.rewards.remote.make_server`` on loopback with ``RemoteReward`` as the client (PNG encoding, HTTP and
+``rewardflow.rewards.server.RewardServer`` on loopback with ``RemoteReward`` as the client (PNG encoding, HTTP and
 JSON included). The preference models (PickScore, CLIPScore, aesthetic, HPS, ImageReward) need their weights
 and UnifiedReward its VLM server: not offline-runnable here.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 
 import numpy as np
@@ -23,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 from rewardflow.evaluate import EvalConfig, generate
 from rewardflow.rewards import REWARDS
 from rewardflow.rewards.config import RewardConfig
-from rewardflow.rewards.remote import RemoteReward, make_server
+from rewardflow.rewards.remote import RemoteReward
+from rewardflow.rewards.server import RewardServer
 from rewardflow.shapes.tiny_dit import load_policy
 
 OFFLINE = ("shapes-judge", "shapes-score", "geneval", "jpeg-compressibility", "ocr")
@@ -73,13 +73,11 @@ def main() -> None:
         reward = REWARDS[name](RewardConfig())
         images, prompts = text if name == "ocr" else shapes
         local = rate(reward, images, prompts, args.repeats)
-        server = make_server(reward, port=0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = RewardServer(reward).start()
         try:
-            remote = rate(RemoteReward(f"http://127.0.0.1:{server.server_address[1]}"), images, prompts, args.repeats)
+            remote = rate(RemoteReward(server.url), images, prompts, args.repeats)
         finally:
-            server.shutdown()
-            server.server_close()
+            server.stop()
         rows.append({"reward": name, "image": f"{images.shape[-1]}x{images.shape[-2]}", "batch": args.batch,
                      "in_process": local, "server": remote})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)

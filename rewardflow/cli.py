@@ -23,6 +23,7 @@ from pathlib import Path
 import tyro
 
 from rewardflow.rewards.config import RewardConfig
+from rewardflow.rewards.server import ServerLimits
 from rewardflow.shapes.grammar import PromptError
 
 USAGE = __doc__
@@ -144,17 +145,18 @@ def _cmd_reward_model(argv: list[str]) -> None:
 
 @dataclass
 class ServeArgs:
-    """Serve a registered reward over HTTP (JSON with PNG images; rewardflow/rewards/remote.py)."""
+    """Serve a registered reward over HTTP (JSON with PNG images; rewardflow/rewards/server.py; the server extra)."""
 
     name: tyro.conf.Positional[str]
     """The registered reward to serve (shapes-judge, ocr, pickscore, ...)."""
     host: str = "127.0.0.1"
-    """Interface to bind; anything but loopback exposes the reward to the network."""
+    """Interface to bind; anything but loopback exposes the reward to the network (use a token there)."""
     port: int = 18085
+    """0: any free port (the address is printed)."""
     token_env: str = ""
     """Environment variable holding a bearer token the clients must send (none: no token checked)."""
-    max_images: int = 256
-    max_bytes: int = 64 * 2**20
+    limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
+    """What a request, and the server, may cost."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """Settings the reward is built with (its model folders, device)."""
 
@@ -163,30 +165,30 @@ def _cmd_serve_reward(argv: list[str]) -> None:
     import os
 
     from rewardflow.rewards import REWARDS
-    from rewardflow.rewards.remote import make_server
 
     args = tyro.cli(ServeArgs, args=argv, prog="rewardflow serve-reward")
     if args.name not in REWARDS or args.name == "remote":
         raise ValueError(
             f"cannot serve {args.name!r}; registered rewards: {', '.join(n for n in REWARDS if n != 'remote')}"
         )
-    if not 0 <= args.port <= 65535 or args.max_images < 1 or args.max_bytes < 1:
-        raise ValueError(
-            f"--port must be in 0..65535 (0: any free port) and --max-images, --max-bytes >= 1, got "
-            f"{args.port}, {args.max_images}, {args.max_bytes}"
-        )
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     token = os.environ.get(args.token_env) if args.token_env else None
     if args.token_env and not token:
         raise ValueError(f"--token-env names {args.token_env!r}, but that environment variable is not set")
-    server = make_server(REWARDS[args.name](args.reward), args.host, args.port, token, args.max_images, args.max_bytes)
-    host, port = server.server_address[:2]
-    print(f"serving {args.name} on http://{host}:{port} (POST /score, GET /health); Ctrl-C stops", flush=True)
+    from rewardflow.rewards.server import RewardServer
+
+    try:
+        server = RewardServer(REWARDS[args.name](args.reward), args.host, args.port, token, args.limits)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from err
+    print(f"serving {args.name} on {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.socket.close()
 
 
 @dataclass

@@ -50,11 +50,12 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         return run
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"cannot resume: {run / 'config.yaml'} does not exist")
-    # Where it runs (and where its reward servers are) and how long are not part of a run's identity: a GPU run
-    # may be resumed on a CPU and extended, a reward server may move.
+    # Where it runs (its folder, its device, its reward servers and how long to wait for them) and how long are not
+    # part of a run's identity: a run folder may be moved, a GPU run resumed on a CPU and extended, a server move.
     saved = read_run_config(run)
-    ignore = ("iterations", "model.device", "threads", "trackers", "wandb_project", "wandb_mode", "reward.device",
-              "reward.remote_url", "reward.vlm_url")  # fmt: skip
+    ignore = ("run_dir", "iterations", "model.device", "threads", "trackers", "wandb_project", "wandb_mode",
+              "reward.device", "reward.remote_url", "reward.vlm_url", "reward.remote_timeout", "reward.remote_retries",
+              "reward.remote_backoff")  # fmt: skip
     differ = config_differences(saved, cfg, ignore=ignore)
     if differ:
         hint = ""

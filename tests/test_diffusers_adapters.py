@@ -467,12 +467,11 @@ def test_the_sd15_draft_lv_preset_runs_on_tiny_stand_ins(sd1_dir, tmp_path, monk
 
 
 def test_the_geneval_and_flux_hps_presets_run_on_tiny_stand_ins(sd3_dir, flux_dir, tmp_path, monkeypatch):
-    import threading
 
     from rewardflow.cli import main
     from rewardflow.models.tiny_diffusers import save_tiny_clip
     from rewardflow.rewards.geneval import GenEvalReward, ShapesDetector
-    from rewardflow.rewards.remote import make_server
+    from rewardflow.rewards.server import RewardServer
 
     monkeypatch.chdir(tmp_path)
     cpu = ["--model.device", "cpu", "--reward.device", "cpu", "--model.resolution", "32", "--model.dtype", "float32",
@@ -482,16 +481,14 @@ def test_the_geneval_and_flux_hps_presets_run_on_tiny_stand_ins(sd3_dir, flux_di
     line = {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}
     for split in ("train", "test"):
         (tmp_path / "data" / "geneval" / f"{split}_metadata.jsonl").write_text(json.dumps(line) + "\n")
-    server = make_server(GenEvalReward(ShapesDetector()), port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = RewardServer(GenEvalReward(ShapesDetector())).start()
+    url = server.url
     try:
         args = [*cpu, "--model.path", str(sd3_dir), "--reward.remote-url", url, "--grpo.micro-batch", "2",
                 "--grpo.num-steps", "3", "--eval.samples-per-prompt", "1"]  # fmt: skip
         assert main(["train", "sd35m_geneval_flow_grpo", *args]) == 0
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     report = json.loads((tmp_path / "runs" / "sd35m_geneval_flow_grpo" / "eval" / "iter_00001.json").read_text())
     assert report["rewards"] == {"remote": 0.0}  # no cat in a tiny random model's image
     # FLUX + HPS (a CLIP folder is what the HPS loader reads), DanceGRPO and LeapAlign.

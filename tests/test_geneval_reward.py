@@ -1,7 +1,5 @@
 """GenEval's rules over detections: hand-made detections, the Shapes detector on rendered scenes, the server."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,8 @@ from rewardflow.rewards.geneval import (
     load_detector,
     shapes_metadata,
 )
-from rewardflow.rewards.remote import RemoteReward, make_server
+from rewardflow.rewards.remote import RemoteReward
+from rewardflow.rewards.server import RewardServer
 from rewardflow.shapes.grammar import parse_prompt
 from rewardflow.shapes.prompts import eval_prompts
 from rewardflow.shapes.render import render
@@ -105,13 +104,11 @@ def test_geneval_metadata_travels_to_a_server_and_scores_match():
     prompts = [s.text for s in specs][::-1]  # mismatched on purpose: a spread of scores
     metadata = [shapes_metadata(p) for p in prompts]
     reward = GenEvalReward(ShapesDetector())
-    server = make_server(reward, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = RewardServer(reward).start()
     try:
-        remote = RemoteReward(f"http://127.0.0.1:{server.server_address[1]}")(images, prompts, metadata)
+        remote = RemoteReward(server.url)(images, prompts, metadata)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     local = reward(images, prompts, metadata)
     assert remote.scores.tolist() == local.scores.tolist()
     assert remote.details["strict"].tolist() == local.details["strict"].tolist()

@@ -3,13 +3,13 @@
 import http.client
 import json
 import random
-import threading
 
 import pytest
 import torch
 
 from rewardflow.rewards.image import JpegSize
-from rewardflow.rewards.remote import RemoteReward, encode_png, make_server
+from rewardflow.rewards.remote import RemoteReward, encode_png
+from rewardflow.rewards.server import RewardServer, ServerLimits
 from rewardflow.types import RewardOutput
 
 PROMPTS = ["a red circle", "two squares", "a blue triangle"]
@@ -24,22 +24,20 @@ def _images(n: int = 3, size: int = 16) -> torch.Tensor:
 def serve():
     started = []
 
-    def start(reward, **kwargs):
-        server = make_server(reward, port=0, **kwargs)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    def start(reward, token=None, **limits):
+        server = RewardServer(reward, port=0, token=token, limits=ServerLimits(**limits)).start()
         started.append(server)
-        return server, f"http://127.0.0.1:{server.server_address[1]}"
+        return server, server.url
 
     yield start
     for server in started:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 def test_remote_scores_equal_in_process_scores_and_batches(serve):
     reward = JpegSize(sign=-1.0)
     server, url = serve(reward)
-    assert server.server_address[0] == "127.0.0.1"
+    assert server.address[0] == "127.0.0.1"
     images = _images(5)
     prompts = PROMPTS + PROMPTS[:2]
     remote = RemoteReward(url, batch_size=2)  # three requests of 2, 2 and 1 images
@@ -105,8 +103,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(serve):
 
 def test_a_dead_or_failing_server_makes_the_client_fail_clearly(serve):
     server, url = serve(JpegSize(sign=1.0))
-    server.shutdown()
-    server.server_close()
+    server.stop()
     with pytest.raises(RuntimeError, match=r"did not answer after 3 attempts .*serve-reward"):
         RemoteReward(url, retries=2, backoff=0.01, timeout=2)(_images(1), PROMPTS[:1], [{}])
 
@@ -137,7 +134,6 @@ def test_a_training_run_whose_reward_server_fails_stops_with_its_last_checkpoint
     serve, tmp_path, tiny_run_args, monkeypatch
 ):
     from rewardflow.cli import main
-    from rewardflow.rewards import REWARDS
     from rewardflow.utils.checkpoint import load_state
 
     calls = {"n": 0}
@@ -155,16 +151,14 @@ def test_a_training_run_whose_reward_server_fails_stops_with_its_last_checkpoint
     run = tmp_path / "run"
     args = ["--run-dir", str(run), "--iterations", "3", "--save-every", "1", "--reward.names", "remote",
             "--reward.remote-url", url, *tiny_run_args]  # fmt: skip
-    quick = lambda cfg: RemoteReward(cfg.remote_url, retries=2, backoff=0.01)  # noqa: E731
-    monkeypatch.setitem(REWARDS, "remote", quick)  # short waits between retries in a test
+    args += ["--reward.remote-retries", "2", "--reward.remote-backoff", "0.01"]  # short waits in a test
     with pytest.raises(RuntimeError, match="HTTP 500: .*fell over"):
         main(["train", "shapes_grpo_smoke", *args])
     state = load_state(run / "checkpoints" / "state_00002.pt")
     assert state["iteration"] == 2 and (run / "checkpoints" / "iter_00002.safetensors").is_file()
 
     # The server is killed: the resumed run retries, then stops with the URL in the message, its checkpoint intact.
-    server.shutdown()
-    server.server_close()
+    server.stop()
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     with pytest.raises(RuntimeError, match=r"did not answer after 3 attempts"):
         main(["train", "shapes_grpo_smoke", *args, "--resume"])

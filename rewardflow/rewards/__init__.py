@@ -22,7 +22,7 @@ REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "hps": lambda cfg: _hps(cfg.hps_model, cfg.device),
     "imagereward": lambda cfg: _imagereward(cfg.imagereward_model, cfg.device),
     "ocr": lambda cfg: _ocr(),
-    "remote": lambda cfg: _remote(cfg.remote_url, cfg.remote_token_env),
+    "remote": lambda cfg: _remote(cfg),
     "geneval": lambda cfg: _geneval(cfg.geneval_detector),
     "unifiedreward": lambda cfg: _vlm(cfg),
 }
@@ -51,10 +51,12 @@ def _vlm(cfg: RewardConfig) -> RewardFn:
     return VLMScoreReward(cfg.vlm_url, cfg.vlm_model, template, token=_token("vlm_token_env", cfg.vlm_token_env))
 
 
-def _remote(url: str, token_env: str) -> RewardFn:
+def _remote(cfg: RewardConfig) -> RewardFn:
     from rewardflow.rewards.remote import RemoteReward
 
-    return RemoteReward(url, token=_token("remote_token_env", token_env))
+    token = _token("remote_token_env", cfg.remote_token_env)
+    return RemoteReward(cfg.remote_url, token=token, timeout=cfg.remote_timeout, retries=cfg.remote_retries,
+                        backoff=cfg.remote_backoff)  # fmt: skip
 
 
 def _ocr() -> RewardFn:

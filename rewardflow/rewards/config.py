@@ -51,6 +51,13 @@ class RewardConfig:
     """remote: the base URL of a ``rewardflow serve-reward`` server, e.g. http://127.0.0.1:18085."""
     remote_token_env: str = ""
     """remote: the environment variable holding the server's bearer token (the token never goes in a config)."""
+    remote_timeout: float = 60.0
+    """remote: seconds to wait for one answer (a request still waiting is logged every 30 s)."""
+    remote_retries: int = 3
+    """remote: further attempts after a connection failure, a timeout or a 5xx answer; then training stops with a
+    message naming the URL, its last checkpoint intact."""
+    remote_backoff: float = 1.0
+    """remote: seconds before the first retry, doubling each time (a 503's Retry-After, when longer, instead)."""
 
     def __post_init__(self) -> None:
         if not self.names or len(set(self.names)) != len(self.names):
@@ -59,6 +66,11 @@ class RewardConfig:
             raise ValueError(
                 f"reward.weights must have one weight per reward in reward.names ({len(self.names)}), "
                 f"got {len(self.weights)}"
+            )
+        if not self.remote_timeout > 0 or self.remote_retries < 0 or self.remote_backoff < 0:
+            raise ValueError(
+                f"reward.remote_timeout must be > 0, reward.remote_retries and reward.remote_backoff >= 0, got "
+                f"{self.remote_timeout}, {self.remote_retries}, {self.remote_backoff}"
             )
         if self.aggregate not in ("reward", "advantage", "loss"):
             raise ValueError(f"reward.aggregate must be 'reward', 'advantage' or 'loss', got {self.aggregate!r}")
