@@ -260,15 +260,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     from rewardflow.run_state import TrainingStopped
+    from rewardflow.utils.errors import RunFailed
 
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ValueError, PromptError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except TrainingStopped as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; the checkpoints saved before are intact (--resume continues)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -8,10 +8,12 @@ complete one, skipping damaged ones; ``StopSignals`` turns SIGTERM / SIGINT into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +206,25 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """Remembers SIGTERM / SIGINT instead of dying mid-update; the loop saves and stops at the iteration's end."""
+    """Remembers SIGTERM / SIGINT instead of dying mid-update; the loop saves and stops at the iteration's end.
+
+    A second signal stops at once (KeyboardInterrupt), except while a checkpoint is being written (:meth:`saving`):
+    the save finishes first, so the folder never holds half a checkpoint that a later signal cut short.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._saving = False
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Within this context a second signal waits for the end of the save, then stops."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -217,6 +233,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and self._saving:
+            log.warning("%s received again: the checkpoint is being written and will be finished first",
+                        signal.Signals(signum).name)  # fmt: skip
+            return
         if self.received is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.received = signum

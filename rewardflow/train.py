@@ -35,6 +35,7 @@ from rewardflow.run_state import (
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import state_files
 from rewardflow.utils.ema import EMA, warmup_decay
+from rewardflow.utils.errors import RunFailed
 from rewardflow.utils.logging import append_jsonl, plot_curves, read_jsonl, save_grid, setup_file_logging
 from rewardflow.utils.trackers import Trackers
 
@@ -156,6 +157,31 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
             handler.close()
 
 
+def save_all(cfg: TrainConfig, method: Algorithm, tools: Tools, run: Path, done: int, world: distributed.World,
+             sharded: bool) -> None:  # fmt: skip
+    """The checkpoint of iteration ``done``: EMA weights, resume state, and for a diffusers model its export.
+
+    Every file is written beside its name and moved into place, so a failed write (a full disk) leaves the previous
+    checkpoint whole; the failure is one message naming the folder.
+    """
+    policy, optimizer, ema = tools.policy, tools.optimizer, tools.ema
+    try:
+        if sharded:
+            full = save_sharded(method, policy, optimizer, ema, run, cfg.keep_checkpoints, done, world.main)
+            if world.main and exportable(cfg):  # the EMA weights as a plain pipeline loads them
+                write_export(policy, cfg, run, done, run / "diffusers", state=full)
+        elif world.main:
+            save(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints)
+            if exportable(cfg):
+                with ema.swapped():
+                    write_export(policy, cfg, run, done, run / "diffusers")
+    except OSError as err:
+        raise RunFailed(
+            f"could not write the checkpoint of iteration {done} in {run}: {err.strerror or err}; the checkpoints "
+            f"saved before it are intact (free space, then --resume)"
+        ) from err
+
+
 def layout(cfg: TrainConfig, world: distributed.World, group_ids: torch.Tensor) -> RowLayout:
     """Which of the iteration's rows (``group_ids``: every row's group) this rank holds."""
     a = cfg.algo
@@ -175,7 +201,7 @@ def _loop(
     stop: StopSignals,
     sharded: bool = False,
 ) -> Path:
-    policy, optimizer, ema = tools.policy, tools.optimizer, tools.ema
+    policy, ema = tools.policy, tools.ema
     params = policy.trainable_parameters()
     metrics_path = run / "metrics.jsonl"
     log.info("%s; %d trainable parameters; %d process(es)", cfg.summary(), sum(p.numel() for p in params),
@@ -226,7 +252,7 @@ def _loop(
                 save_grid(images[:64], run / "samples" / f"train_{done:05d}.png")
                 trackers.log_image("samples/train", run / "samples" / f"train_{done:05d}.png", done)
         if bad_in_a_row >= cfg.max_bad_iterations:
-            raise RuntimeError(
+            raise RunFailed(
                 f"{bad_in_a_row} iterations in a row skipped their update for non-finite rewards or gradients "
                 f"(iteration {done}); the last checkpoint in {run / 'checkpoints'} is from before them. Lower "
                 "optim.lr or the clip range, or check the reward"
@@ -236,15 +262,8 @@ def _loop(
         stopping = distributed.any_rank(stop.received is not None)
         if done % cfg.save_every == 0 or done == cfg.iterations or stopping:
             distributed.check_in_step(params, "trained weights")
-            if sharded:
-                full = save_sharded(method, policy, optimizer, ema, run, cfg.keep_checkpoints, done, world.main)
-                if world.main and exportable(cfg):  # the EMA weights as a plain pipeline loads them
-                    write_export(policy, cfg, run, done, run / "diffusers", state=full)
-            elif world.main:
-                save(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints)
-                if exportable(cfg):
-                    with ema.swapped():
-                        write_export(policy, cfg, run, done, run / "diffusers")
+            with stop.saving():
+                save_all(cfg, method, tools, run, done, world, sharded)
             if world.main:
                 plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
             distributed.barrier()

@@ -313,7 +313,9 @@ def test_dotted_overrides_rebuild_and_recheck_the_config():
         apply_overrides(cfg, ["draft.micro_batch=7"])
 
 
-def test_non_finite_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(tmp_path, tiny_run_args, monkeypatch):
+def test_non_finite_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(
+    tmp_path, tiny_run_args, monkeypatch, capsys
+):
     from rewardflow.rewards import REWARDS
     from rewardflow.shapes.reward import ShapesJudgeReward
     from rewardflow.types import RewardOutput
@@ -341,8 +343,8 @@ def test_non_finite_rewards_skip_the_update_and_too_many_in_a_row_stop_the_run(t
     calls["n"], nan_chunks = 0, set(range(3, 100))
     run2 = tmp_path / "run2"
     args[args.index(str(run))] = str(run2)
-    with pytest.raises(RuntimeError, match="2 iterations in a row skipped their update"):
-        main([*args, *tiny_run_args])
+    assert main([*args, *tiny_run_args]) == 1  # one message, no traceback
+    assert "2 iterations in a row skipped their update" in capsys.readouterr().err
     assert load_state(run2 / "checkpoints" / "state_00001.pt")["iteration"] == 1
 
 

@@ -131,7 +131,7 @@ def test_a_dead_or_failing_server_makes_the_client_fail_clearly(serve):
 
 
 def test_a_training_run_whose_reward_server_fails_stops_with_its_last_checkpoint_intact(
-    serve, tmp_path, tiny_run_args, monkeypatch
+    serve, tmp_path, tiny_run_args, capsys
 ):
     from rewardflow.cli import main
     from rewardflow.utils.checkpoint import load_state
@@ -152,16 +152,17 @@ def test_a_training_run_whose_reward_server_fails_stops_with_its_last_checkpoint
     args = ["--run-dir", str(run), "--iterations", "3", "--save-every", "1", "--reward.names", "remote",
             "--reward.remote-url", url, *tiny_run_args]  # fmt: skip
     args += ["--reward.remote-retries", "2", "--reward.remote-backoff", "0.01"]  # short waits in a test
-    with pytest.raises(RuntimeError, match="HTTP 500: .*fell over"):
-        main(["train", "shapes_grpo_smoke", *args])
+    assert main(["train", "shapes_grpo_smoke", *args]) == 1  # one message naming the URL, no traceback
+    err = capsys.readouterr().err
+    assert f"reward server {url}/score did not answer after 3 attempts" in err and "fell over" in err
     state = load_state(run / "checkpoints" / "state_00002.pt")
     assert state["iteration"] == 2 and (run / "checkpoints" / "iter_00002.safetensors").is_file()
 
     # The server is killed: the resumed run retries, then stops with the URL in the message, its checkpoint intact.
     server.stop()
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
-    with pytest.raises(RuntimeError, match=r"did not answer after 3 attempts"):
-        main(["train", "shapes_grpo_smoke", *args, "--resume"])
+    assert main(["train", "shapes_grpo_smoke", *args, "--resume"]) == 1
+    assert "did not answer after 3 attempts" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
     # A server answers again (a new one on another port): the run finishes.

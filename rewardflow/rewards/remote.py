@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from rewardflow.types import RewardOutput
+from rewardflow.utils.errors import RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def post_json(
             raise ValueError(f"reward server {url} answered something that is not JSON: {e}") from e
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             failure = str(getattr(e, "reason", e))
-    raise RuntimeError(f"reward server {url} did not answer after {retries + 1} attempts (last: {failure}); {hint}")
+    raise RunFailed(f"reward server {url} did not answer after {retries + 1} attempts (last: {failure}); {hint}")
 
 
 class _still_waiting:  # noqa: N801 (used as a context manager, like a function)
