@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -21,7 +21,7 @@ from rewardflow.algorithms.registry import ALGORITHMS, DEFAULT, build
 from rewardflow.evaluate import EvalConfig
 from rewardflow.models.config import ModelConfig
 from rewardflow.rewards.config import RewardConfig
-from rewardflow.utils.configs import check_finite, from_dict, to_yaml
+from rewardflow.utils.configs import Count, Natural, NonNegative, Positive, Range, check_fields, from_dict, to_yaml
 from rewardflow.utils.trackers import TRACKERS
 
 AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]
@@ -34,12 +34,11 @@ class OptimConfig:
     Betas 0.9 / 0.999 and eps 1e-8 are AdamW's own defaults, as in every official script.
     """
 
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
+    lr: Positive = 3e-4
+    weight_decay: NonNegative = 1e-4
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        check_fields(self, "optim")
 
 
 @dataclass
@@ -50,29 +49,29 @@ class RunConfig:
     algorithm: AlgorithmName = DEFAULT
     """The training method, one of the registered algorithms; its settings are the section of the same name
     (docs/papers.md lists each with its paper and preset)."""
-    iterations: int = 60
+    iterations: Count = 60
     seed: int = 0
     train_prompts: str = "shapes:train"
     balance_prompts_by: str = ""
     """Metadata key whose values are drawn equally often (``"category"`` for the Shapes sets); empty draws
     every training prompt with equal probability."""
-    prompts_per_iter: int = 16
-    group_size: int = 8
+    prompts_per_iter: Count = 16
+    group_size: Count = 8
     overlap_scoring: bool = True
     """Score each rollout chunk (``micro_batch`` rows) in a worker thread while the next one samples; the
     results are bit-identical to scoring after the rollout, only faster when the reward is slow or remote."""
-    ema_decay: float = 0.9
+    ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.9
     """EMA of the trained weights for evaluation and checkpoints (decay min((1+k)/(10+k), ema_decay))."""
-    ema_every: int = 8
+    ema_every: Count = 8
     """Optimizer steps between EMA updates (Flow-GRPO: 8)."""
-    eval_every: int = 0
+    eval_every: Natural = 0
     """Iterations between evaluations (0: only before and after training)."""
-    save_every: int = 20
-    keep_checkpoints: int = 2
+    save_every: Count = 20
+    keep_checkpoints: Count = 2
     """Resume states kept (the newest; older ones are deleted). The EMA exports ``iter_*.safetensors`` all stay."""
-    max_bad_iterations: int = 5
+    max_bad_iterations: Count = 5
     """Stop after this many iterations in a row whose update was skipped for non-finite rewards or gradients."""
-    threads: int = 0
+    threads: Natural = 0
     """torch CPU threads (0: torch's default)."""
     trackers: tuple[Literal["tensorboard", "wandb"], ...] = ()
     """Also log to these experiment trackers: tensorboard, wandb (optional packages; metrics.jsonl always)."""
@@ -84,17 +83,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
-        check_finite(self)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no averaging), got {self.ema_decay}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0 (0: only before and after training), got {self.eval_every}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
-        for name in ("iterations", "prompts_per_iter", "group_size", "ema_every", "save_every", "keep_checkpoints",
-                     "max_bad_iterations"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
         if any(t not in TRACKERS for t in self.trackers) or len(set(self.trackers)) != len(self.trackers):
             raise ValueError(
                 f"trackers must list each of {', '.join(TRACKERS)} at most once, got {list(self.trackers)}"

@@ -32,6 +32,7 @@ from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.sampling.rollout import rollout
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import load_safetensors_checked, save_safetensors_atomic
+from rewardflow.utils.configs import Count
 
 
 @dataclass
@@ -42,11 +43,11 @@ class EvalConfig(SamplerConfig):
     """
 
     SECTION = "eval"
-    num_steps: int = 40
+    num_steps: Count = 40
     prompts: str = "shapes:eval"
-    samples_per_prompt: int = 4
+    samples_per_prompt: Count = 4
     seed: int = 20261122
-    batch_size: int = 120
+    batch_size: Count = 120
     rewards: tuple[str, ...] = ()
     """Registered rewards scored on the evaluation images besides the judge (their means in the report's
     ``rewards``), e.g. the learned reward a direct-gradient run optimises, to see it next to the truth."""
@@ -58,9 +59,6 @@ class EvalConfig(SamplerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("samples_per_prompt", "num_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         unknown = [n for n in self.rewards if n not in REWARDS]
         if unknown:
             raise ValueError(f"eval.rewards has unknown rewards {unknown}; registered rewards: {', '.join(REWARDS)}")

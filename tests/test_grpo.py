@@ -152,7 +152,7 @@ def test_micro_batch_accumulation_matches_full_batch_gradient(tiny_config):
         with torch.no_grad():  # move the policy off the reference so that the KL term has a gradient
             for p in policy.trainable_parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        cfg = GRPOConfig(num_steps=3, micro_batch=micro, optimizer_steps=1, kl_beta=0.5, grad_clip=float("inf"))
+        cfg = GRPOConfig(num_steps=3, micro_batch=micro, optimizer_steps=1, kl_beta=0.5, grad_clip=1e9)
         batch = _batch(policy, GRPOConfig(num_steps=3, micro_batch=8), seed=3)
         grads.append(update_gradient(policy, batch, torch.linspace(-1, 1, 8), cfg))
     assert grads[0].norm() > 0
@@ -167,7 +167,7 @@ def test_kl_every_computes_the_kl_term_in_rotating_forwards_weighted_up(tiny_con
     with torch.no_grad():  # off the reference, so that the KL term has a gradient
         for p in policy.trainable_parameters():
             p.add_(0.01 * torch.randn_like(p))
-    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1, kl_beta=0.5, kl_every=2, grad_clip=float("inf"))
+    cfg = GRPOConfig(num_steps=3, micro_batch=4, optimizer_steps=1, kl_beta=0.5, kl_every=2, grad_clip=1e9)
     batch = _batch(policy, GRPOConfig(num_steps=3, micro_batch=4), seed=3)
     calls = []
     real = grpo.step_terms

@@ -49,7 +49,11 @@ def test_pretrain_writes_checkpoints_and_an_interrupted_run_resumes_exactly(tmp_
     with pytest.raises(KeyboardInterrupt):
         pretrain(config(tmp_path / "resumed"))
     monkeypatch.setattr(pretrain_module, "scene_batch", real)
-    resumed = pretrain(config(tmp_path / "resumed"))
+    with pytest.raises(FileExistsError, match="is not empty; pick another --out-dir or pass --resume"):
+        pretrain(config(tmp_path / "resumed"))
+    with pytest.raises(ValueError, match="these settings differ from its pretrain_config.json: lr"):
+        pretrain(config(tmp_path / "resumed", resume=True, lr=1e-3))
+    resumed = pretrain(config(tmp_path / "resumed", resume=True))
     for name in ("step_00004.safetensors", "ema_00004.safetensors"):
         assert same_weights(whole / name, resumed / name), name
 
@@ -91,5 +95,19 @@ def test_category_weights_draw_only_the_weighted_categories():
     "bad", [(1.0, 1.0), (1.0, 1.0, 1.0, 1.0, -1.0, 1.0), (0.0,) * 6, (1.0, 1.0, 1.0, 1.0, 1.0, float("nan"))]
 )
 def test_bad_category_weights_name_the_field_and_what_is_allowed(bad):
-    with pytest.raises(ValueError, match=r"pretrain\.category_weights must be 6 non-negative numbers"):
+    with pytest.raises(ValueError, match=r"pretrain\.category_weights must be (6 non-negative numbers|>= 0|a finite)"):
         PretrainConfig(category_weights=bad)
+
+
+def test_a_damaged_pretraining_state_is_reported_and_the_previous_one_is_used(tmp_path, caplog):
+    whole = pretrain(config(tmp_path / "whole", steps=6))
+    run = tmp_path / "run"
+    pretrain(config(run, steps=6))
+    states = sorted(p.name for p in run.glob("state_*.pt"))
+    assert states == ["state_00004.pt", "state_00006.pt"]  # the two newest, each with its checksum
+    (run / "state_00006.pt").write_bytes((run / "state_00006.pt").read_bytes()[:-100])  # truncated
+    for name in ("step_00006.safetensors", "ema_00006.safetensors"):
+        (run / name).unlink()
+    pretrain(config(run, steps=6, resume=True))
+    assert "does not match its checksum" in caplog.text
+    assert same_weights(whole / "step_00006.safetensors", run / "step_00006.safetensors")

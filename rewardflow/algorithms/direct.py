@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
@@ -25,6 +25,7 @@ from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.grad import Velocity, checkpointed
 from rewardflow.types import RewardOutput
 from rewardflow.utils import distributed
+from rewardflow.utils.configs import Count, Positive, Range
 
 
 @dataclass
@@ -36,28 +37,14 @@ class DirectConfig(SamplerConfig):
     """
 
     SECTION = "direct"
-    num_steps: int = 20
-    hinge: float | None = None
+    num_steps: Annotated[int, Range(2)] = 20
+    hinge: Annotated[float | None, Range(0, low_open=True)] = None
     """Loss ``relu(hinge - r)`` instead of ``-r`` (ReFL: 2 on ImageReward's scale): good images stop pulling."""
     checkpointing: bool = True
     """Recompute each grad-carrying model call in the backward pass instead of storing its activations."""
-    micro_batch: int = 16
-    optimizer_steps: int = 1
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        s = self.SECTION
-        if self.num_steps < 2:
-            raise ValueError(f"{s}.num_steps must be >= 2, got {self.num_steps}")
-        if self.hinge is not None and self.hinge <= 0:
-            raise ValueError(f"{s}.hinge must be > 0 (or unset for the loss -r), got {self.hinge}")
-        if self.guidance_scale < 1 or self.grad_clip <= 0:
-            raise ValueError(
-                f"{s}.guidance_scale must be >= 1 and {s}.grad_clip > 0, got {self.guidance_scale}, {self.grad_clip}"
-            )
-        if self.micro_batch < 1 or self.optimizer_steps < 1:
-            raise ValueError(f"{s}.micro_batch and {s}.optimizer_steps must be >= 1")
+    micro_batch: Count = 16
+    optimizer_steps: Count = 1
+    grad_clip: Positive = 1.0
 
     def check_batch(self, rows: int) -> None:
         batching.check_split(rows, self.micro_batch, self.optimizer_steps, self.SECTION)

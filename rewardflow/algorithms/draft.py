@@ -32,6 +32,7 @@ from rewardflow.algorithms.direct import DirectConfig, Gen, MicroBatchLoss, bind
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import Velocity, renoised_last_step, stopped_euler, truncated_euler
+from rewardflow.utils.configs import Count, Natural
 
 METHODS = ("draft", "draft-lv", "refl", "alignprop")
 
@@ -42,15 +43,15 @@ class DraftConfig(DirectConfig):
 
     SECTION = "draft"
     method: Literal["draft", "draft-lv", "refl", "alignprop"] = "draft"
-    k: int = 1
+    k: Count = 1
     """``draft``: how many of the last steps carry gradient (``num_steps``: full backprop)."""
-    lv_samples: int = 2
+    lv_samples: Count = 2
     """``draft-lv``: re-noised gradient samples per image (DRaFT uses 2)."""
     lv_include_base: bool = True
     """``draft-lv``: also train the ordinary last step of the real trajectory."""
-    refl_last: int = 5
+    refl_last: Count = 5
     """``refl``: the stop step is drawn among the last this many steps (ImageReward: the last 10 of 40)."""
-    alignprop_min: int = 10
+    alignprop_min: Natural = 10
     """``alignprop``: the first grad-carrying step is drawn in ``[alignprop_min, num_steps)``."""
 
     def __post_init__(self) -> None:
@@ -67,8 +68,6 @@ class DraftConfig(DirectConfig):
             raise ValueError(
                 f"draft.alignprop_min must be in [0, draft.num_steps = {steps}), got {self.alignprop_min}"
             )
-        if m == "draft-lv" and self.lv_samples < 1:
-            raise ValueError(f"draft.lv_samples must be >= 1, got {self.lv_samples}")
 
     def sample(
         self,

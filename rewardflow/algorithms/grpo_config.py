@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -16,6 +16,7 @@ from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.sde import STEPS
 from rewardflow.sampling.windows import SDEWindow
 from rewardflow.types import StepOutput
+from rewardflow.utils.configs import Count, Fraction, Natural, NonNegative, Positive, Range
 
 
 def trained_step_count(fraction: float, steps: int) -> int:
@@ -32,37 +33,39 @@ class GRPOConfig(SamplerConfig):
     """
 
     SECTION = "grpo"
+    num_steps: Annotated[int, Range(2)] = 10
+    """Sampler steps in training rollouts (the last, deterministic one is never trained; evaluation uses more)."""
     sde_type: Literal["flow", "dance", "cps"] = "flow"
     """The stochastic step of rollouts and training: Flow-GRPO's SDE (``g = a sqrt(sigma / (1 - sigma))``),
     DanceGRPO's constant ``g = eta``, or coefficients-preserving sampling (fresh-noise std
     ``sigma_next sin(a pi / 2)``); ``noise_level`` is ``a``, ``eta`` or the CPS ``a``."""
-    noise_level: float = 0.7
+    noise_level: Positive = 0.7
     """``a`` (flow; the paper's ablation found 0.7 best for SD3.5), ``eta`` (dance; DanceGRPO uses 0.3) or the
     CPS ``a`` in (0, 1] (Flow-GRPO's README: 0.8)."""
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
+    clip_range: NonNegative = 1e-4
+    adv_clip_max: NonNegative = 5.0
     global_std: bool = True
     """Normalise advantages by the std of the whole batch (True) or of each group."""
     std_unbiased: bool = False
     """Bessel-corrected std (DanceGRPO: torch's default) instead of the population std (Flow-GRPO: numpy's)."""
-    adv_eps: float = 1e-4
+    adv_eps: Positive = 1e-4
     """Added to the std before dividing (Flow-GRPO 1e-4, DanceGRPO 1e-8)."""
-    kl_beta: float = 0.04
-    kl_every: int = 1
+    kl_beta: NonNegative = 0.04
+    kl_every: Count = 1
     """Compute the KL term in one of every ``kl_every`` training forwards (micro-batch, step), weighted by
     ``kl_every``: since the rows are random draws, an unbiased estimate of the full term, without that share of the
     reference's forwards. Which steps carry it rotates with the micro-batch, so over ``kl_every`` micro-batches
     every step does."""
     kl_form: Literal["code", "paper"] = "code"
-    micro_batch: int = 32
+    micro_batch: Count = 32
     """Rows per rollout chunk and per training micro-batch (equal shapes keep the on-policy ratio exactly 1)."""
-    optimizer_steps: int = 2
+    optimizer_steps: Count = 2
     """Optimizer steps per iteration (the rows are split into this many accumulation groups, in order)."""
-    grad_clip: float = 1.0
+    grad_clip: Positive = 1.0
     same_initial_noise: bool = False
     """DanceGRPO: every image of a group starts from the same initial noise (the SDE noise still differs), so
     the reward differences within a group come from the sampling path alone."""
-    sde_window: int = 0
+    sde_window: Natural = 0
     """Flow-GRPO-Fast: the number W of consecutive SDE steps per rollout, at a random start in
     ``sde_window_range``; every other step is an ODE step and only the window is trained. 0: every step but the
     last is an SDE step (plain Flow-GRPO)."""
@@ -72,18 +75,18 @@ class GRPOConfig(SamplerConfig):
     """Where the window sits each iteration: a uniform random start (Flow-GRPO-Fast), or MixGRPO's sliding
     window moving from ``lo`` to ``hi - W`` over training ("progressive": ``window_iters`` iterations per
     position; "decay": the stay shrinks linearly to ``window_iters_min`` over one sweep)."""
-    window_iters: int = 25
+    window_iters: Count = 25
     """MixGRPO: iterations the window stays at one position (the first position, for "decay")."""
-    window_iters_min: int = 1
+    window_iters_min: Count = 1
     """MixGRPO "decay": iterations at the last position of a sweep."""
-    window_stride: int = 1
+    window_stride: Count = 1
     """MixGRPO: steps the window moves at a time."""
-    timestep_fraction: float = 1.0
+    timestep_fraction: Fraction = 1.0
     """Fraction of the SDE steps trained, a random subset of ``int(fraction * steps)`` (truncated, as DanceGRPO and
     DiffusionNFT count; at least one) drawn for each sample. Steps of
     one trajectory share its advantage, so training fewer steps of more trajectories buys more independent
     signal per unit of compute (Flow-GRPO's and DanceGRPO's ``timestep_fraction``; DanceGRPO uses 0.6)."""
-    best_worst_k: int = 0
+    best_worst_k: Natural = 0
     """DanceGRPO's best-of-N selection: train only the ``k/2`` highest- and ``k/2`` lowest-advantage rows of
     each group (k even, at most the group size); 0 trains every row."""
     drop_zero_advantage: bool = False
@@ -98,23 +101,6 @@ class GRPOConfig(SamplerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_steps < 2:
-            raise ValueError(f"grpo.num_steps must be >= 2 (the last step is never trained), got {self.num_steps}")
-        if self.noise_level <= 0:
-            raise ValueError(f"grpo.noise_level must be > 0 (0 makes every step an ODE step), got {self.noise_level}")
-        if not self.adv_eps > 0:
-            raise ValueError(f"grpo.adv_eps must be > 0, got {self.adv_eps}")
-        for name in ("clip_range", "adv_clip_max", "kl_beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
-        if self.kl_every < 1:
-            raise ValueError(f"grpo.kl_every must be >= 1 (1: the KL term in every forward), got {self.kl_every}")
-        if self.micro_batch < 1 or self.optimizer_steps < 1:
-            raise ValueError("grpo.micro_batch and grpo.optimizer_steps must be >= 1")
-        if not self.grad_clip > 0:  # a negative max norm would reverse the update (clip_grad_norm_ scales by it)
-            raise ValueError(f"grpo.grad_clip must be > 0, got {self.grad_clip}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         lo, hi = self.window_bounds
         if self.sde_window < 0 or not 0 <= lo < hi <= self.num_steps - 1 or self.sde_window > hi - lo:
             raise ValueError(
@@ -129,10 +115,9 @@ class GRPOConfig(SamplerConfig):
             raise ValueError(
                 f"grpo.window_schedule must be 'random', 'progressive' or 'decay', got {self.window_schedule!r}"
             )
-        if self.window_stride < 1 or not 1 <= self.window_iters_min <= self.window_iters:
+        if self.window_iters_min > self.window_iters:
             raise ValueError(
-                "grpo.window_stride must be >= 1 and 1 <= grpo.window_iters_min <= grpo.window_iters, got "
-                f"{self.window_stride}, {self.window_iters_min}, {self.window_iters}"
+                f"grpo.window_iters_min must be <= grpo.window_iters, got {self.window_iters_min}, {self.window_iters}"
             )
         if self.sde_type == "cps" and self.kl_form == "code" and self.kl_beta > 0:
             raise ValueError(

@@ -29,6 +29,7 @@ from rewardflow.algorithms.direct import DirectConfig, Gen, MicroBatchLoss, bind
 from rewardflow.models.protocol import Conditioning, FlowPolicy
 from rewardflow.rewards.protocol import RewardFn
 from rewardflow.sampling.grad import leap_rollout
+from rewardflow.utils.configs import Natural, Positive, Probability
 
 
 @dataclass
@@ -36,20 +37,16 @@ class LeapAlignConfig(DirectConfig):
     """LeapAlign's settings (alpha 0.3 and tau 0.1 as in the reimplementation's config)."""
 
     SECTION = "leapalign"
-    alpha: float = 0.3
+    alpha: Probability = 0.3
     """Gradient discount of the nested term: 0 = input stop-gradient (DRTune), 1 = exact two-leap backprop."""
-    tau: float = 0.1
+    tau: Positive = 0.1
     """Floor of each leap distance (caps the weight at 1 / (2 tau))."""
-    pair_min: int = 0
-    pair_max: int = 0
+    pair_min: Natural = 0
+    pair_max: Natural = 0
     """Steps ``k < j`` are drawn in ``[pair_min, pair_max)``; 0 means ``num_steps``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"leapalign.alpha must be in [0, 1], got {self.alpha}")
-        if self.tau <= 0:
-            raise ValueError(f"leapalign.tau must be > 0, got {self.tau}")
         lo, hi = self.pair_range
         if not 0 <= lo < hi - 1 or hi > self.num_steps:
             raise ValueError(

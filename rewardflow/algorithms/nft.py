@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -43,6 +43,7 @@ from rewardflow.sampling.config import SamplerConfig
 from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import IncompatibleState
+from rewardflow.utils.configs import Count, Fraction, Guidance, Natural, NonNegative, Positive, Range
 
 AdvMode = Literal["all", "positive_only", "negative_only", "one_only", "binary"]
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
@@ -58,55 +59,35 @@ class NFTConfig(SamplerConfig):
     SECTION = "nft"
     solver: str = "dpm2"
     """Deterministic rollout solver: "euler", "heun" or "dpm2" (2nd-order multistep DPM-Solver++, the paper's)."""
-    guidance_scale: float = 1.0
+    guidance_scale: Guidance = 1.0
     """CFG scale in rollouts and training (1.0: CFG-free, the paper's setting)."""
-    beta: float = 1.0
+    beta: Positive = 1.0
     """NFT's beta: how far the implicit policies sit from the old one (1.0 stable; 0.1 rises faster)."""
-    adv_clip_max: float = 5.0
+    adv_clip_max: Positive = 5.0
     """``C``: advantages are clipped to [-C, C], mapped to r = A / (2C) + 1/2, and the policy loss is scaled by C."""
     global_std: bool = True
     adv_mode: AdvMode = "all"
     """How advantages enter r: all; positive_only / negative_only (the other sign set to 0); one_only
     (A -> 1 if positive else 0); binary (A -> sign A)."""
-    ref_weight: float = 1e-4
+    ref_weight: NonNegative = 1e-4
     """``lambda`` of the velocity penalty to the reference policy (0 skips the reference forward)."""
-    timestep_fraction: float = 0.99
+    timestep_fraction: Fraction = 0.99
     """Per image, the first ``int(T * fraction)`` (at least 1) of a random permutation of its T grid sigmas."""
-    micro_batch: int = 32
-    optimizer_steps: int = 1
+    micro_batch: Count = 32
+    optimizer_steps: Count = 1
     """Optimizer steps per iteration (the official GenEval config: 1)."""
-    grad_clip: float = 1.0
-    old_decay_start: int = 0
+    grad_clip: Positive = 1.0
+    old_decay_start: Natural = 0
     """``k0`` of the old-policy schedule ``eta = min(max(0, k - k0) * rate, eta_max)``."""
-    old_decay_rate: float = 0.001
-    old_decay_max: float = 0.5
+    old_decay_rate: NonNegative = 0.001
+    old_decay_max: Annotated[float, Range(0, 1, high_open=True)] = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_steps < 1:
-            raise ValueError(f"nft.num_steps must be >= 1, got {self.num_steps}")
         if self.solver not in SOLVERS:
             raise ValueError(f"nft.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        if self.beta <= 0:
-            raise ValueError(f"nft.beta must be > 0, got {self.beta}")
-        if self.adv_clip_max <= 0:
-            raise ValueError(f"nft.adv_clip_max must be > 0, got {self.adv_clip_max}")
         if self.adv_mode not in ADV_MODES:
             raise ValueError(f"nft.adv_mode must be one of {', '.join(ADV_MODES)}, got {self.adv_mode!r}")
-        if self.ref_weight < 0 or self.old_decay_rate < 0 or self.old_decay_start < 0:
-            raise ValueError("nft.ref_weight, nft.old_decay_rate and nft.old_decay_start must be >= 0")
-        if not 0 <= self.old_decay_max < 1:
-            raise ValueError(
-                f"nft.old_decay_max must be in [0, 1) (1 would freeze the old policy), got {self.old_decay_max}"
-            )
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"nft.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if self.micro_batch < 1 or self.optimizer_steps < 1:
-            raise ValueError("nft.micro_batch and nft.optimizer_steps must be >= 1")
-        if self.grad_clip <= 0 or self.guidance_scale < 1:
-            raise ValueError(
-                f"nft.grad_clip must be > 0 and nft.guidance_scale >= 1, got {self.grad_clip}, {self.guidance_scale}"
-            )
 
     def check_batch(self, rows: int) -> None:
         """Raise unless ``rows`` splits into micro-batches and those into optimizer steps."""

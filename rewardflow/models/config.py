@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from rewardflow.utils.configs import Natural, NonNegative, check_fields
+
 
 @dataclass
 class ModelConfig:
@@ -20,9 +22,9 @@ class ModelConfig:
     path: str = ""
     """sd3 / flux / sd1: the diffusers model: a local folder (model_index.json and its subfolders) or a Hub id,
     fetched through the Hub cache (with HF_HUB_OFFLINE=1, the cache only)."""
-    resolution: int = 0
+    resolution: Natural = 0
     """sd3 / flux: image side in pixels (0: the model's native size)."""
-    max_sequence_length: int = 0
+    max_sequence_length: Natural = 0
     """sd3 / flux: T5 tokens per prompt (0: the pipeline's default, 256 for SD3 and 512 for FLUX; Flow-GRPO's SD3.5
     scripts use 128)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -33,9 +35,9 @@ class ModelConfig:
     (``fully_shard`` per block; bfloat16 compute with float32 reduction when ``dtype`` is bfloat16)."""
     gradient_checkpointing: bool = False
     """sd3 / flux: activation checkpointing in the transformer (less memory, one more forward per backward)."""
-    lora_rank: int = 0
+    lora_rank: Natural = 0
     """0 trains every weight (against a frozen reference copy); > 0 trains LoRA adapters of this rank."""
-    lora_alpha: float = 0.0
+    lora_alpha: NonNegative = 0.0
     """LoRA scale numerator; 0 means 2 * rank."""
     lora_init: Literal["gaussian", "kaiming"] = "gaussian"
     """How LoRA's A starts (B starts at 0 either way): Gaussian (Flow-GRPO, DiffusionNFT) or peft's default
@@ -61,26 +63,19 @@ class ModelConfig:
     drawn on the CPU either way, so a seed gives the same noise on every device."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         if self.kind not in ("tiny-dit", "sd3", "flux", "sd1"):
             raise ValueError(f"model.kind must be 'tiny-dit', 'sd3', 'flux' or 'sd1', got {self.kind!r}")
         if self.kind != "tiny-dit" and not self.path:
             raise ValueError(f"model.kind {self.kind!r} needs model.path, the local diffusers model folder")
-        if self.dtype not in ("float32", "bfloat16") or self.resolution < 0:
-            raise ValueError(
-                f"model.dtype must be 'float32' or 'bfloat16' and model.resolution >= 0, got {self.dtype!r}, "
-                f"{self.resolution}"
-            )
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise ValueError(
-                f"model.lora_rank and model.lora_alpha must be >= 0 (alpha 0: 2 x rank), got "
-                f"{self.lora_rank}, {self.lora_alpha}"
-            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.lora_targets and (self.kind == "tiny-dit" or not self.lora_rank):
             raise ValueError(
                 "model.lora_targets names the LoRA layers of a diffusers model (model.kind sd3, flux or "
                 "sd1) with model.lora_rank > 0; leave it empty otherwise"
             )
-        if self.max_sequence_length < 0 or (self.max_sequence_length and self.kind not in ("sd3", "flux")):
+        if self.max_sequence_length and self.kind not in ("sd3", "flux"):
             raise ValueError(
                 f"model.max_sequence_length is T5's token count for model.kind sd3 or flux (0: the "
                 f"pipeline's default), got {self.max_sequence_length} for {self.kind!r}"

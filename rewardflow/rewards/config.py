@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from rewardflow.utils.configs import Natural, NonNegative, Positive, check_fields
+
 
 @dataclass
 class RewardConfig:
@@ -20,7 +22,7 @@ class RewardConfig:
     losses summed with the weights (DanceGRPO's FLUX script; ``grpo`` only; it differs from "advantage" once a ratio
     leaves the clip band). One reward: the same in all three (its weight scales it before the normalisation, so only
     the weight's sign matters)."""
-    extra_object_penalty: float = 0.25
+    extra_object_penalty: NonNegative = 0.25
     """shapes-judge: score subtracted per detected object the prompt did not ask for."""
     score_checkpoint: str = "shipped"
     """shapes-score: the learned scorer's checkpoint ("shipped", or a file from ``rewardflow reward-model``)."""
@@ -51,26 +53,22 @@ class RewardConfig:
     """remote: the base URL of a ``rewardflow serve-reward`` server, e.g. http://127.0.0.1:18085."""
     remote_token_env: str = ""
     """remote: the environment variable holding the server's bearer token (the token never goes in a config)."""
-    remote_timeout: float = 60.0
+    remote_timeout: Positive = 60.0
     """remote: seconds to wait for one answer (a request still waiting is logged every 30 s)."""
-    remote_retries: int = 3
+    remote_retries: Natural = 3
     """remote: further attempts after a connection failure, a timeout or a 5xx answer; then training stops with a
     message naming the URL, its last checkpoint intact."""
-    remote_backoff: float = 1.0
+    remote_backoff: NonNegative = 1.0
     """remote: seconds before the first retry, doubling each time (a 503's Retry-After, when longer, instead)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "reward")
         if not self.names or len(set(self.names)) != len(self.names):
             raise ValueError(f"reward.names must list at least one reward, each once, got {list(self.names)}")
         if self.weights and len(self.weights) != len(self.names):
             raise ValueError(
                 f"reward.weights must have one weight per reward in reward.names ({len(self.names)}), "
                 f"got {len(self.weights)}"
-            )
-        if not self.remote_timeout > 0 or self.remote_retries < 0 or self.remote_backoff < 0:
-            raise ValueError(
-                f"reward.remote_timeout must be > 0, reward.remote_retries and reward.remote_backoff >= 0, got "
-                f"{self.remote_timeout}, {self.remote_retries}, {self.remote_backoff}"
             )
         if self.aggregate not in ("reward", "advantage", "loss"):
             raise ValueError(f"reward.aggregate must be 'reward', 'advantage' or 'loss', got {self.aggregate!r}")

@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 
 from rewardflow.rewards.protocol import RewardFn
+from rewardflow.utils.configs import Count, Natural, Positive, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -59,39 +60,31 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 class ServerLimits:
     """What one request, and the server as a whole, may cost (``rewardflow serve-reward --help`` shows them)."""
 
-    max_bytes: int = 32 * 2**20
+    max_bytes: Count = 32 * 2**20
     """Largest request body in bytes (checked from Content-Length and while the body streams)."""
-    max_images: int = 256
+    max_images: Count = 256
     """Most images in one request (the client sends 64 at a time)."""
-    max_pixels: int = 2048 * 2048
+    max_pixels: Count = 2048 * 2048
     """Most pixels (width x height) of one image, read from its PNG header before decoding."""
-    max_request_pixels: int = 2**24
+    max_request_pixels: Count = 2**24
     """Most pixels of all the images of one request together, and of one shared reward call (64 images of 512 x 512
     pixels, or 16 of 1024 x 1024; the client splits its batches to fit)."""
-    concurrency: int = 4
+    concurrency: Count = 4
     """Requests read, decoded and scored at once (their images may share a reward call)."""
-    queue: int = 64
+    queue: Natural = 64
     """Requests that may wait for a slot; any more are answered 503 with Retry-After."""
-    body_timeout: float = 30.0
+    body_timeout: Positive = 30.0
     """Seconds a client has to send its whole body once it holds a slot (408 after)."""
-    batch_images: int = 64
+    batch_images: Natural = 64
     """Most images in one reward call; requests waiting together are scored in one call up to this (0: each
     request on its own)."""
-    retry_after: int = 1
+    retry_after: Count = 1
     """Seconds a 503 answer asks the client to wait."""
-    backlog: int = 2048
+    backlog: Count = 2048
     """Connections the operating system queues before the server accepts them."""
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_images", "max_pixels", "max_request_pixels", "concurrency", "retry_after",
-                     "backlog"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.queue < 0 or self.batch_images < 0 or not self.body_timeout > 0:
-            raise ValueError(
-                f"--queue and --batch-images must be >= 0 and --body-timeout > 0, got {self.queue}, "
-                f"{self.batch_images}, {self.body_timeout}"
-            )
+        check_fields(self, "limits")
 
 
 class Refused(Exception):

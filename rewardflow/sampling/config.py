@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rewardflow.utils.configs import Count, Guidance, NonNegative, check_fields
+
 
 @dataclass
 class SamplerConfig:
@@ -16,15 +18,14 @@ class SamplerConfig:
 
     SECTION: ClassVar[str] = "sampler"
     """The section's name in messages (``grpo``, ``eval``, ...)."""
-    num_steps: int = 10
+    num_steps: Count = 10
     """Sampler steps (training rollouts use few; the evaluation more)."""
-    shift: float = 0.0
+    shift: NonNegative = 0.0
     """The sampling grid: 0 is the model's own (the sigmas its diffusers pipeline samples on for ``num_steps``,
     from the scheduler config in the model folder; the Shapes world's uniform grid shifted by 3 for the tiny DiT);
     > 0 is ``linspace(1, 0, T + 1)`` with this fixed shift for any model (DanceGRPO's grid, shift 3)."""
-    guidance_scale: float = 4.5
+    guidance_scale: Guidance = 4.5
     """CFG scale in sampling and in the training forward (1.0 = no CFG)."""
 
     def __post_init__(self) -> None:
-        if self.shift < 0:
-            raise ValueError(f"{self.SECTION}.shift must be >= 0 (0: the model's own grid), got {self.shift}")
+        check_fields(self, self.SECTION)

@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -25,7 +26,18 @@ from rewardflow.shapes.grammar import CATEGORIES
 from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import render
 from rewardflow.shapes.tiny_dit import ShapesTokenizer, TinyDiT, TinyDiTConfig, load_tiny_dit, save_tiny_dit
-from rewardflow.utils.configs import config_differences
+from rewardflow.utils.checkpoint import load_state, prune_states, save_state_atomic, state_files
+from rewardflow.utils.configs import (
+    Count,
+    Natural,
+    NonNegative,
+    Positive,
+    Probability,
+    Range,
+    check_fields,
+    config_differences,
+    from_dict,
+)
 from rewardflow.utils.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -37,44 +49,37 @@ class PretrainConfig:
 
     out_dir: str = "runs/pretrain"
     model: TinyDiTConfig = field(default_factory=TinyDiTConfig)
-    steps: int = 10_000
-    batch_size: int = 128
-    lr: float = 4e-4
-    warmup_steps: int = 300
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    cfg_dropout: float = 0.1
-    ema_decay: float = 0.999
-    save_every: int = 500
-    log_every: int = 50
+    steps: Count = 10_000
+    batch_size: Count = 128
+    lr: NonNegative = 4e-4
+    warmup_steps: Natural = 300
+    min_lr_ratio: Probability = 0.1
+    weight_decay: NonNegative = 0.0
+    grad_clip: Positive = 1.0
+    cfg_dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.1
+    ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.999
+    save_every: Count = 500
+    log_every: Count = 50
     seed: int = 0
     autocast: bool = True
     """bfloat16 autocast for the network where the CPU computes it natively (the loss stays float32)."""
-    resume: bool = True
-    """Continue from ``out_dir/train_state.pt`` when it exists."""
+    resume: bool = False
+    """Continue the pretraining in ``out_dir`` from its newest complete state (its settings must be these, but for
+    ``steps``); without it ``out_dir`` must be new or empty."""
     init: str | None = None
     """Start from the weights of this tiny-DiT checkpoint (its architecture replaces ``model``, except that
     ``--model.mask-padding``, which has no weights, switches the padding mask on; any other ``--model`` field set to
     something other than its default and the checkpoint's value is an error (a field at its default cannot be told
     from one left out, so it is not checked); the optimizer, EMA and schedule start afresh) instead of random ones:
     a second stage of pretraining."""
-    category_weights: tuple[float, ...] | None = None
+    category_weights: Annotated[tuple[float, ...] | None, Range(0)] = None
     """How often each category is drawn, relative to the others, in the order of ``CATEGORIES``:
     single_object, two_object, counting, colors, position, color_attr. None: uniformly."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"pretrain.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"pretrain.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        check_fields(self, "pretrain")
         weights = self.category_weights
-        if weights is not None and (
-            len(weights) != len(CATEGORIES)
-            or not all(math.isfinite(w) and w >= 0 for w in weights)
-            or sum(weights) <= 0
-        ):
+        if weights is not None and (len(weights) != len(CATEGORIES) or sum(weights) <= 0):
             raise ValueError(
                 f"pretrain.category_weights must be {len(CATEGORIES)} non-negative numbers, not all zero, one per "
                 f"category in the order {list(CATEGORIES)}; got {list(weights)}"
@@ -121,6 +126,33 @@ def _lr(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def check_out_dir(out: Path, cfg: PretrainConfig) -> None:
+    """Refuse an output folder that cannot take this run, before anything is written.
+
+    A folder that is a file; one holding a run without ``--resume``; a resumed folder whose recorded settings differ
+    from ``cfg`` (but for ``steps``, ``out_dir``, and how often it logs and saves).
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"pretrain.out_dir {out} is a file; pick another --out-dir")
+    held = out.is_dir() and any(out.iterdir())
+    if held and not cfg.resume:
+        raise FileExistsError(f"pretrain.out_dir {out} is not empty; pick another --out-dir or pass --resume")
+    if not held or not cfg.resume:
+        return
+    saved_path = out / "pretrain_config.json"
+    try:
+        saved = from_dict(PretrainConfig, json.loads(saved_path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot resume: {saved_path} is missing or not a pretraining config ({err})") from err
+    ignore = ("out_dir", "steps", "resume", "log_every", "save_every")
+    differ = config_differences(saved, cfg, ignore=ignore)
+    if differ:
+        raise ValueError(
+            f"cannot resume {out}: these settings differ from its pretrain_config.json: {', '.join(differ)} (resume "
+            "with the settings it started with; only --steps may grow)"
+        )
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run pretraining; returns the output folder (checkpoints ``step_XXXXX.safetensors`` and ``ema_XXXXX``)."""
     torch.manual_seed(cfg.seed)
@@ -139,8 +171,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.model.mask_padding and not model.config.mask_padding:
         model.config = dataclasses.replace(model.config, mask_padding=True)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     recorded = dataclasses.replace(cfg, model=model.config)  # the architecture trained, also under --init
+    check_out_dir(out, recorded)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(recorded), indent=2))
     tokenizer = ShapesTokenizer(model.config.vocabulary, model.config.max_prompt_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -148,16 +181,20 @@ def pretrain(cfg: PretrainConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    state_path = out / "train_state.pt"
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+    for path in state_files(out) if cfg.resume else ():
+        try:
+            state = load_state(path)  # checked against its SHA-256: a damaged state is skipped, the previous used
+        except ValueError as err:
+            log.warning("%s; trying the previous state", err)
+            continue
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         rng.bit_generator.state = json.loads(state["numpy_rng"])
         gen.set_state(state["torch_rng"])
         start = int(state["step"])
-        log.info("resumed pretraining at step %d from %s", start, state_path)
+        log.info("resumed pretraining at step %d from %s", start, path)
+        break
     log.info("tiny DiT: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     running, t0 = 0.0, time.time()
     for step in range(start, cfg.steps):
@@ -195,7 +232,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 "torch_rng": gen.get_state(),
                 "step": done,
             }
-            tmp = state_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(state_path)
+            save_state_atomic(state, out / f"state_{done:05d}.pt")
+            prune_states(out, keep=2)
     return out

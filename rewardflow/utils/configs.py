@@ -1,31 +1,92 @@
-"""Config dataclasses in general: finiteness, YAML, building from a mapping, and comparing two of them.
+"""Config dataclasses in general: declared ranges and their check, YAML, building from a mapping, comparing two.
 
-Every section of a run (model, reward, evaluation, each algorithm) is a dataclass that checks its own ranges in
-``__post_init__``; these helpers work on any of them, and on the composed run config.
+Every section of a run (model, reward, sampler, evaluation, each algorithm) is a dataclass whose numeric fields
+declare their allowed range in their annotation (:class:`Range`, or an alias such as :data:`Count`); its
+``__post_init__`` calls :func:`check_fields`, the one place where ranges and finiteness are checked, and then checks
+what spans several fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import yaml
 
 
-def check_finite(cfg: Any, where: str = "") -> None:
-    """Refuse NaN and infinity in every float field of ``cfg`` and its sections (tuples included), naming the field.
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field, declared in its annotation: ``Annotated[float, Range(0, 1)]``.
 
-    A range check like ``x <= 0`` is false for NaN, so without this a NaN would pass them all.
+    ``low`` and ``high`` are inclusive unless ``low_open`` / ``high_open``; None is unbounded. :func:`check_fields`
+    enforces them (and finiteness) for every field of a config, in one place.
     """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, x: float) -> bool:
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        return self.high is None or (x < self.high if self.high_open else x <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# The ranges most fields need, by name.
+Count = Annotated[int, Range(1)]
+"""An integer >= 1 (steps, sizes, iterations)."""
+Natural = Annotated[int, Range(0)]
+"""An integer >= 0 (0 usually meaning "off" or "default")."""
+Positive = Annotated[float, Range(0, low_open=True)]
+"""A float > 0 (learning rates, clip norms, timeouts)."""
+NonNegative = Annotated[float, Range(0)]
+"""A float >= 0 (weights of penalty terms, shifts)."""
+Fraction = Annotated[float, Range(0, 1, low_open=True)]
+"""A float in (0, 1]."""
+Probability = Annotated[float, Range(0, 1)]
+"""A float in [0, 1]."""
+Guidance = Annotated[float, Range(1)]
+"""A classifier-free guidance scale, >= 1 (1: no guidance)."""
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def check_fields(cfg: Any, section: str = "") -> None:
+    """Check every field of the config dataclass ``cfg``: floats finite, numbers in their declared :class:`Range`.
+
+    Tuples are checked item by item. The error names ``section.field``, the allowed range and the value. Nested
+    sections are checked by their own ``__post_init__``, which calls this with their name.
+    """
+    hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        value, name = getattr(cfg, f.name), f"{where}.{f.name}".lstrip(".")
+        value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            check_finite(value, name)
             continue
+        name = f"{section}.{f.name}" if section else f.name
+        ranges = [m for m in getattr(hints.get(f.name), "__metadata__", ()) if isinstance(m, Range)]
         for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v}")
+            for r in ranges:
+                if not r.allows(v):
+                    raise ValueError(f"{name} must be {r.describe()}, got {v}")
 
 
 def to_yaml(cfg: Any) -> str:
