@@ -181,3 +181,20 @@ def test_serve_reward_command_refuses_unknown_rewards_and_unset_tokens(capsys, m
     monkeypatch.delenv("RF_TOKEN", raising=False)
     assert main(["serve-reward", "jpeg-compressibility", "--token-env", "RF_TOKEN"]) == 2
     assert "'RF_TOKEN', but that environment variable is not set" in capsys.readouterr().err
+
+
+def test_a_server_that_accepts_and_never_answers_is_logged_while_waiting_then_fails(monkeypatch, caplog):
+    import socket
+
+    import rewardflow.rewards.remote as remote
+
+    monkeypatch.setattr(remote, "WAIT_LOG_EVERY", 0.2)
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the backlog) and never answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with pytest.raises(RuntimeError, match=rf"reward server {url}/score did not answer after 2 attempts"):
+            RemoteReward(url, timeout=0.7, retries=1, backoff=0.01)(_images(1), PROMPTS[:1], [{}])
+    finally:
+        silent.close()
+    assert f"still waiting for reward server {url}/score" in caplog.text
+    assert "attempt 2 of 2" in caplog.text

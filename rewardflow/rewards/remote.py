@@ -88,11 +88,15 @@ def post_json(
     raise RunFailed(f"reward server {url} did not answer after {retries + 1} attempts (last: {failure}); {hint}")
 
 
-class _still_waiting:  # noqa: N801 (used as a context manager, like a function)
-    """Logs every ``every`` seconds while a request to ``url`` is unanswered (a server that accepts and stalls)."""
+WAIT_LOG_EVERY = 30.0
+"""Seconds between the log lines of a request still unanswered."""
 
-    def __init__(self, url: str, every: float = 30.0) -> None:
-        self.url, self.every, self.done = url, every, threading.Event()
+
+class _still_waiting:  # noqa: N801 (used as a context manager, like a function)
+    """Logs every :data:`WAIT_LOG_EVERY` seconds while a request to ``url`` is unanswered (a server that stalls)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.every, self.done = url, WAIT_LOG_EVERY, threading.Event()
 
     def _watch(self) -> None:
         start = time.monotonic()
