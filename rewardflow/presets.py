@@ -75,7 +75,7 @@ def shapes_grpo_cpu() -> TrainConfig:
 
 
 def shapes_grpo() -> TrainConfig:
-    """The long Flow-GRPO run: :func:`shapes_grpo_cpu`'s recipe for 450 iterations, on a GPU if there is one.
+    """The long Flow-GRPO run: shapes_grpo_cpu's recipe for 450 iterations, on a GPU if there is one.
 
     Three times the demo's length and nothing else changed (GRPO-Guard, the 6-step training sampler, KL beta 0.2 in one
     of every 4 forwards, the compiled network, the EMA capped at 0.97), evaluated every 50 iterations. On the shipped
@@ -115,7 +115,7 @@ def shapes_nft_cpu() -> TrainConfig:
 
 
 def shapes_grpo_fast_cpu() -> TrainConfig:
-    """Flow-GRPO-Fast: ``shapes_recipe`` with SDE noise only in a random window of 2 steps.
+    """Flow-GRPO-Fast: shapes_recipe with SDE noise only in a random window of 2 steps.
 
     The window starts in the first half of the 9 SDE steps (the official ``sde_window_range`` of ``(0, T/2)``
     with a window of 2); every other step is an ODE step and only the window's 2 steps are trained, so an
@@ -167,7 +167,7 @@ def shapes_mix_cpu() -> TrainConfig:
 
 
 def shapes_draft_cpu() -> TrainConfig:
-    """DRaFT-1 against the learned ``shapes-count`` reward: the reward's gradient through the last of 4 Euler steps.
+    """DRaFT-1 against the learned shapes-count reward: the reward's gradient through the last of 4 Euler steps.
 
     ``shapes-count`` is the judge's partial-credit rule applied to the shipped scorer's predicted counts per colour and
     shape; it tracks the judge better than the scorer's own ``shapes-score`` head, and with it the presets whose
@@ -192,7 +192,7 @@ def shapes_draft_cpu() -> TrainConfig:
 
 
 def shapes_draft_lv_cpu() -> TrainConfig:
-    """DRaFT-LV: ``shapes_draft_cpu`` with 2 re-noised gradient samples at the last sigma (plus the real one).
+    """DRaFT-LV: shapes_draft_cpu with 2 re-noised gradient samples at the last sigma (plus the real one).
 
     On the 4-step grid the re-noised step starts at sigma 0.5: the judge's counting accuracy rose +13 to +14 points
     on the slow tier's task, against +3 to +6 on a 20-step grid (docs/results.md at 7635c1f).
@@ -204,7 +204,7 @@ def shapes_draft_lv_cpu() -> TrainConfig:
 
 
 def shapes_refl_cpu() -> TrainConfig:
-    """ReFL: ``shapes_draft_cpu`` on 20 steps, stopped at a random one of the last 9, scored on its clean prediction.
+    """ReFL: shapes_draft_cpu on 20 steps, stopped at a random one of the last 9, scored on its clean prediction.
 
     The last 9 of 20 is FlowBP's share for flow models (the last 11 of 25). Stopping only in the last 5 raised the
     learned reward as much but not the judge's counting accuracy: counts are settled before then (docs/results.md at
@@ -217,7 +217,7 @@ def shapes_refl_cpu() -> TrainConfig:
 
 
 def shapes_alignprop_cpu() -> TrainConfig:
-    """AlignProp: ``shapes_draft_cpu`` on a 20-step grid, the gradient through the last K steps, K uniform in 1-20.
+    """AlignProp: shapes_draft_cpu on a 20-step grid, the gradient through the last K steps, K uniform in 1-20.
 
     The uniform truncation of AlignProp's code and TRL's default range (0, T). Truncating in the last 5 steps only
     raised the learned reward but not the judge's counting accuracy (docs/results.md at 7635c1f); checkpointing keeps
@@ -230,7 +230,7 @@ def shapes_alignprop_cpu() -> TrainConfig:
 
 
 def shapes_leapalign_cpu() -> TrainConfig:
-    """LeapAlign: ``shapes_draft_cpu``'s recipe with two leaps from a random pair of the 20 steps (alpha 0.3)."""
+    """LeapAlign: shapes_draft_cpu's recipe with two leaps from a random pair of the 20 steps (alpha 0.3)."""
     cfg = shapes_draft_cpu()
     cfg.run_dir = "runs/shapes_leapalign_cpu"
     cfg.algorithm = "leapalign"
