@@ -50,13 +50,18 @@ class RunConfig:
     """The training method, one of the registered algorithms; its settings are the section of the same name
     (docs/papers.md lists each with its paper and preset)."""
     iterations: Count = 60
+    """Training iterations (each: sample, score, update); a resumed run may raise it."""
     seed: int = 0
+    """Seeds every random draw: the prompts, the noise, the SDE windows (a resumed run draws the same)."""
     train_prompts: str = "shapes:train"
+    """Training prompts: a .txt (one a line) or .jsonl file (``prompt`` plus metadata), or a shipped set."""
     balance_prompts_by: str = ""
     """Metadata key whose values are drawn equally often (``"category"`` for the Shapes sets); empty draws
     every training prompt with equal probability."""
     prompts_per_iter: Count = 16
+    """Distinct prompts per iteration, each sampled ``group_size`` times."""
     group_size: Count = 8
+    """Images per prompt; advantages are normalised within each prompt's group."""
     overlap_scoring: bool = True
     """Score each rollout chunk (``micro_batch`` rows) in a worker thread while the next one samples; the
     results are bit-identical to scoring after the rollout, only faster when the reward is slow or remote."""
@@ -67,6 +72,7 @@ class RunConfig:
     eval_every: Natural = 0
     """Iterations between evaluations (0: only before and after training)."""
     save_every: Count = 20
+    """Iterations between checkpoints (EMA weights and a resume state; the last iteration always saves)."""
     keep_checkpoints: Count = 2
     """Resume states kept (the newest; older ones are deleted). The EMA exports ``iter_*.safetensors`` all stay."""
     max_bad_iterations: Count = 5
@@ -76,6 +82,7 @@ class RunConfig:
     trackers: tuple[Literal["tensorboard", "wandb"], ...] = ()
     """Also log to these experiment trackers: tensorboard, wandb (optional packages; metrics.jsonl always)."""
     wandb_project: str = "rewardflow"
+    """The W&B project of the run (with ``trackers`` wandb)."""
     wandb_mode: Literal["offline", "online"] = "offline"
     """offline: the W&B run stays in RUN_DIR/wandb (``wandb sync`` uploads it later); online needs a login."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -74,13 +74,17 @@ class NFTConfig(SamplerConfig):
     timestep_fraction: Fraction = 0.99
     """Per image, the first ``int(T * fraction)`` (at least 1) of a random permutation of its T grid sigmas."""
     micro_batch: Count = 32
+    """Rows per rollout chunk and per training micro-batch."""
     optimizer_steps: Count = 1
     """Optimizer steps per iteration (the official GenEval config: 1)."""
     grad_clip: Positive = 1.0
+    """Gradient norm clipped to this before each optimizer step."""
     old_decay_start: Natural = 0
     """``k0`` of the old-policy schedule ``eta = min(max(0, k - k0) * rate, eta_max)``."""
     old_decay_rate: NonNegative = 0.001
+    """``rate`` of the old-policy schedule: how fast the old policy starts lagging."""
     old_decay_max: Annotated[float, Range(0, 1, high_open=True)] = 0.5
+    """``eta_max`` of the old-policy schedule: the most the old policy lags."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -167,23 +167,16 @@ class HPSReward(_ClipScorer):
     name = "hps"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
-        from rewardflow.utils.hub import model_folder
+        from rewardflow.utils.hub import converted_model
 
-        root = model_folder(path, "reward.hps_model") if path else None
-        if root is None or not (root / "config.json").is_file():
-            raise FileNotFoundError(
-                f"reward 'hps' needs a local folder holding HPS v2.1 as a transformers CLIP model, got {str(path)!r}. "
-                "Once, where the network allows: download HPS_v2.1_compressed.pt from xswu/HPSv2 and the tokenizer "
-                "and preprocessor_config.json of laion/CLIP-ViT-H-14-laion2B-s32B-b79K into DIR, run "
-                "rewardflow.rewards.hps.convert_open_clip_checkpoint(pt, DIR) (docs/rewards.md), and set "
-                "reward.hps_model to DIR."
-            )
-        if not any((root / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-            raise FileNotFoundError(
-                f"reward 'hps' needs the CLIP tokenizer in {root} (tokenizer.json, or vocab.json and merges.txt): "
-                "`hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*token*' vocab.json "
-                f"merges.txt preprocessor_config.json --local-dir {root}`"
-            )
+        how = ("download HPS_v2.1_compressed.pt from xswu/HPSv2 and the tokenizer and preprocessor_config.json of "
+               "laion/CLIP-ViT-H-14-laion2B-s32B-b79K into DIR, run "
+               "rewardflow.rewards.hps.convert_open_clip_checkpoint(pt, DIR)")  # fmt: skip
+        fix = ("`hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*token*' vocab.json merges.txt "
+               f"preprocessor_config.json --local-dir {path}` (vocab.json comes with merges.txt)")  # fmt: skip
+        what = "HPS v2.1 as a transformers CLIP model"
+        tokenizer = ("CLIP", ("tokenizer.json", "vocab.json"), fix)
+        root = converted_model(path, "reward.hps_model", self.name, ("config.json",), what, how, tokenizer)
         super().__init__(root, self.name, "xswu/HPSv2", device)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:

@@ -190,23 +190,16 @@ class ImageRewardReward:
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
-        from rewardflow.utils.hub import model_folder
+        from rewardflow.utils.hub import converted_model
 
-        root = model_folder(path, "reward.imagereward_model") if path else None
-        if root is None or not (root / "config.json").is_file() or not (root / IMAGEREWARD_HEAD).is_file():
-            raise FileNotFoundError(
-                f"reward 'imagereward' needs a local folder with ImageReward converted to transformers BLIP "
-                f"(config.json, model.safetensors, {IMAGEREWARD_HEAD}, the BERT tokenizer), got {str(path)!r}. "
-                "Once, where the network allows: download ImageReward.pt from THUDM/ImageReward, run "
-                "rewardflow.rewards.imagereward.convert_imagereward_checkpoint(pt, DIR), save the bert-base-uncased "
-                "tokenizer with [DEC] and [ENC] added into DIR (docs/rewards.md), and set reward.imagereward_model "
-                "to DIR."
-            )
-        if not any((root / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
-            raise FileNotFoundError(
-                f"reward 'imagereward' needs the BERT tokenizer in {root} (tokenizer.json or vocab.txt): save "
-                "bert-base-uncased's there with [DEC] and [ENC] added, as docs/rewards.md shows"
-            )
+        what = (f"ImageReward converted to transformers BLIP (config.json, model.safetensors, {IMAGEREWARD_HEAD}, "
+                "the BERT tokenizer)")  # fmt: skip
+        how = ("download ImageReward.pt from THUDM/ImageReward, run "
+               "rewardflow.rewards.imagereward.convert_imagereward_checkpoint(pt, DIR), save the bert-base-uncased "
+               "tokenizer with [DEC] and [ENC] added into DIR")  # fmt: skip
+        fix = "save bert-base-uncased's there with [DEC] and [ENC] added, as docs/rewards.md shows"
+        root = converted_model(path, "reward.imagereward_model", "imagereward", ("config.json", IMAGEREWARD_HEAD),
+                               what, how, ("BERT", ("tokenizer.json", "vocab.txt"), fix))  # fmt: skip
         model = BlipForImageTextRetrieval.from_pretrained(root, local_files_only=True)
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)

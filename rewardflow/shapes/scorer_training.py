@@ -48,7 +48,9 @@ class ScoreTrainConfig:
     rendered: int = 32768
     """Rendered scenes, half with their own prompt and half with another, labelled by the judge."""
     sample_steps: int = 20
+    """Euler steps of the base-model samples."""
     steps: int = 4000
+    """Optimizer steps of the scorer."""
     summary_weight: float = 1.0
     """Weight of the auxiliary smooth-L1 loss on the detector's counts in each image (:func:`detection_summary`);
     0 trains the score alone, as the first shipped scorer was."""

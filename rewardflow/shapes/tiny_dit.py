@@ -36,13 +36,21 @@ class TinyDiTConfig:
     """Architecture of the tiny DiT (stored next to its weights)."""
 
     image_size: int = 32
+    """Image side in pixels."""
     patch_size: int = 4
+    """Pixels per patch side (the image is (32 / 4)^2 = 64 tokens)."""
     channels: int = 3
+    """Colour channels."""
     dim: int = 128
+    """Width of every block."""
     depth: int = 6
+    """Transformer blocks of the image stream."""
     heads: int = 4
+    """Attention heads."""
     mlp_ratio: float = 4.0
+    """MLP width over ``dim``."""
     text_depth: int = 2
+    """Transformer blocks of the prompt encoder."""
     max_prompt_tokens: int = 12
     vocabulary: tuple[str, ...] = VOCABULARY
     pooled_prompt: bool = True

@@ -47,3 +47,24 @@ def model_folder(path: str | Path, field: str, pipeline: bool = False, example: 
             f" Where the network allows, `hf download {example or text} --local-dir {text}` makes that folder, or"
             f" `hf download {text}` fetches a Hub id into the Hub cache (used from then on)."
         ) from e
+
+
+def converted_model(path: str | Path, field: str, reward: str, files: tuple[str, ...], what: str, how: str,
+                    tokenizer: tuple[str, tuple[str, ...], str]) -> Path:  # fmt: skip
+    """The folder of a reward model converted to transformers, checked for ``files`` and a tokenizer.
+
+    ``what`` says what the folder must hold, ``how`` how to make it once; ``tokenizer``: its kind (CLIP, BERT), the
+    file names of which one must be there, and what to do when none is. Raises FileNotFoundError naming ``field``.
+    """
+    root = model_folder(path, field) if path else None
+    if root is None or not all((root / f).is_file() for f in files):
+        raise FileNotFoundError(
+            f"reward {reward!r} needs a local folder holding {what}, got {str(path)!r}. Once, where the network "
+            f"allows: {how} (docs/rewards.md), and set {field} to DIR."
+        )
+    kind, names, fix = tokenizer
+    if not any((root / f).is_file() for f in names):
+        raise FileNotFoundError(
+            f"reward {reward!r} needs the {kind} tokenizer in {root} ({' or '.join(names)}): {fix}"
+        )
+    return root
