@@ -173,7 +173,7 @@ class HPSReward(_ClipScorer):
                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K into DIR, run "
                "rewardflow.rewards.hps.convert_open_clip_checkpoint(pt, DIR)")  # fmt: skip
         fix = ("`hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*token*' vocab.json merges.txt "
-               f"preprocessor_config.json --local-dir {path}` (vocab.json comes with merges.txt)")  # fmt: skip
+               "preprocessor_config.json --local-dir DIR` (vocab.json comes with merges.txt)")  # fmt: skip
         what = "HPS v2.1 as a transformers CLIP model"
         tokenizer = ("CLIP", ("tokenizer.json", "vocab.json"), fix)
         root = converted_model(path, "reward.hps_model", self.name, ("config.json",), what, how, tokenizer)
