@@ -1,6 +1,7 @@
 """``rewardflow`` command line: train | eval | pretrain | reward-model | report | presets.
 
-rewardflow train PRESET [--run-dir DIR] [--resume [auto]] [--field.sub-field VALUE ...]
+rewardflow train PRESET [--run-dir DIR] [--resume [auto]] [--field.sub-field VALUE ...]   (--help: the common
+  settings; --help-all: every one)
 torchrun --nproc_per_node N -m rewardflow.cli train PRESET ...   (data parallel over N processes)
 rewardflow eval (--run-dir DIR | --base | --checkpoint FILE) [--prompts FILE] [--out FILE.json]
 rewardflow pretrain [--out-dir DIR] [--steps N ...]
@@ -19,12 +20,16 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import tyro
 
 from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.server import ServerLimits
 from rewardflow.shapes.grammar import PromptError
+
+if TYPE_CHECKING:  # annotations only: the run config imports torch, which `rewardflow presets` does not need
+    from rewardflow.config import TrainConfig
 
 USAGE = __doc__
 
@@ -58,6 +63,38 @@ class EvalArgs:
     """Where to sample: "cpu", "cuda", "cuda:N" or "auto" (default: the run's model.device, else "cpu")."""
 
 
+# The settings a newcomer changes first: (flag, the config field it sets, what it does).
+COMMON = (
+    ("--run-dir DIR", "run_dir", "where the run is written (config, metrics, checkpoints, samples)"),
+    ("--iterations N", "iterations", "training iterations"),
+    ("--optim.lr LR", "optim.lr", "learning rate"),
+    ("--reward.names NAME ...", "reward.names", "the rewards (rewardflow/rewards: shapes-judge, pickscore, ...)"),
+    ("--model.device DEVICE", "model.device", "cpu, cuda, cuda:N or auto"),
+    ("--eval-every N", "eval_every", "iterations between evaluations (0: only at the start and the end)"),
+    ("--seed N", "seed", "seeds every random draw"),
+    ("--threads N", "threads", "torch CPU threads (0: torch's default)"),
+)
+
+
+def train_help(name: str, cfg: TrainConfig) -> str:
+    """The short ``train PRESET --help``: the common settings with the preset's values, then where the rest are."""
+    lines = [f"rewardflow train {name} [--field VALUE ...] [--resume [auto]]", "", "Common settings (this preset's "
+             "value in brackets):"]  # fmt: skip
+    for flag, field_name, text in COMMON:
+        value: Any = cfg
+        for part in field_name.split("."):
+            value = getattr(value, part)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        lines.append(f"  {flag:<26}{text} [{shown}]")
+    lines += [
+        f"  {'--resume [auto]':<26}continue the run in --run-dir from its newest checkpoint (auto: if it has one)",
+        f"  {f'--{cfg.algorithm}.FIELD VALUE':<26}the algorithm's settings ({cfg.algorithm} for this preset)",
+        "",
+        f"Every option, by section (model, optim, reward, eval, each algorithm): rewardflow train {name} --help-all",
+    ]
+    return "\n".join(lines)
+
+
 def _cmd_train(argv: list[str]) -> None:
     from rewardflow.presets import PRESETS, get_preset
     from rewardflow.train import train
@@ -71,10 +108,13 @@ def _cmd_train(argv: list[str]) -> None:
         resume = "auto" if rest[i + 1 : i + 2] == ["auto"] else True
         rest = rest[:i] + rest[i + (2 if resume == "auto" else 1) :]
     default = get_preset(name)
+    if "-h" in rest or "--help" in rest:
+        print(train_help(name, default))
+        return
+    rest = ["--help" if a == "--help-all" else a for a in rest]
     cfg = tyro.cli(type(default), default=default, args=rest, prog=f"rewardflow train {name}")
     # tyro rebuilds nested dataclasses field by field; re-run the cross-field checks on the result.
     cfg.__post_init__()
-    logging.getLogger("rewardflow").info("preset %s: %s", name, cfg.summary())
     from rewardflow.utils import distributed
 
     try:

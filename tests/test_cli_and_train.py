@@ -385,3 +385,18 @@ def test_retired_fields_load_at_their_value_and_are_refused_otherwise():
     assert old != text and from_yaml(old) == TrainConfig()
     with pytest.raises(ValueError, match="optim.beta1 is no longer a setting"):
         from_yaml(old.replace("beta1: 0.9", "beta1: 0.8"))
+
+
+def test_presets_read_as_plain_text_and_train_help_starts_with_the_common_settings(capsys):
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    assert "shapes_grpo_cpu" in listing and not any(m in listing for m in ("``", ":func:", ":class:", ":mod:"))
+    assert main(["train", "shapes_grpo_cpu", "--help"]) == 0
+    short = capsys.readouterr().out.splitlines()
+    first_screen = "\n".join(short[:24])
+    for flag in ("--iterations", "--run-dir", "--optim.lr", "--reward.names", "--model.device"):
+        assert flag in first_screen, flag
+    assert "[150]" in first_screen and "--help-all" in short[-1]
+    with pytest.raises(SystemExit):
+        main(["train", "shapes_grpo_cpu", "--help-all"])
+    assert "--grpo.clip-range" in capsys.readouterr().out
