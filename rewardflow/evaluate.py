@@ -32,7 +32,8 @@ from rewardflow.sampling.ode import SOLVERS, solve_ode
 from rewardflow.sampling.rollout import rollout
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import load_safetensors_checked, save_safetensors_atomic
-from rewardflow.utils.configs import Count
+from rewardflow.utils.configs import Count, Natural
+from rewardflow.utils.progress import phase
 
 
 @dataclass
@@ -53,6 +54,9 @@ class EvalConfig(SamplerConfig):
     ``rewards``), e.g. the learned reward a direct-gradient run optimises, to see it next to the truth."""
     solver: str = "euler"
     """The deterministic sampler: euler, heun or dpm2 (``rewardflow.sampling.ode.SOLVERS``)."""
+    subset_every: Natural = 0
+    """Evaluations between the first and the last score only every k-th prompt of the set, each with the initial
+    noise it has in the full set (0: the full set every time): points for the curves at a k-th of the cost."""
     judge: bool = True
     """Judge the images with the Shapes judge (the prompts must be in its grammar); off for prompts of the
     world at large, which are then scored by ``rewards`` only."""
@@ -99,13 +103,15 @@ def generate(
     rows: range | None = None,
     batch_size: int = 0,
     batches: int = 0,
+    progress: str = "",
 ) -> torch.Tensor:
     """ODE samples [N, 3, H, W] in [0, 1] for ``prompts`` (only those in ``rows``, when given).
 
     The initial noise is drawn once for all prompts from ``cfg.seed`` (or given), so results do not depend on the
     batch size or on which rows are sampled. ``batch_size``: instead of ``cfg.batch_size``. ``batches``: run at
     least this many batches, repeating the first batch of the whole set for the missing ones and discarding them
-    (every rank of a sharded model must run the same forward passes).
+    (every rank of a sharded model must run the same forward passes). ``progress``: a bar with this label counts
+    the images sampled.
     """
     sigmas = policy.schedule(cfg.num_steps, cfg.shift)
     if noise is None:
@@ -118,6 +124,7 @@ def generate(
     spans += [(0, min(size, len(prompts)))] * max(batches - real, 0 if real else 1)
     zeros = torch.zeros(cfg.num_steps)
     images = []
+    bar = phase(progress, len(rows), enabled=bool(progress))
     with policy.sampling():
         for i, (lo, hi) in enumerate(spans):
             cond = policy.encode_prompts(prompts[lo:hi])
@@ -129,6 +136,8 @@ def generate(
                 final = solve_ode(velocity, x, sigmas, cfg.solver)
             if i < real or i == 0:  # a rank without rows decodes one batch, for the shape of its empty result
                 images.append(policy.decode(final).cpu()[: hi - lo if i < real else 0])
+            bar.update(hi - lo if i < real else 0)
+    bar.close()
     return torch.cat(images)
 
 
@@ -235,6 +244,8 @@ def evaluate(
     reference: torch.Tensor | None = None,
     world: distributed.World | None = None,
     lockstep: bool = False,
+    subset: bool = False,
+    progress: str = "",
 ) -> tuple[dict[str, Any], EvalImages]:
     """Sample ``samples_per_prompt`` images per prompt, judge and score them; returns (report, images).
 
@@ -246,19 +257,32 @@ def evaluate(
     (:func:`shard_rows`), and the scores, pooled images and the grid's samples are gathered, so rank 0's report is
     the one a single process writes (the other ranks return an empty report). ``lockstep``: the ranks run the
     same number of forward passes (a model sharded with FSDP, whose forwards gather weights from every rank).
+    ``subset``: score only every ``cfg.subset_every``-th prompt, each with the noise (and the ``reference`` rows) it
+    has in the full set. ``progress``: a bar with this label counts the images sampled (on the main rank).
     """
     records = load_prompts(cfg.prompts)
     judge = build_judge(reward_cfg or RewardConfig()) if cfg.judge else None
     if judge is not None:
         judge.check_prompts(records, cfg.prompts)
     per = cfg.samples_per_prompt
+    noise = None
+    if subset and cfg.subset_every > 1:
+        kept = range(0, len(records), cfg.subset_every)
+        image_rows = torch.tensor([p * per + s for p in kept for s in range(per)])
+        sigma = float(policy.schedule(cfg.num_steps, cfg.shift)[0])
+        noise = policy.noise(len(records) * per, torch.Generator(device="cpu").manual_seed(cfg.seed), sigma)
+        noise = noise[image_rows.to(noise.device)]
+        reference = None if reference is None else reference[image_rows]
+        records = [records[i] for i in kept]
     prompts = [r.prompt for r in records for _ in range(per)]
     metadata = [r.metadata for r in records for _ in range(per)]
     if world is None:
         rows, size, batches = range(len(prompts)), cfg.batch_size, 0
     else:
         rows, size, batches = shard_rows(len(prompts), cfg.batch_size, world.rank, world.size)
-    images = generate(policy, prompts, cfg, rows=rows, batch_size=size, batches=batches if lockstep else 0)
+    shown = progress if world is None or world.main else ""
+    images = generate(policy, prompts, cfg, noise, rows=rows, batch_size=size, batches=batches if lockstep else 0,
+                      progress=shown)  # fmt: skip
     grid = range(0, len(prompts), per * 3)[:48]
     local = {"pooled": pooled(images), "samples": images[[i - rows.start for i in grid if i in rows]]}
     if judge is not None:  # the Shapes judge's images are 32 pixels a side: every one goes to the judge
@@ -291,5 +315,6 @@ def evaluate(
         "solver": cfg.solver,
         "seed": cfg.seed,
         "prompts": cfg.prompts,
+        **({"subset_every": cfg.subset_every} if noise is not None else {}),
     }
     return report, EvalImages(every["pooled"], every["samples"])

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from rewardflow.algorithms.advantages import zero_std_fraction
 from rewardflow.algorithms.base import Algorithm, Batch, Tools
@@ -37,6 +36,7 @@ from rewardflow.utils.checkpoint import state_files
 from rewardflow.utils.ema import EMA, warmup_decay
 from rewardflow.utils.errors import RunFailed
 from rewardflow.utils.logging import append_jsonl, plot_curves, read_jsonl, save_grid, setup_file_logging
+from rewardflow.utils.progress import TrainProgress
 from rewardflow.utils.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -52,25 +52,30 @@ def run_eval(
     rewards: Any = None,
     world: distributed.World | None = None,
     sharded: bool = False,
+    subset: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the EMA weights (``rewards``: the built ``eval.rewards``); rank 0 writes the report and a grid.
 
     Under torchrun every rank samples and scores its share of the evaluation (:func:`evaluate`); ``sharded``: the
-    model is sharded with FSDP, so the ranks run the same forward passes.
+    model is sharded with FSDP, so the ranks run the same forward passes. ``subset``: on ``eval.subset_every``'s
+    subset of the prompts (no grid then: the grids compare the same prompts at every checkpoint).
     """
     t0 = time.time()
     main = world is None or world.main
     reference = load_reference(run / BASE_REFERENCE, cfg.eval) if iteration and main else None
+    label = f"eval at iteration {iteration}" + (f" (1 prompt in {cfg.eval.subset_every})" if subset else "")
     with ema.swapped():
-        report, images = evaluate(policy, cfg.eval, cfg.reward, rewards, reference, world=world, lockstep=sharded)
+        report, images = evaluate(policy, cfg.eval, cfg.reward, rewards, reference, world=world, lockstep=sharded,
+                                  subset=subset, progress=label)  # fmt: skip
     if not main:
         return {}
     (run / "eval").mkdir(exist_ok=True)
     if iteration == 0:
         save_reference(run / BASE_REFERENCE, cfg.eval, images.pooled)
     (run / "eval" / f"iter_{iteration:05d}.json").write_text(json.dumps(report, indent=2))
-    save_grid(images.samples, run / "samples" / f"eval_{iteration:05d}.png")
-    log.info("eval at iteration %d: %s (%.0fs)", iteration, headline(report), time.time() - t0)
+    if not subset:
+        save_grid(images.samples, run / "samples" / f"eval_{iteration:05d}.png")
+    log.info("%s: %s (%.0fs)", label, headline(report), time.time() - t0)
     return {"iteration": iteration, **{f"eval/{k}": v for k, v in report.items() if k != "settings"}}
 
 
@@ -207,20 +212,32 @@ def _loop(
     log.info("%s; %d trainable parameters; %d process(es)", cfg.summary(), sum(p.numel() for p in params),
              world.size)  # fmt: skip
 
+    def evaluated_at(done: int) -> bool:
+        return bool(cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations
+
+    def evals_left(done: int) -> tuple[int, int]:
+        """(full, subset) evaluations still to come once iteration ``done`` is trained (its own included)."""
+        middle = sum(evaluated_at(d) for d in range(max(done, 1), cfg.iterations))
+        return (1, middle) if cfg.eval.subset_every > 1 else (1 + middle, 0)
+
+    progress = TrainProgress(start, cfg.iterations, evals_left, enabled=world.main)
+
     def record_eval(done: int) -> None:
-        record = run_eval(policy, ema, cfg, run, done, eval_scorers, world, sharded)
+        subset = cfg.eval.subset_every > 1 and 0 < done < cfg.iterations
+        t_eval = time.time()
+        record = run_eval(policy, ema, cfg, run, done, eval_scorers, world, sharded, subset)
+        progress.evaluated(time.time() - t_eval, subset)
         if not world.main:
             return
         append_jsonl(metrics_path, record)
         trackers.log(record)
-        trackers.log_image("samples/eval", run / "samples" / f"eval_{done:05d}.png", done)
+        if not subset:
+            trackers.log_image("samples/eval", run / "samples" / f"eval_{done:05d}.png", done)
 
     if start == 0:
         record_eval(0)
     bad_in_a_row = 0
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train", dynamic_ncols=True,
-               disable=not world.main)  # fmt: skip
-    for it in bar:
+    for it in range(start, cfg.iterations):
         t0 = time.time()
         rows, groups = sampler.global_batch(it)
         rows_of = layout(cfg, world, torch.from_numpy(groups))
@@ -247,7 +264,7 @@ def _loop(
             append_jsonl(metrics_path, record)
             trackers.log(record)
             shown = {k: f"{update[k]:.2e}" for k in ("kl", "clip_frac", "ref_loss", "loss") if k in update}
-            bar.set_postfix(reward=f"{record['reward']:.3f}", **shown)
+            progress.update({"reward": f"{record['reward']:.3f}", **shown})
             if done == 1 or done % cfg.save_every == 0:
                 save_grid(images[:64], run / "samples" / f"train_{done:05d}.png")
                 trackers.log_image("samples/train", run / "samples" / f"train_{done:05d}.png", done)
@@ -257,8 +274,12 @@ def _loop(
                 f"(iteration {done}); the last checkpoint in {run / 'checkpoints'} is from before them. Lower "
                 "optim.lr or the clip range, or check the reward"
             )
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations:
+        if done == cfg.iterations:
+            progress.close()  # the final evaluation shows its own progress, after the training bar
+        t_eval = time.time()
+        if evaluated_at(done):
             record_eval(done)
+        t_eval = time.time() - t_eval
         stopping = distributed.any_rank(stop.received is not None)
         if done % cfg.save_every == 0 or done == cfg.iterations or stopping:
             distributed.check_in_step(params, "trained weights")
@@ -267,8 +288,11 @@ def _loop(
             if world.main:
                 plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
             distributed.barrier()
+        progress.account(time.time() - t0 - t_eval)
         if stopping:
+            progress.close()
             raise TrainingStopped(stop.received or signal.SIGTERM, done, run)
+    progress.close()
     if world.main:
         plot_curves(read_jsonl(metrics_path), run / "reward_curve.png")
     return run

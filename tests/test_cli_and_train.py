@@ -24,17 +24,19 @@ def test_presets_are_complete_and_consistent():
     assert recipe.grpo.clip_range == 1e-4 and recipe.grpo.kl_beta == 0.04 and recipe.grpo.optimizer_steps == 2
     assert recipe.grpo.guard and recipe.grpo.num_steps == 10
     # The demo is the recipe made cheaper per iteration, run for more iterations with a stronger KL and evaluated
-    # through a longer EMA (which changes no training step); nothing else.
+    # through a longer EMA, also on a subset of the prompts on the way (neither changes a training step).
     cpu = get_preset("shapes_grpo_cpu")
     assert set(config_differences(recipe, cpu)) == {
         "run_dir", "iterations", "save_every", "ema_decay", "model.compile", "grpo.num_steps", "grpo.kl_every",
-        "grpo.kl_beta",
+        "grpo.kl_beta", "eval_every", "eval.subset_every",
     }  # fmt: skip
     assert cpu.grpo.num_steps == 6 and cpu.grpo.kl_every == 4 and cpu.model.compile and cpu.ema_decay == 0.97
     assert cpu.grpo.kl_beta == 0.2
     # The long preset is the demo run three times as long, evaluated on the way, on a GPU when there is one.
     long = get_preset("shapes_grpo")
-    assert set(config_differences(cpu, long)) == {"run_dir", "iterations", "eval_every", "model.device"}
+    assert set(config_differences(cpu, long)) == {
+        "run_dir", "iterations", "eval_every", "eval.subset_every", "model.device"
+    }  # fmt: skip
     assert long.iterations == 3 * cpu.iterations and long.eval_every == 50 and long.model.device == "auto"
     # The GRPO family presets change only what defines the method (and use the published, plain ratio).
     fast, dance, mix = (get_preset(f"shapes_{m}_cpu") for m in ("grpo_fast", "dance", "mix"))

@@ -310,3 +310,34 @@ def test_grid_cells_cut_a_saved_grid_back_into_its_images(tmp_path):
     assert (first[::3, ::3] == expected).all()
     Image.new("RGB", (40, 30), "red").save(tmp_path / "other.png")
     assert grid_cells(tmp_path / "other.png") is None
+
+
+def test_sample_cells_show_distinct_prompts_from_every_category():
+    from rewardflow.report.page import distinct_cells
+
+    prompts = [("a circle", "single")] * 4 + [("a square", "single"), ("two circles", "counting")] * 3
+    prompts += [("a red circle", "colors"), ("a circle left of a square", "position")]
+    picked = distinct_cells(prompts, len(prompts), 4)
+    texts = [prompts[k][0] for k in picked]
+    assert len(set(texts)) == len(texts) == 4
+    assert {prompts[k][1] for k in picked} == {"single", "counting", "colors", "position"}
+    assert distinct_cells(None, 10, 3) == [0, 4, 9]  # without the prompts: evenly spaced
+
+
+def test_distances_are_drawn_from_zero_and_drift_starts_at_the_base(monkeypatch):
+    from rewardflow.report import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_panels", lambda panels, *a: drawn.update({t: (s, y) for t, s, y in panels}) or "x")
+    evals = [{"iteration": 0, "eval/overall": 0.5, "eval/diversity": 0.230}]
+    evals += [{"iteration": i, "eval/overall": 0.5 + i / 1000, "eval/diversity": 0.229, "eval/drift": 0.01 * i}
+              for i in (30, 60, 90, 150)]  # fmt: skip
+    figures.eval_plots(evals)
+    (_, xs, ys), ylim = (
+        drawn["drift from the base (RMS distance)"][0][0],
+        drawn["drift from the base (RMS distance)"][1],
+    )
+    assert xs == [0, 30, 60, 90, 150] and ys[0] == 0.0 and ylim[0] == 0.0
+    series, ylim = drawn["diversity (pairwise RMS distance)"]
+    assert ylim[0] == 0.0 and ylim[1] > 0.23  # a 1% change looks like one, not like a cliff
+    assert len(drawn["accuracy"][0][0][1]) == 5

@@ -21,6 +21,7 @@ from PIL import Image
 from rewardflow.config import apply_overrides
 from rewardflow.presets import get_preset
 from rewardflow.report import write_report
+from rewardflow.report.page import load_run
 from rewardflow.train import train
 
 pytestmark = pytest.mark.slow
@@ -62,9 +63,9 @@ def test_report_of_a_real_run_renders_in_chromium(tmp_path):
         get_preset("shapes_grpo_cpu"),
         [
             f"run_dir={tmp_path / 'run'}",
-            "iterations=3",
-            "eval_every=2",
-            "save_every=3",
+            "iterations=4",
+            "eval_every=1",
+            "save_every=4",
             "prompts_per_iter=2",
             "group_size=4",
             "threads=1",
@@ -81,10 +82,14 @@ def test_report_of_a_real_run_renders_in_chromium(tmp_path):
     finally:
         torch.set_num_threads(threads)  # train() sets the process-wide count
     grids = sorted((run / "samples").glob("eval_*.png"))
-    assert [g.name for g in grids] == ["eval_00000.png", "eval_00002.png", "eval_00003.png"]
+    assert [g.name for g in grids] == ["eval_00000.png", "eval_00004.png"]  # the evaluations of every prompt
 
     page = write_report(run)
     html = page.read_text()
+    # Curves: five evaluations (the three between on 1 prompt in 6), diversity and drift drawn from 0.
+    assert "score 1 prompt in 6" in html and 'alt="evaluation scores per iteration"' in html
+    evals = [e for e in load_run(run).evals if "eval/overall" in e]
+    assert [e["iteration"] for e in evals] == [0, 1, 2, 3, 4] and all("eval/diversity" in e for e in evals)
     counter = ImageCount()
     counter.feed(html)
     assert counter.count > len(grids)

@@ -165,14 +165,20 @@ def eval_plots(evals: list[dict[str, Any]]) -> str:
     for key in _keys(evals):
         if not key.startswith("eval/") or key[5:] in EVAL_SHOWN:
             continue
-        pts = [(e["iteration"], e[key]) for e in evals if is_finite_number(e.get(key))]
+        pts = [(e["iteration"], _num(e[key])) for e in evals if is_finite_number(e.get(key))]
+        if key == "eval/drift" and evals and evals[0]["iteration"] not in {p[0] for p in pts}:
+            pts.insert(0, (evals[0]["iteration"], 0.0))  # the base is at distance 0 from itself
         if pts:
             title = EVAL_TITLES.get(key[5:], key[5:])
-            panels.append((title, [(title, [p[0] for p in pts], [p[1] for p in pts])], None))
+            ylim = None
+            if key[5:] in FROM_ZERO:  # distances: from 0, so that a 1% change looks like one
+                ylim = (0.0, 1.15 * max(max(p[1] for p in pts), 1e-6))
+            panels.append((title, [(title, [p[0] for p in pts], [p[1] for p in pts])], ylim))
     return _panels(panels, 3, (3.8, 2.9)) if panels else ""
 
 
 EVAL_SHOWN = ("overall", "clean_overall", "held_out_strict", "seen_strict", "num_prompts", "samples_per_prompt")
+FROM_ZERO = ("diversity", "drift")
 EVAL_TITLES = {
     "mean_score": "judge score (mean)",
     "diversity": "diversity (pairwise RMS distance)",

@@ -160,6 +160,29 @@ def grid_prompts(config: dict[str, Any]) -> list[tuple[str, str]] | None:
     return [(r.prompt, str(r.metadata.get("category", ""))) for r in records[::GRID_PROMPT_STRIDE]]
 
 
+def distinct_cells(prompts: list[tuple[str, str]] | None, count: int, n: int) -> list[int]:
+    """At most ``n`` of the first ``count`` grid cells, each a different prompt, taken from every category in turn.
+
+    Evaluation sets repeat prompts (a prompt seen in training and held out, or in two categories): evenly spaced
+    cells would show the same one several times. Without the prompts, evenly spaced cells.
+    """
+    if not prompts:
+        return _spread(list(range(count)), n)
+    by_category: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for k, (text, category) in enumerate(prompts[:count]):
+        if text not in seen:
+            seen.add(text)
+            by_category.setdefault(category, []).append(k)
+    queues = [_spread(cells, n) for cells in by_category.values()]
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return sorted(picked)
+
+
 def _spread(items: list[int], n: int) -> list[int]:
     """At most ``n`` of ``items``, evenly spaced, always with the first and the last."""
     if len(items) <= n:
@@ -289,7 +312,16 @@ def _eval_section(run: Run) -> str:
     if not run.evals:
         return '<p class="empty">No evaluation recorded yet.</p>'
     uri = eval_plots(run.evals)
-    return _img(uri, "evaluation scores per iteration", "plot") if uri else '<p class="empty">Nothing numeric.</p>'
+    if not uri:
+        return '<p class="empty">Nothing numeric.</p>'
+    every = (run.config.get("eval") or {}).get("subset_every") or 0
+    counts = [e.get("eval/num_prompts") for e in run.evals]
+    note = ""
+    if every > 1 and len(set(counts)) > 1:
+        note = (f'<p class="note">The first and the last evaluation score all {max(c or 0 for c in counts)} '
+                f"prompts; the ones between score 1 prompt in {every} (the same prompts and initial noise each "
+                "time), so their points are noisier. Diversity and drift are drawn from 0.</p>")  # fmt: skip
+    return note + _img(uri, "evaluation scores per iteration", "plot")
 
 
 def _metrics_section(run: Run) -> str:
@@ -314,7 +346,7 @@ def _samples_section(run: Run) -> str:
         count = min(len(c) for c in cells.values())
         if prompts is not None and len(prompts) < max(len(c) for c in cells.values()):
             prompts = None  # the grid does not match the prompt file as it is now
-        picked = _spread(list(range(count)), PROMPT_ROWS)
+        picked = distinct_cells(prompts, count, PROMPT_ROWS)
         cards = []
         for k in picked:
             if prompts:
