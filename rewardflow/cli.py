@@ -28,7 +28,7 @@ from rewardflow.rewards.config import RewardConfig
 from rewardflow.rewards.server import ServerLimits
 from rewardflow.shapes.grammar import PromptError
 
-if TYPE_CHECKING:  # annotations only: the run config imports torch, which `rewardflow presets` does not need
+if TYPE_CHECKING:  # annotations only: importing the run config builds the algorithm registry, which most commands skip
     from rewardflow.config import TrainConfig
 
 USAGE = __doc__

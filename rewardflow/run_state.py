@@ -52,10 +52,12 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         return run
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"cannot resume: {run / 'config.yaml'} does not exist")
-    # Where it runs (its folder, its device, its reward servers and how long to wait for them) and how long are not
-    # part of a run's identity: a run folder may be moved, a GPU run resumed on a CPU and extended, a server move.
+    # Where it runs (its folder, its device, its reward servers and how long to wait for them), how long, and how
+    # often it is evaluated on the way are not part of a run's identity: a run folder may be moved, a GPU run resumed
+    # on a CPU and extended, a server move; none of them changes a training step.
     saved = read_run_config(run)
-    ignore = ("run_dir", "iterations", "model.device", "threads", "trackers", "wandb_project", "wandb_mode",
+    ignore = ("run_dir", "iterations", "eval_every", "eval.subset_every", "model.device", "threads", "trackers",
+              "wandb_project", "wandb_mode",
               "reward.device", "reward.remote_url", "reward.vlm_url", "reward.remote_timeout", "reward.remote_retries",
               "reward.remote_backoff")  # fmt: skip
     differ = config_differences(saved, cfg, ignore=ignore)
@@ -123,7 +125,7 @@ def _sharded_state(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim
 
 
 def save_sharded(method: Algorithm, policy: FlowPolicy, optimizer: torch.optim.Optimizer, ema: EMA, run: Path,
-                 keep: int, iteration: int, main: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+                 iteration: int, keep: int, main: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """:func:`save` for a sharded model: every rank writes its shards; rank 0 gathers the EMA export.
 
     Returns the network's whole EMA state dict on rank 0 (on the CPU; empty on the other ranks).
@@ -216,15 +218,18 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._saving = False
+        self._again = False
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
-        """Within this context a second signal waits for the end of the save, then stops."""
+        """Within this context a second signal waits for the end of the save, then stops (KeyboardInterrupt)."""
         self._saving = True
         try:
             yield
         finally:
             self._saving = False
+        if self._again:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -234,8 +239,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and self._saving:
-            log.warning("%s received again: the checkpoint is being written and will be finished first",
+            log.warning("%s received again: the checkpoint is being written; stopping once it is",
                         signal.Signals(signum).name)  # fmt: skip
+            self._again = True
             return
         if self.received is not None:  # a second signal: stop now
             raise KeyboardInterrupt

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 
 from rewardflow.algorithms.advantages import zero_std_fraction
 from rewardflow.algorithms.base import Algorithm, Batch, Tools
@@ -162,6 +164,11 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
             handler.close()
 
 
+# What a failed write raises: the OS (a full disk), torch.save's stream writer, safetensors, torch.distributed's
+# checkpoint (which gathers the ranks' errors).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
 def save_all(cfg: TrainConfig, method: Algorithm, tools: Tools, run: Path, done: int, world: distributed.World,
              sharded: bool) -> None:  # fmt: skip
     """The checkpoint of iteration ``done``: EMA weights, resume state, and for a diffusers model its export.
@@ -172,7 +179,7 @@ def save_all(cfg: TrainConfig, method: Algorithm, tools: Tools, run: Path, done:
     policy, optimizer, ema = tools.policy, tools.optimizer, tools.ema
     try:
         if sharded:
-            full = save_sharded(method, policy, optimizer, ema, run, cfg.keep_checkpoints, done, world.main)
+            full = save_sharded(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints, world.main)
             if world.main and exportable(cfg):  # the EMA weights as a plain pipeline loads them
                 write_export(policy, cfg, run, done, run / "diffusers", state=full)
         elif world.main:
@@ -180,10 +187,11 @@ def save_all(cfg: TrainConfig, method: Algorithm, tools: Tools, run: Path, done:
             if exportable(cfg):
                 with ema.swapped():
                     write_export(policy, cfg, run, done, run / "diffusers")
-    except OSError as err:
+    except WRITE_ERRORS as err:
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
         raise RunFailed(
-            f"could not write the checkpoint of iteration {done} in {run}: {err.strerror or err}; the checkpoints "
-            f"saved before it are intact (free space, then --resume)"
+            f"could not write the checkpoint of iteration {done} in {run}: {why}; the checkpoints saved before it "
+            "are intact (free space, then --resume)"
         ) from err
 
 
@@ -215,18 +223,21 @@ def _loop(
     def evaluated_at(done: int) -> bool:
         return bool(cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations
 
-    def evals_left(done: int) -> tuple[int, int]:
-        """(full, subset) evaluations still to come once iteration ``done`` is trained (its own included)."""
-        middle = sum(evaluated_at(d) for d in range(max(done, 1), cfg.iterations))
-        return (1, middle) if cfg.eval.subset_every > 1 else (1 + middle, 0)
+    prompts, per = len(load_prompts(cfg.eval.prompts)), cfg.eval.samples_per_prompt
+    full, subset_images = prompts * per, len(range(0, prompts, max(cfg.eval.subset_every, 1))) * per
 
-    progress = TrainProgress(start, cfg.iterations, evals_left, enabled=world.main)
+    def images_left(done: int) -> int:
+        """Evaluation images still to sample once iteration ``done`` is trained (its own evaluation included)."""
+        middle = sum(evaluated_at(d) for d in range(max(done, 1), cfg.iterations))
+        return full + middle * (subset_images if cfg.eval.subset_every > 1 else full)
+
+    progress = TrainProgress(start, cfg.iterations, images_left, enabled=world.main)
 
     def record_eval(done: int) -> None:
         subset = cfg.eval.subset_every > 1 and 0 < done < cfg.iterations
         t_eval = time.time()
         record = run_eval(policy, ema, cfg, run, done, eval_scorers, world, sharded, subset)
-        progress.evaluated(time.time() - t_eval, subset)
+        progress.evaluated(time.time() - t_eval, subset_images if subset else full)
         if not world.main:
             return
         append_jsonl(metrics_path, record)

@@ -112,3 +112,46 @@ def test_a_broken_run_config_and_other_settings_are_refused_on_resume(tmp_path, 
     (moved / "config.yaml").write_text("seed: [unclosed")
     assert main(["train", "shapes_grpo_smoke", "--run-dir", str(moved), "--resume", *tiny_run_args]) == 2
     assert f"{moved / 'config.yaml'} is not a valid run config" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_saving_is_one_message_and_the_checkpoints_before_stay_whole(
+    tmp_path, tiny_run_args, capsys, monkeypatch
+):
+    import torch
+
+    from rewardflow.utils.checkpoint import load_state
+
+    real, calls = torch.save, {"n": 0}
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the second resume state: what torch.save's writer raises on a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    run = tmp_path / "run"
+    argv = ["train", "shapes_grpo_smoke", "--run-dir", str(run), "--iterations", "3", "--save-every", "1"]
+    assert main([*argv, *tiny_run_args]) == 1
+    err = capsys.readouterr().err
+    assert f"could not write the checkpoint of iteration 2 in {run}" in err and "Traceback" not in err
+    assert load_state(run / "checkpoints" / "state_00001.pt")["iteration"] == 1
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # no partial file left on the full disk
+    monkeypatch.setattr(torch, "save", real)
+    assert main([*argv, "--resume", *tiny_run_args]) == 0
+
+
+def test_a_second_signal_during_a_save_lets_it_finish_then_stops():
+    import signal
+
+    from rewardflow.run_state import StopSignals
+
+    stop = StopSignals()
+    stop._handle(signal.SIGTERM, None)  # the first: save at the end of the iteration
+    with pytest.raises(KeyboardInterrupt):
+        with stop.saving():
+            stop._handle(signal.SIGINT, None)  # the second, mid-save: no interruption here
+            finished = True  # the rest of the save runs
+    assert finished
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)  # outside a save a second signal stops at once

@@ -111,3 +111,14 @@ def test_a_damaged_pretraining_state_is_reported_and_the_previous_one_is_used(tm
     pretrain(config(run, steps=6, resume=True))
     assert "does not match its checksum" in caplog.text
     assert same_weights(whole / "step_00006.safetensors", run / "step_00006.safetensors")
+
+
+def test_resume_refuses_a_folder_whose_states_are_all_damaged(tmp_path):
+    run = tmp_path / "run"
+    pretrain(config(run))
+    for state in run.glob("state_*.pt"):
+        state.write_bytes(b"damaged")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match="none of its states is complete"):
+        pretrain(config(run, resume=True))
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -11,22 +11,23 @@ from rewardflow.cli import main
 from rewardflow.utils.progress import TrainProgress, clock
 
 
-def test_the_remaining_time_leaves_out_warm_up_and_counts_each_evaluation_by_kind():
-    # 10 iterations; full evaluations at the end, subset ones after iterations 4 and 8.
-    progress = TrainProgress(0, 10, lambda n: (1, sum(d in (4, 8) for d in range(max(n, 1), 10))), enabled=False)
-    progress.evaluated(30.0, subset=False)  # the base model's evaluation
+def test_the_remaining_time_leaves_out_warm_up_and_counts_the_evaluation_images_to_come():
+    # 10 iterations; 600 images at the end, 100 after iterations 4 and 8 (a subset).
+    progress = TrainProgress(0, 10, lambda n: 600 + 100 * sum(d in (4, 8) for d in range(max(n, 1), 10)),
+                             enabled=False)  # fmt: skip
+    progress.evaluated(90.0, 600)  # the base model's evaluation: 0.15 s an image, warming up
     for seconds in (100.0, 50.0):  # compile, lazy initialisation: warm-up
         progress.update({})
         progress.account(seconds)
     assert progress.remaining() is None  # nothing timed after warm-up yet: no guess
     progress.update({})
     progress.account(10.0)
-    # 7 iterations of 10 s, one full evaluation (30 s) and two subset ones (timed as full until one is measured).
-    assert progress.remaining() == 7 * 10.0 + 30.0 + 2 * 30.0
-    progress.evaluated(6.0, subset=True)  # a subset evaluation measured: the others are timed like it
+    # 7 iterations of 10 s, and 800 evaluation images at the base's 0.15 s each.
+    assert progress.remaining() == 7 * 10.0 + 800 * 0.15
+    progress.evaluated(10.0, 100)  # a later evaluation, warm: 0.1 s an image from now on
     progress.update({})  # iteration 4: its own evaluation still to come, as the bar shows it then
     progress.account(20.0)
-    assert progress.remaining() == 6 * 15.0 + 30.0 + 2 * 6.0
+    assert progress.remaining() == 6 * 15.0 + 800 * 0.1
     assert clock(59.6) == "1:00" and clock(3725) == "1:02:05"
 
 

@@ -3,6 +3,7 @@
 import http.client
 import json
 import random
+import threading
 
 import pytest
 import torch
@@ -198,3 +199,34 @@ def test_a_server_that_accepts_and_never_answers_is_logged_while_waiting_then_fa
         silent.close()
     assert f"still waiting for reward server {url}/score" in caplog.text
     assert "attempt 2 of 2" in caplog.text
+
+
+def test_one_request_that_makes_the_reward_fail_does_not_fail_the_requests_it_shares_a_call_with(serve):
+    class FailsOnPoison:
+        name = "picky"
+
+        def __call__(self, images, prompts, metadata):
+            if "poison" in prompts:
+                raise KeyError("poison")
+            return RewardOutput(
+                scores=images.mean(dim=(1, 2, 3)), details={"nan": torch.full((len(prompts),), float("nan"))}
+            )
+
+    _, url = serve(FailsOnPoison(), concurrency=4)
+    results = {}
+
+    def ask(prompt):
+        try:
+            results[prompt] = RemoteReward(url, retries=0)(_images(1), [prompt], [{}])
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion
+            results[prompt] = e
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in ("poison", "a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results["poison"], RuntimeError) and "HTTP 500" in str(results["poison"])
+    for p in "abc":
+        assert isinstance(results[p], RewardOutput), results[p]
+        assert torch.isnan(results[p].details["nan"]).all()  # a non-finite detail travels as null, back as NaN

@@ -152,6 +152,10 @@ def test_the_server_holds_against_hostile_clients(server):
     Image.new("RGB", (16, 16)).save(jpeg, format="JPEG")
     malformed.append(body([jpeg.getvalue()] * 2, ["a", "b"]))  # a readable image, but not a PNG
     malformed.append(body([png(16, 16), png(32, 32)], ["a", "b"]))  # two sizes
+    malformed.append(b'{"prompts": [' + b"1" * 5000 + b"]}")  # an integer too long for Python to convert
+    zero = bytearray(png(8, 8))
+    zero[16:20] = b"\0\0\0\0"  # a header that says 0 pixels wide
+    malformed.append(body([bytes(zero)] * 2, ["a", "b"]))
     for _ in range(40):
         cut = bytearray(good[: rng.randrange(1, len(good))])
         for _ in range(rng.randrange(4)):

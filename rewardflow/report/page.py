@@ -318,9 +318,10 @@ def _eval_section(run: Run) -> str:
     counts = [e.get("eval/num_prompts") for e in run.evals]
     note = ""
     if every > 1 and len(set(counts)) > 1:
-        note = (f'<p class="note">The first and the last evaluation score all {max(c or 0 for c in counts)} '
-                f"prompts; the ones between score 1 prompt in {every} (the same prompts and initial noise each "
-                "time), so their points are noisier. Diversity and drift are drawn from 0.</p>")  # fmt: skip
+        note = (f'<p class="note">The evaluations of the base and of the end of training score all '
+                f"{max(c or 0 for c in counts)} prompts; the ones between score 1 prompt in {every} (the same prompts "
+                "and initial noise each time), so their points are noisier. Diversity and drift are drawn from "
+                "0.</p>")  # fmt: skip
     return note + _img(uri, "evaluation scores per iteration", "plot")
 
 

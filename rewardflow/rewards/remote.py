@@ -17,6 +17,7 @@ answers garbage. A 4xx answer fails at once (retrying would not help).
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import logging
@@ -75,15 +76,15 @@ def post_json(
                 return json.loads(response.read())
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode(errors="replace")
-            if e.code < 500:  # our request is wrong: retrying will not help
+            if e.code < 500 and e.code not in (408, 429):  # our request is wrong: retrying will not help
                 raise ValueError(f"reward server {url} refused the request ({e.code}): {detail}") from e
             failure = f"HTTP {e.code}: {detail}"
             retry_after = e.headers.get("Retry-After", "") if e.headers else ""
-            if e.code == 503 and retry_after.isdigit():  # busy: wait as long as it asks
+            if e.code in (429, 503) and retry_after.isdigit():  # busy: wait as long as it asks
                 wait = max(wait, float(retry_after))
         except json.JSONDecodeError as e:
             raise ValueError(f"reward server {url} answered something that is not JSON: {e}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
             failure = str(getattr(e, "reason", e))
     raise RunFailed(f"reward server {url} did not answer after {retries + 1} attempts (last: {failure}); {hint}")
 
@@ -122,6 +123,7 @@ class RemoteReward:
         backoff: seconds before the first retry, doubling each time.
         batch_size: most images per request.
         max_pixels: most pixels per request (the server's ``max_request_pixels``): large images go in smaller batches.
+        max_bytes: most bytes of base64 PNG per request (the server takes bodies up to 64 MiB by default).
     """
 
     differentiable = False
@@ -136,12 +138,13 @@ class RemoteReward:
         backoff: float = 1.0,
         batch_size: int = 64,
         max_pixels: int = 2**24,
+        max_bytes: int = 24 * 2**20,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"reward server URL must start with http:// or https://, got {url!r}")
         self.url, self.name, self.token = url.rstrip("/"), name, token
         self.timeout, self.retries, self.backoff, self.batch_size = timeout, retries, backoff, batch_size
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
         return post_json(f"{self.url}/score", payload, self.token, self.timeout, self.retries, self.backoff,
@@ -151,13 +154,22 @@ class RemoteReward:
         scores: list[float] = []
         details: dict[str, list[float]] = {}
         batch = max(1, min(self.batch_size, self.max_pixels // max(1, images.shape[-1] * images.shape[-2])))
-        for start in range(0, len(prompts), batch):
-            end = start + batch
+        requests, current, size = [], [], 0
+        for i in range(len(prompts)):  # at most ``batch`` images and ``max_bytes`` of PNG a request
+            encoded = encode_png(images[i])
+            if current and (len(current) == batch or size + len(encoded) > self.max_bytes):
+                requests.append(current)
+                current, size = [], 0
+            current.append((i, encoded))
+            size += len(encoded)
+        requests.append(current)
+        for part in requests:
+            start, end = part[0][0], part[-1][0] + 1
             answer = self._post(
                 {
                     "prompts": prompts[start:end],
                     "metadata": [dict(m) for m in metadata[start:end]],
-                    "images": [encode_png(i) for i in images[start:end]],
+                    "images": [encoded for _, encoded in part],
                 }
             )
             got = answer.get("scores") if isinstance(answer, dict) else None
@@ -171,8 +183,8 @@ class RemoteReward:
                     f"reward server {self.url} answered {str(answer)[:200]!r}: expected {n} finite scores"
                 )
             scores += [float(s) for s in got]
-            for k, v in (answer.get("details") or {}).items():
-                details.setdefault(k, []).extend(v)
+            for k, v in (answer.get("details") or {}).items():  # null (a non-finite number) as NaN
+                details.setdefault(k, []).extend(float("nan") if x is None else x for x in v)
         return RewardOutput(
             scores=torch.tensor(scores, dtype=torch.float32),
             details={k: torch.tensor(v) for k, v in details.items() if len(v) == len(scores)},

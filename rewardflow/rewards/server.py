@@ -20,10 +20,11 @@ little as possible:
    batch, and the server goes on.
 
 uvicorn listens with a backlog of ``backlog`` connections and closes idle keep-alive connections after 5 seconds.
-Memory is bounded by the slots: each holds at most its body and its images' 8-bit pixels, and the one reward call
-at a time at most ``max_request_pixels`` float32 pixels, so about ``concurrency x (max_bytes + 6 x
-max_request_pixels) + 15 x max_request_pixels`` bytes besides the reward model (0.8 GB with the defaults); waiting
-requests hold only their headers.
+Memory is bounded by the slots: while a slot parses its request it holds the body, its parsed strings and their
+decoded bytes (up to about 3 x ``max_bytes``), then its images' 8-bit pixels; the one reward call at a time holds at
+most ``max_request_pixels`` float32 pixels. So about ``concurrency x (3 x max_bytes + 6 x max_request_pixels) + 15 x
+max_request_pixels`` bytes besides the reward model (1.4 GB with the defaults, a bound rarely approached: 64 images of
+512 x 512 pixels make a body of about 25 MB); a waiting request holds its headers and what the socket buffered.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import torch
 from PIL import Image
 
 from rewardflow.rewards.protocol import RewardFn
+from rewardflow.types import RewardOutput
 from rewardflow.utils.configs import Count, Natural, Positive, check_fields
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 class ServerLimits:
     """What one request, and the server as a whole, may cost (``rewardflow serve-reward --help`` shows them)."""
 
-    max_bytes: Count = 32 * 2**20
-    """Largest request body in bytes (checked from Content-Length and while the body streams)."""
+    max_bytes: Count = 64 * 2**20
+    """Largest request body in bytes (checked from Content-Length and while the body streams; the client sends at
+    most 32 MiB)."""
     max_images: Count = 256
     """Most images in one request (the client sends 64 at a time)."""
     max_pixels: Count = 2048 * 2048
@@ -76,8 +79,8 @@ class ServerLimits:
     body_timeout: Positive = 30.0
     """Seconds a client has to send its whole body once it holds a slot (408 after)."""
     batch_images: Natural = 64
-    """Most images in one reward call; requests waiting together are scored in one call up to this (0: each
-    request on its own)."""
+    """Most images in one reward call: requests waiting together share calls up to this, a larger request is scored
+    in several (0: each request in one call of its own)."""
     retry_after: Count = 1
     """Seconds a 503 answer asks the client to wait."""
     backlog: Count = 2048
@@ -112,6 +115,8 @@ def decode_images(texts: list[str], limits: ServerLimits) -> torch.Tensor:
             raise Refused(400, f"images[{i}] is not base64: {e}") from e
     sizes = [png_size(data) for data in raw]
     for i, (w, h) in enumerate(sizes):
+        if not w or not h:
+            raise Refused(400, f"images[{i}] is {w} x {h} pixels")
         if w * h > limits.max_pixels:
             raise Refused(413, f"images[{i}] has {w} x {h} pixels; the limit is {limits.max_pixels} per image")
     total = sum(w * h for w, h in sizes)
@@ -135,7 +140,7 @@ def parse_request(body: bytes, limits: ServerLimits) -> tuple[torch.Tensor, list
     """A ``/score`` body -> (uint8 images [N, 3, H, W], prompts, metadata); Refused naming the field otherwise."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long to convert, too deep
         raise Refused(400, f"body is not JSON: {e}") from e
     if not isinstance(request, dict):
         raise Refused(400, "body must be a JSON object with prompts, metadata and images")
@@ -197,23 +202,37 @@ class Batcher:
                 n += len(job.prompts)
             try:
                 answers = await loop.run_in_executor(self.worker, self._score, batch)
-            except Exception as e:  # the reward failed: those requests get a 500, the server goes on
-                log.exception("reward failed")
-                name = getattr(self.reward, "name", "reward")
+            except Exception as e:  # the reward failed on the shared batch: each request alone, so that only the
+                # one that makes it fail gets the error (a 500), and the server goes on
+                if len(batch) == 1:
+                    self._fail(batch[0], e)
+                    continue
+                answers = []
                 for job in batch:
-                    if not job.done.done():
-                        job.done.set_exception(Refused(500, f"reward {name} failed: {type(e).__name__}: {e}"))
-                continue
+                    try:
+                        answers.append((await loop.run_in_executor(self.worker, self._score, [job]))[0])
+                    except Exception as alone:  # noqa: BLE001 - that request's own failure, answered as a 500
+                        self._fail(job, alone)
+                        answers.append(None)
             for job, answer in zip(batch, answers):
-                if not job.done.done():  # the client may have gone
+                if answer is not None and not job.done.done():  # the client may have gone
                     job.done.set_result(answer)
+
+    def _fail(self, job: _Job, error: Exception) -> None:
+        log.error("reward failed: %s: %s", type(error).__name__, error)
+        if not job.done.done():
+            name = getattr(self.reward, "name", "reward")
+            job.done.set_exception(Refused(500, f"reward {name} failed: {type(error).__name__}: {error}"))
 
     def _score(self, batch: list[_Job]) -> list[dict[str, Any]]:
         images = torch.cat([job.images for job in batch]).float().div_(255.0)
         prompts = [p for job in batch for p in job.prompts]
         metadata = [m for job in batch for m in job.metadata]
+        step = self.batch_images or len(prompts)  # a request larger than a batch is scored in several calls
         with torch.no_grad():
-            out = self.reward(images, prompts, metadata)
+            outs = [self.reward(images[i : i + step], prompts[i : i + step], metadata[i : i + step])
+                    for i in range(0, len(prompts), step)]  # fmt: skip
+        out = RewardOutput.cat(outs) if len(outs) > 1 else outs[0]
         scores = out.scores.detach().float().cpu()
         if scores.shape != (len(prompts),):
             raise ValueError(f"the reward returned {tuple(scores.shape)} scores for {len(prompts)} images")
@@ -282,7 +301,7 @@ def build_app(reward: RewardFn, token: str | None = None, limits: ServerLimits |
         try:
             check_token(request)
             declared = request.headers.get("content-length")
-            if declared is None or not declared.isdigit():
+            if declared is None or not (declared.isascii() and declared.isdigit()):
                 raise Refused(411, "a Content-Length header is required")
             if int(declared) > limits.max_bytes:
                 raise Refused(413, f"request of {declared} bytes; the limit is {limits.max_bytes}")

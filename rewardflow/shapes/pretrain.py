@@ -181,7 +181,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    for path in state_files(out) if cfg.resume else ():
+    states = state_files(out) if cfg.resume else []
+    if cfg.resume and not states and (out / "train_state.pt").exists():
+        raise ValueError(f"cannot resume {out}: its train_state.pt has no checksum; start a new --out-dir "
+                         "(its checkpoints can seed it through --init)")  # fmt: skip
+    for path in states:
         try:
             state = load_state(path)  # checked against its SHA-256: a damaged state is skipped, the previous used
         except ValueError as err:
@@ -195,6 +199,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         start = int(state["step"])
         log.info("resumed pretraining at step %d from %s", start, path)
         break
+    else:
+        if states:  # every state damaged: starting over would overwrite the checkpoints
+            raise ValueError(f"cannot resume {out}: none of its states is complete (see the messages above)")
     log.info("tiny DiT: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     running, t0 = 0.0, time.time()
     for step in range(start, cfg.steps):

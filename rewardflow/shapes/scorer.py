@@ -36,6 +36,7 @@ from rewardflow.shapes.grammar import COLORS, SHAPES, VOCABULARY, parse_prompt
 from rewardflow.shapes.judge import Detection, judge_images
 from rewardflow.shapes.tiny_dit import ShapesTokenizer
 from rewardflow.types import RewardOutput
+from rewardflow.utils.configs import Count, check_fields
 
 log = logging.getLogger(__name__)
 FORMAT = "rewardflow-shapes-score"
@@ -49,11 +50,18 @@ SUMMARY = KINDS + 2
 class ShapesScoreConfig:
     """Architecture of the learned scorer (stored next to its weights)."""
 
-    dim: int = 96
-    depth: int = 3
-    heads: int = 4
-    max_prompt_tokens: int = 12
+    dim: Count = 96
+    """Width of the image and prompt tokens."""
+    depth: Count = 3
+    """Transformer blocks."""
+    heads: Count = 4
+    """Attention heads."""
+    max_prompt_tokens: Count = 12
+    """Prompt tokens (as the tiny DiT's tokenizer)."""
     vocabulary: tuple[str, ...] = VOCABULARY
+
+    def __post_init__(self) -> None:
+        check_fields(self, "reward-model.model")
 
 
 class ShapesScorer(nn.Module):

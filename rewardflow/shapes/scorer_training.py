@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from rewardflow.shapes.prompts import random_prompt
 from rewardflow.shapes.render import render
 from rewardflow.shapes.scorer import ShapesScoreConfig, ShapesScorer, judge_labels, save_scorer
 from rewardflow.shapes.tiny_dit import ShapesTokenizer, load_policy
+from rewardflow.utils.configs import Count, Natural, NonNegative, Positive, Range, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,26 @@ class ScoreTrainConfig:
 
     out: str = "runs/shapes_score/shapes_score.safetensors"
     model: ShapesScoreConfig = dataclasses.field(default_factory=ShapesScoreConfig)
-    base_samples: int = 6144
+    base_samples: Count = 6144
     """Samples of the shipped base model (training prompts), labelled by the judge."""
-    held_out_samples: int = 1440
+    held_out_samples: Count = 1440
     """Samples of the base model on the evaluation prompts, kept for the agreement report."""
-    rendered: int = 32768
+    rendered: Count = 32768
     """Rendered scenes, half with their own prompt and half with another, labelled by the judge."""
-    sample_steps: int = 20
+    sample_steps: Count = 20
     """Euler steps of the base-model samples."""
-    steps: int = 4000
+    steps: Count = 4000
     """Optimizer steps of the scorer."""
-    summary_weight: float = 1.0
+    summary_weight: NonNegative = 1.0
     """Weight of the auxiliary smooth-L1 loss on the detector's counts in each image (:func:`detection_summary`);
     0 trains the score alone, as the first shipped scorer was."""
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: Annotated[int, Range(2)] = 128
+    lr: Positive = 1e-3
     seed: int = 0
-    threads: int = 0
+    threads: Natural = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "reward-model")
 
 
 @torch.no_grad()

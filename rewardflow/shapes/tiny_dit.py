@@ -29,29 +29,31 @@ from rewardflow.models.protocol import Conditioning, bf16_autocast, guided_veloc
 from rewardflow.models.weights import PolicyWeights
 from rewardflow.sampling.schedules import SHAPES_SHIFT, sd3_schedule
 from rewardflow.shapes.grammar import VOCABULARY, PromptError, normalize
+from rewardflow.utils.configs import Count, Positive, check_fields
 
 
 @dataclass(frozen=True)
 class TinyDiTConfig:
     """Architecture of the tiny DiT (stored next to its weights)."""
 
-    image_size: int = 32
+    image_size: Count = 32
     """Image side in pixels."""
-    patch_size: int = 4
+    patch_size: Count = 4
     """Pixels per patch side (the image is (32 / 4)^2 = 64 tokens)."""
-    channels: int = 3
+    channels: Count = 3
     """Colour channels."""
-    dim: int = 128
+    dim: Count = 128
     """Width of every block."""
-    depth: int = 6
+    depth: Count = 6
     """Transformer blocks of the image stream."""
-    heads: int = 4
+    heads: Count = 4
     """Attention heads."""
-    mlp_ratio: float = 4.0
+    mlp_ratio: Positive = 4.0
     """MLP width over ``dim``."""
-    text_depth: int = 2
+    text_depth: Count = 2
     """Transformer blocks of the prompt encoder."""
-    max_prompt_tokens: int = 12
+    max_prompt_tokens: Count = 12
+    """Prompt tokens (longer prompts are refused by the tokenizer)."""
     vocabulary: tuple[str, ...] = VOCABULARY
     pooled_prompt: bool = True
     """Add the pooled prompt (mean of the encoded tokens) to the adaLN conditioning of every image token. The pooled
@@ -66,6 +68,7 @@ class TinyDiTConfig:
     stage of pretraining (``--init``) may switch it on."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:

@@ -112,10 +112,13 @@ def save_state_atomic(state: dict, path: str | Path) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file behind
     side = checksum_file(path)
     tmp_side = side.with_name(f".{side.name}.tmp")
     tmp_side.write_text(_sha256(path) + "\n")

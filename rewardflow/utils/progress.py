@@ -3,9 +3,9 @@
 tqdm's own estimate divides the remaining iterations by the rate seen so far, so the first iterations (torch.compile,
 lazy initialisation) and every evaluation inside the loop stretch it: on the Shapes demo it read 5 hours for a run of
 30 minutes. Here the iterations and the evaluations are timed apart: the estimate is the mean iteration after the
-``warmup`` first ones times the iterations left, plus each evaluation still to come at the mean time of its kind
-(the full prompt set, or the subset the intermediate ones use). Until an iteration after warm-up has been timed the
-bar says so instead of guessing.
+``warmup`` first ones times the iterations left, plus the images of the evaluations still to come (the full prompt
+set, or the subset the intermediate ones use) at the time per image the evaluations took. Until an iteration after
+warm-up has been timed the bar says so instead of guessing.
 """
 
 from __future__ import annotations
@@ -24,29 +24,31 @@ def clock(seconds: float) -> str:
 class TrainProgress:
     """Iterations done / total and the remaining time, for the loop of :mod:`rewardflow.train`.
 
-    ``evals_left(n)``: the evaluations still to come once ``n`` iterations are trained, as ``(full, subset)`` counts.
-    Call :meth:`update` when an iteration's update is done, :meth:`evaluated` after each evaluation and
-    :meth:`account` when the iteration (with its checkpoint) is over. The bar appears at the first update, after the
-    evaluation of the base model.
+    ``images_left(n)``: the evaluation images still to sample once ``n`` iterations are trained. Call :meth:`update`
+    when an iteration's update is done, :meth:`evaluated` after each evaluation and :meth:`account` when the
+    iteration (with its checkpoint) is over. The bar appears at the first update, after the base model's evaluation.
     """
 
-    def __init__(self, start: int, total: int, evals_left: Callable[[int], tuple[int, int]], warmup: int = 2,
+    def __init__(self, start: int, total: int, images_left: Callable[[int], int], warmup: int = 2,
                  enabled: bool = True) -> None:  # fmt: skip
-        self.start, self.n, self.total, self.evals_left, self.warmup = start, start, total, evals_left, warmup
+        self.start, self.n, self.total, self.images_left, self.warmup = start, start, total, images_left, warmup
         self.enabled = enabled
         self.iterations: list[float] = []
-        self.eval_times: dict[bool, list[float]] = {True: [], False: []}  # by "on the subset"
+        self.evaluations: list[tuple[float, int]] = []  # (seconds, images)
         self.bar: tqdm | None = None
+
+    def seconds_per_image(self) -> float:
+        """Of the evaluations so far; the first one (warming up its own shapes) only while it is the only one."""
+        timed = self.evaluations[1:] or self.evaluations
+        images = sum(n for _, n in timed)
+        return sum(t for t, _ in timed) / images if images else 0.0
 
     def remaining(self) -> float | None:
         """Seconds left (iterations and evaluations), or None until an iteration after warm-up has been timed."""
         steady = self.iterations[self.warmup :]
         if not steady:
             return None
-        full, subset = self.evals_left(self.n)
-        full_time = _mean(self.eval_times[False]) or 0.0
-        subset_time = _mean(self.eval_times[True]) or full_time
-        return (self.total - self.n) * sum(steady) / len(steady) + full * full_time + subset * subset_time
+        return (self.total - self.n) * sum(steady) / len(steady) + self.images_left(self.n) * self.seconds_per_image()
 
     def update(self, shown: dict[str, str]) -> None:
         """One more iteration's update done: advance the bar and show ``shown`` with the remaining time."""
@@ -60,9 +62,9 @@ class TrainProgress:
         self.bar.set_postfix_str(", ".join([*(f"{k}={v}" for k, v in shown.items()), eta]), refresh=False)
         self.bar.update(1)
 
-    def evaluated(self, seconds: float, subset: bool) -> None:
-        """An evaluation took ``seconds`` (``subset``: on the intermediate evaluations' subset of prompts)."""
-        self.eval_times[subset].append(seconds)
+    def evaluated(self, seconds: float, images: int) -> None:
+        """An evaluation of ``images`` images took ``seconds``."""
+        self.evaluations.append((seconds, images))
 
     def account(self, seconds: float) -> None:
         """An iteration took ``seconds``, its evaluation left out."""
