@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo (18-21 minutes of training on 2
-#               AVX-512 cores with bfloat16; longer on CPUs without it) and writes the run's HTML report
+#   make demo   creates .venv, installs rewardflow, trains the Shapes Flow-GRPO demo and writes the run's HTML report
+#               (how long each command takes: README.md, "Timings")
 #   make test   creates .venv, installs rewardflow with its dev tools, runs lint and the default test tier
 #               (two pytest-xdist workers, one core each)
 PYTHON ?= python3
