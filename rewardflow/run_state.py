@@ -1,7 +1,8 @@
 """The run folder: its identity, what it saves to continue exactly, and how a run stops.
 
 ``check_run_dir`` / ``write_run_header`` guard and start a folder (a resumed run must keep its config);
-``save`` / ``save_sharded`` write a run's EMA export and resume state; ``resume_from_newest`` loads the newest
+``save`` / ``save_sharded`` write a run's EMA export and resume state (``save_all``: with the diffusers export, one
+message on a failed write); ``resume_from_newest`` loads the newest
 complete one, skipping damaged ones; ``StopSignals`` turns SIGTERM / SIGINT into a checkpoint and a clean stop
 (:class:`TrainingStopped`). docs/distributed.md describes the files and the guarantees.
 """
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 
 import rewardflow
-from rewardflow.algorithms.base import Algorithm
+from rewardflow.algorithms.base import Algorithm, Tools
 from rewardflow.config import TrainConfig, read_run_config, to_yaml
+from rewardflow.export import exportable, write_export
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.utils import distributed
 from rewardflow.utils.checkpoint import (
@@ -36,6 +40,7 @@ from rewardflow.utils.checkpoint import (
 )
 from rewardflow.utils.configs import config_differences
 from rewardflow.utils.ema import EMA
+from rewardflow.utils.errors import RunFailed
 from rewardflow.utils.logging import git_commit
 
 log = logging.getLogger(__name__)
@@ -251,3 +256,34 @@ class StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# What a failed write raises: the OS (a full disk), torch.save's stream writer, safetensors, torch.distributed's
+# checkpoint (which gathers the ranks' errors).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
+def save_all(cfg: TrainConfig, method: Algorithm, tools: Tools, run: Path, done: int, world: distributed.World,
+             sharded: bool) -> None:  # fmt: skip
+    """The checkpoint of iteration ``done``: EMA weights, resume state, and for a diffusers model its export.
+
+    Every file is written beside its name and moved into place, so a failed write (a full disk) leaves the previous
+    checkpoint whole; the failure is one message naming the folder.
+    """
+    policy, optimizer, ema = tools.policy, tools.optimizer, tools.ema
+    try:
+        if sharded:
+            full = save_sharded(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints, world.main)
+            if world.main and exportable(cfg):  # the EMA weights as a plain pipeline loads them
+                write_export(policy, cfg, run, done, run / "diffusers", state=full)
+        elif world.main:
+            save(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints)
+            if exportable(cfg):
+                with ema.swapped():
+                    write_export(policy, cfg, run, done, run / "diffusers")
+    except WRITE_ERRORS as err:
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise RunFailed(
+            f"could not write the checkpoint of iteration {done} in {run}: {why}; the checkpoints saved before it "
+            "are intact (free space, then --resume)"
+        ) from err

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from torch.distributed.checkpoint.api import CheckpointException
 
 from rewardflow.algorithms.advantages import zero_std_fraction
 from rewardflow.algorithms.base import Algorithm, Batch, Tools
@@ -21,7 +19,6 @@ from rewardflow.build import build_policy
 from rewardflow.config import TrainConfig
 from rewardflow.data.prompts import GroupedPromptSampler, load_prompts
 from rewardflow.evaluate import eval_rewards, evaluate, headline, load_reference, save_reference
-from rewardflow.export import exportable, write_export
 from rewardflow.models.protocol import FlowPolicy
 from rewardflow.rewards import build_judge, build_reward
 from rewardflow.run_state import (
@@ -29,8 +26,7 @@ from rewardflow.run_state import (
     TrainingStopped,
     check_run_dir,
     resume_from_newest,
-    save,
-    save_sharded,
+    save_all,
     write_run_header,
 )
 from rewardflow.utils import distributed
@@ -162,37 +158,6 @@ def train(cfg: TrainConfig, resume: bool | str = False, preset: str = "") -> Pat
         if handler is not None:
             logging.getLogger("rewardflow").removeHandler(handler)
             handler.close()
-
-
-# What a failed write raises: the OS (a full disk), torch.save's stream writer, safetensors, torch.distributed's
-# checkpoint (which gathers the ranks' errors).
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
-
-
-def save_all(cfg: TrainConfig, method: Algorithm, tools: Tools, run: Path, done: int, world: distributed.World,
-             sharded: bool) -> None:  # fmt: skip
-    """The checkpoint of iteration ``done``: EMA weights, resume state, and for a diffusers model its export.
-
-    Every file is written beside its name and moved into place, so a failed write (a full disk) leaves the previous
-    checkpoint whole; the failure is one message naming the folder.
-    """
-    policy, optimizer, ema = tools.policy, tools.optimizer, tools.ema
-    try:
-        if sharded:
-            full = save_sharded(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints, world.main)
-            if world.main and exportable(cfg):  # the EMA weights as a plain pipeline loads them
-                write_export(policy, cfg, run, done, run / "diffusers", state=full)
-        elif world.main:
-            save(method, policy, optimizer, ema, run, done, cfg.keep_checkpoints)
-            if exportable(cfg):
-                with ema.swapped():
-                    write_export(policy, cfg, run, done, run / "diffusers")
-    except WRITE_ERRORS as err:
-        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
-        raise RunFailed(
-            f"could not write the checkpoint of iteration {done} in {run}: {why}; the checkpoints saved before it "
-            "are intact (free space, then --resume)"
-        ) from err
 
 
 def layout(cfg: TrainConfig, world: distributed.World, group_ids: torch.Tensor) -> RowLayout:
